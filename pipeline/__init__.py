@@ -1,0 +1,1 @@
+"""agentstream pipeline package."""

@@ -1,0 +1,750 @@
+"""Deterministic synthetic agent traffic in the v1 event schema.
+
+``generate`` yields a production-like stream: a dozen agents, each with a few agent and
+prompt versions and a model mix, serve tenants in tasks of 3-12 steps (model calls,
+retrievals, tool calls), sometimes escalate, get feedback or trip a guardrail, and end
+completed, failed or abandoned. Many tasks run at once, so events of different tasks
+interleave while each task's own events keep their order.
+
+Everything random comes from one ``random.Random(seed)``: the same config gives the same
+bytes, and nothing reads the wall clock for event times (``DEFAULT_START`` is fixed).
+
+Incident scenarios hook in at one place, ``scenario_params``: the generator asks it for
+the cost multiplier, latency multiplier, retrieval miss, tool error and escalation
+probabilities of an agent version at an event time, so a scenario only has to register a
+function that returns different ``ScenarioParams`` after some time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from statistics import NormalDist
+from typing import BinaryIO, Final, Generic, Literal, TypedDict, TypeVar
+
+import msgspec
+
+from pipeline import schema
+from pipeline.schema import (
+    AgentEvent,
+    Escalation,
+    Feedback,
+    Guardrail,
+    LlmCall,
+    Retrieval,
+    Task,
+    ToolCall,
+)
+
+__all__ = [
+    "AGENT_PROFILES",
+    "DEFAULT_START",
+    "MODELS",
+    "SCENARIOS",
+    "STEADY",
+    "UNKNOWN_MODEL",
+    "AgentProfile",
+    "ModelSpec",
+    "ScenarioParams",
+    "TrafficConfig",
+    "expected_cost_usd",
+    "generate",
+    "generate_jsonl",
+    "scenario_params",
+]
+
+DEFAULT_START: Final = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------------------
+# Models and prices
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model with its list prices (USD per million tokens) and speed.
+
+    Prices match ``genai-prices`` for prompts under 200k tokens (the generator stays below):
+    uncached input, cache-read input, output (reasoning tokens count as output).
+    ``priced`` is False for a model no price table knows, whose calls never carry a cost.
+    """
+
+    name: str
+    provider: str
+    input_usd_per_mtok: float
+    cached_input_usd_per_mtok: float
+    output_usd_per_mtok: float
+    ms_per_output_token: float
+    max_output_tokens: int
+    reasons: bool = False
+    priced: bool = True
+
+
+MODELS: Final[dict[str, ModelSpec]] = {
+    m.name: m
+    for m in (
+        ModelSpec("gpt-4o", "openai", 2.50, 1.25, 10.00, 7.0, 16_384),
+        ModelSpec("gpt-4o-mini", "openai", 0.15, 0.075, 0.60, 5.0, 16_384),
+        ModelSpec("claude-3-5-haiku-latest", "anthropic", 0.80, 0.08, 4.00, 5.0, 8_192),
+        ModelSpec("claude-sonnet-4-5", "anthropic", 3.00, 0.30, 15.00, 8.0, 64_000, True),
+        ModelSpec("gemini-2.0-flash", "google", 0.10, 0.025, 0.40, 3.0, 8_192),
+    )
+}
+UNKNOWN_MODEL: Final = ModelSpec("acme-llm-1", "acme", 0.0, 0.0, 0.0, 6.0, 4_096, priced=False)
+UNKNOWN_MODEL_FRACTION: Final = 0.01
+MAX_INPUT_TOKENS: Final = 150_000  # below the 200k long-context price tier
+
+
+def expected_cost_usd(
+    model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int
+) -> float | None:
+    """The cost the generator writes for a call (``None`` for a model without prices)."""
+    spec = MODELS.get(model)
+    if spec is None:
+        return None
+    return _cost(spec, input_tokens, cached_input_tokens, output_tokens)
+
+
+def _cost(spec: ModelSpec, inp: int, cached: int, out: int) -> float:
+    usd = (
+        (inp - cached) * spec.input_usd_per_mtok
+        + cached * spec.cached_input_usd_per_mtok
+        + out * spec.output_usd_per_mtok
+    ) / 1e6
+    return round(usd, 10)
+
+
+# --------------------------------------------------------------------------------------
+# Agents
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentProfile:
+    """How one agent behaves.
+
+    ``versions`` are ``(agent_version, traffic_weight, token_scale)``: newer versions take
+    most traffic and may use more tokens. ``step_mix`` weighs llm_call, retrieval and
+    tool_call steps; ``input_median``/``output_median`` are tokens of a first model call.
+    """
+
+    agent_id: str
+    weight: float
+    versions: tuple[tuple[str, float, float], ...]
+    prompt_versions: tuple[tuple[str, float], ...]
+    models: tuple[tuple[str, float], ...]
+    step_mix: tuple[float, float, float]
+    tools: tuple[str, ...]
+    data_sources: tuple[str, ...]
+    queries: tuple[str, ...]
+    input_median: float
+    output_median: float
+
+
+AGENT_PROFILES: Final[tuple[AgentProfile, ...]] = (
+    AgentProfile(
+        "support-bot", 3.0,
+        (("v3", 0.25, 1.0), ("v4", 0.75, 1.1)),
+        (("p12", 0.6), ("p13", 0.4)),
+        (("gpt-4o-mini", 0.7), ("claude-3-5-haiku-latest", 0.3)),
+        (0.45, 0.35, 0.20),
+        ("lookup_order", "refund_order", "update_ticket", "send_email"),
+        ("kb-articles", "ticket-history"),
+        ("reset password", "refund status", "cancel subscription", "shipping delay"),
+        1_800, 220,
+    ),
+    AgentProfile(
+        "research-agent", 1.5,
+        (("v7", 1.0, 1.0),),
+        (("p31", 0.5), ("p32", 0.5)),
+        (("claude-sonnet-4-5", 0.6), ("gpt-4o", 0.4)),
+        (0.40, 0.45, 0.15),
+        ("web_search", "fetch_url", "summarize_pdf"),
+        ("arxiv-index", "web-cache", "internal-wiki"),
+        ("llm evaluation methods", "market size estimate", "competitor pricing"),
+        6_000, 450,
+    ),
+    AgentProfile(
+        "sql-copilot", 2.0,
+        (("v2", 0.3, 1.0), ("v3", 0.7, 0.9)),
+        (("p8", 1.0),),
+        (("gpt-4o", 0.5), ("gpt-4o-mini", 0.5)),
+        (0.45, 0.15, 0.40),
+        ("run_sql", "describe_table", "explain_plan"),
+        ("schema-catalog",),
+        ("weekly revenue by region", "churned users", "top products"),
+        3_000, 300,
+    ),
+    AgentProfile(
+        "code-reviewer", 1.2,
+        (("v1", 0.2, 1.0), ("v2", 0.8, 1.2)),
+        (("p5", 0.5), ("p6", 0.5)),
+        (("claude-sonnet-4-5", 0.8), ("gpt-4o", 0.2)),
+        (0.55, 0.15, 0.30),
+        ("git_diff", "run_tests", "post_comment"),
+        ("repo-index",),
+        ("null check", "race condition", "deprecated api"),
+        8_000, 600,
+    ),
+    AgentProfile(
+        "sales-assistant", 1.0,
+        (("v5", 1.0, 1.0),),
+        (("p20", 0.7), ("p21", 0.3)),
+        (("gpt-4o-mini", 0.6), ("gemini-2.0-flash", 0.4)),
+        (0.50, 0.25, 0.25),
+        ("crm_lookup", "create_quote", "schedule_meeting"),
+        ("product-catalog", "crm-notes"),
+        ("enterprise pricing", "discount policy", "contract renewal"),
+        1_500, 250,
+    ),
+    AgentProfile(
+        "triage-agent", 1.8,
+        (("v2", 0.5, 1.0), ("v3", 0.5, 1.0)),
+        (("p4", 1.0),),
+        (("gemini-2.0-flash", 0.7), ("gpt-4o-mini", 0.3)),
+        (0.60, 0.20, 0.20),
+        ("classify_ticket", "assign_queue"),
+        ("routing-rules",),
+        ("billing question", "bug report", "feature request"),
+        900, 80,
+    ),
+    AgentProfile(
+        "doc-writer", 0.8,
+        (("v1", 1.0, 1.0),),
+        (("p9", 0.5), ("p10", 0.5)),
+        (("claude-sonnet-4-5", 0.5), ("gpt-4o", 0.5)),
+        (0.65, 0.25, 0.10),
+        ("render_markdown", "publish_page"),
+        ("internal-wiki", "api-reference"),
+        ("release notes", "api changelog", "onboarding guide"),
+        4_000, 600,
+    ),
+    AgentProfile(
+        "billing-agent", 1.0,
+        (("v4", 0.6, 1.0), ("v5", 0.4, 1.05)),
+        (("p15", 1.0),),
+        (("gpt-4o-mini", 0.8), ("gpt-4o", 0.2)),
+        (0.40, 0.20, 0.40),
+        ("get_invoice", "apply_credit", "charge_card"),
+        ("billing-policies",),
+        ("double charge", "invoice copy", "vat number"),
+        1_400, 180,
+    ),
+    AgentProfile(
+        "onboarding-guide", 0.7,
+        (("v2", 1.0, 1.0),),
+        (("p3", 0.5), ("p4", 0.5)),
+        (("claude-3-5-haiku-latest", 0.6), ("gemini-2.0-flash", 0.4)),
+        (0.50, 0.35, 0.15),
+        ("create_workspace", "invite_user"),
+        ("kb-articles",),
+        ("sso setup", "import data", "invite team"),
+        1_200, 260,
+    ),
+    AgentProfile(
+        "security-analyst", 0.6,
+        (("v1", 0.4, 1.0), ("v2", 0.4, 1.1), ("v3", 0.2, 1.25)),
+        (("p7", 1.0),),
+        (("claude-sonnet-4-5", 0.7), ("gpt-4o", 0.3)),
+        (0.45, 0.25, 0.30),
+        ("query_siem", "lookup_ioc", "open_incident"),
+        ("threat-intel", "siem-logs"),
+        ("suspicious login", "malware hash", "phishing report"),
+        7_000, 400,
+    ),
+    AgentProfile(
+        "travel-planner", 0.6,
+        (("v3", 1.0, 1.0),),
+        (("p2", 1.0),),
+        (("gpt-4o", 0.4), ("gemini-2.0-flash", 0.6)),
+        (0.45, 0.20, 0.35),
+        ("search_flights", "search_hotels", "book_trip"),
+        ("travel-policy",),
+        ("flight to berlin", "hotel near venue", "per diem rules"),
+        2_000, 400,
+    ),
+    AgentProfile(
+        "hr-helper", 0.5,
+        (("v1", 0.5, 1.0), ("v2", 0.5, 0.95)),
+        (("p1", 0.5), ("p2", 0.5)),
+        (("claude-3-5-haiku-latest", 0.5), ("gpt-4o-mini", 0.5)),
+        (0.50, 0.40, 0.10),
+        ("lookup_employee", "request_leave"),
+        ("hr-handbook",),
+        ("parental leave", "expense policy", "holiday calendar"),
+        1_100, 200,
+    ),
+)  # fmt: skip
+
+
+def _profiles(n: int) -> tuple[AgentProfile, ...]:
+    """The first ``n`` agents; beyond the catalogue, numbered clones (``support-bot-2``)."""
+    base = AGENT_PROFILES
+    out = list(base[:n])
+    for i in range(len(base), n):
+        src = base[i % len(base)]
+        out.append(replace(src, agent_id=f"{src.agent_id}-{i // len(base) + 1}"))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------
+# Scenarios: the single place where behaviour may change over time
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioParams:
+    """Behaviour knobs of one agent version at one moment.
+
+    ``cost_multiplier`` scales the tokens of model calls (so cost stays consistent with the
+    price table); ``latency_multiplier`` scales every step's latency; the probabilities are
+    per retrieval, per tool call and per task (escalation, drawn when the task starts).
+    """
+
+    cost_multiplier: float = 1.0
+    latency_multiplier: float = 1.0
+    retrieval_miss_prob: float = 0.08
+    tool_error_prob: float = 0.05
+    escalation_prob: float = 0.06
+
+
+STEADY: Final = ScenarioParams()
+
+ScenarioFn = Callable[[str, str, float], ScenarioParams]
+"""``(agent_id, agent_version, seconds_since_start) -> ScenarioParams``."""
+
+
+def _steady(agent_id: str, agent_version: str, t: float) -> ScenarioParams:
+    return STEADY
+
+
+_SCENARIOS: Final[dict[str, ScenarioFn]] = {"steady": _steady}
+SCENARIOS: Final[tuple[str, ...]] = tuple(_SCENARIOS)
+
+
+def scenario_params(scenario: str, agent_id: str, agent_version: str, t: float) -> ScenarioParams:
+    """Parameters of ``agent_id``/``agent_version`` at ``t`` seconds of event time.
+
+    Every behaviour a scenario may alter is read through here, per step, at the step's
+    event time; a new scenario registers a function in ``_SCENARIOS``.
+    """
+    return _SCENARIOS[scenario](agent_id, agent_version, t)
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    """What to generate.
+
+    ``rate_per_s`` is the average event-time rate (50,000 events at 50/s span ~1000 s).
+    A ``late_fraction`` of events is written to the stream ``late_delay_s`` after its event
+    time. ``missing_cost_fraction`` of priced model calls carry tokens but no ``cost_usd``;
+    calls on the unknown model (~1 %) never carry one.
+    """
+
+    events: int
+    seed: int = 0
+    start: datetime = DEFAULT_START
+    rate_per_s: float = 50.0
+    agents: int = 12
+    tenants: int = 8
+    late_fraction: float = 0.0
+    late_delay_s: float = 600.0
+    missing_cost_fraction: float = 0.25
+    scenario: str = "steady"
+
+    def __post_init__(self) -> None:
+        if self.events < 0:
+            raise ValueError(f"events must be >= 0, got {self.events}")
+        if self.start.tzinfo is None or self.start.utcoffset() is None:
+            raise ValueError("start must be timezone-aware")
+        if not self.rate_per_s > 0:
+            raise ValueError(f"rate_per_s must be > 0, got {self.rate_per_s}")
+        if self.agents < 1 or self.tenants < 1:
+            raise ValueError("agents and tenants must be >= 1")
+        for name in ("late_fraction", "missing_cost_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {value}")
+        if self.late_delay_s < 0:
+            raise ValueError(f"late_delay_s must be >= 0, got {self.late_delay_s}")
+        if self.scenario not in _SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r}: expected one of {SCENARIOS}")
+
+
+# --------------------------------------------------------------------------------------
+# Task-level constants
+# --------------------------------------------------------------------------------------
+
+MIN_STEPS: Final = 3
+MAX_STEPS: Final = 12
+FEEDBACK_PROB: Final = 0.10
+GUARDRAIL_PROB: Final = 0.03
+OPEN_PROB: Final = 0.05  # the task's end event never arrives
+ABANDONED_PROB: Final = 0.05
+FAILED_PROB: Final = 0.07  # plus FAILED_IF_TOOL_ERROR when a tool call failed: ~10 % overall
+FAILED_IF_TOOL_ERROR: Final = 0.25
+TOOL_TIMEOUT_MS: Final = 3_000.0
+# Events per task on average, to turn the event rate into a task arrival rate.
+_EVENTS_PER_TASK: Final = (
+    1 + (MIN_STEPS + MAX_STEPS) / 2 + STEADY.escalation_prob + FEEDBACK_PROB + GUARDRAIL_PROB
+    + (1 - OPEN_PROB)
+)  # fmt: skip
+
+_LLM, _RETRIEVAL, _TOOL = 0, 1, 2
+# Standard normal quantiles: z[int(random() * len(z))] is a normal draw at a tenth of the
+# cost of random.gauss, tails clipped at about 3.9 sigma (no absurd outliers either).
+_Z: Final[tuple[float, ...]] = tuple(
+    NormalDist().inv_cdf((i + 0.5) / 16_384) for i in range(16_384)
+)
+_ERRORS: Final = (("timeout", 0.4), ("http_500", 0.3), ("validation", 0.2), ("rate_limited", 0.1))
+_GUARD_ACTIONS: Final[tuple[tuple[schema.GuardrailAction, float], ...]] = (
+    ("allow", 0.35),
+    ("flag", 0.3),
+    ("modify", 0.15),
+    ("block", 0.2),
+)
+_GUARD_POLICIES: Final = ("pii-filter", "prompt-injection", "toxicity", "topic-restriction")
+_ESCALATION_REASONS: Final = (
+    ("user asked for a human", 0.4),
+    ("low confidence", 0.3),
+    ("repeated tool failure", 0.15),
+    ("policy: refund above limit", 0.15),
+)
+_CORRECTIONS: Final = (
+    "the order number was wrong",
+    "answer cited an outdated policy",
+    "query used the wrong table",
+    "missing the last step",
+)
+
+
+class _Pick(Generic[_T]):
+    """Weighted choice with one ``random()`` and a bisect (``rng.choices`` is 4x slower)."""
+
+    __slots__ = ("_bounds", "items")
+
+    def __init__(self, weighted: Sequence[tuple[_T, float]]) -> None:
+        total = sum(w for _, w in weighted)
+        acc = 0.0
+        bounds: list[float] = []
+        for _, w in weighted[:-1]:
+            acc += w / total
+            bounds.append(acc)
+        self._bounds = bounds
+        self.items = [item for item, _ in weighted]
+
+    def __call__(self, rng: random.Random) -> _T:
+        return self.items[bisect_right(self._bounds, rng.random())]
+
+
+@dataclass(frozen=True)
+class _Agent:
+    """An ``AgentProfile`` with its choices precomputed."""
+
+    profile: AgentProfile
+    version: _Pick[tuple[str, float]]
+    prompt: _Pick[str]
+    model: _Pick[ModelSpec]
+    step: _Pick[int]
+    mu_in: float
+    mu_out: float
+
+
+def _agent(p: AgentProfile) -> _Agent:
+    return _Agent(
+        profile=p,
+        version=_Pick([((v, scale), w) for v, w, scale in p.versions]),
+        prompt=_Pick(p.prompt_versions),
+        model=_Pick([(MODELS[m], w) for m, w in p.models]),
+        step=_Pick(list(zip((_LLM, _RETRIEVAL, _TOOL), p.step_mix, strict=True))),
+        mu_in=math.log(p.input_median),
+        mu_out=math.log(p.output_median),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------
+
+_Planned = tuple[float, AgentEvent]  # (seconds since start, event)
+
+
+class _Common(TypedDict):
+    """Envelope fields every event of a task shares."""
+
+    schema_version: Literal[1]
+    agent_id: str
+    agent_version: str
+    prompt_version: str
+    tenant_id: str
+    session_id: str
+    task_id: str
+    trace_id: str
+
+
+class _Traffic:
+    """Plans whole tasks; ``generate`` merges their events by stream time."""
+
+    def __init__(self, config: TrafficConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.agents = _Pick([(_agent(p), p.weight) for p in _profiles(config.agents)])
+        self.tenants = _Pick(
+            [(f"tenant-{i + 1:02d}", 1.0 / (i + 1) ** 0.8) for i in range(config.tenants)]
+        )
+        self.errors = _Pick(_ERRORS)
+        self.guard_actions = _Pick(_GUARD_ACTIONS)
+        self.escalation_reasons = _Pick(_ESCALATION_REASONS)
+        self.sessions: dict[tuple[str, str], str] = {}
+        self.prefix = f"{config.seed:x}"
+        self.tasks = 0
+        self.base = config.start.timestamp()
+        self.tz = config.start.tzinfo
+
+    def ts(self, t: float) -> datetime:
+        """The event time ``t`` seconds after the start (float seconds, no parsing)."""
+        return datetime.fromtimestamp(self.base + t, self.tz)
+
+    def plan_task(self, t: float) -> list[_Planned]:
+        """All events of one task starting at ``t`` seconds, in order, with their times."""
+        rng = self.rng
+        rand = rng.random
+        z = _Z
+        nz = float(len(_Z))
+        exp = math.exp
+        scenario = self.config.scenario
+        missing_cost = self.config.missing_cost_fraction
+
+        agent = self.agents(rng)
+        prof = agent.profile
+        agent_id = prof.agent_id
+        version, token_scale = agent.version(rng)
+        tenant = self.tenants(rng)
+        self.tasks += 1
+        task_id = f"task-{self.prefix}-{self.tasks:07d}"
+        key = (agent_id, tenant)
+        session = self.sessions.get(key)
+        if session is None or rand() < 0.4:
+            session = self.sessions[key] = f"sess-{self.prefix}-{self.tasks:07d}"
+        common: _Common = {
+            "schema_version": 1,
+            "agent_id": agent_id,
+            "agent_version": version,
+            "prompt_version": agent.prompt(rng),
+            "tenant_id": tenant,
+            "session_id": session,
+            "task_id": task_id,
+            "trace_id": f"{rng.getrandbits(128):032x}",
+        }
+        getbits = rng.getrandbits
+        ts = self.ts
+        models = agent.model
+        out: list[_Planned] = []
+        root = f"{getbits(64):016x}"  # the task's span: start and end events share it
+
+        params = scenario_params(scenario, agent_id, version, t)
+        n_steps = MIN_STEPS + int(rand() * (MAX_STEPS - MIN_STEPS + 1))
+        escalate = rand() < params.escalation_prob
+        guard_at = int(rand() * (n_steps + 1)) if rand() < GUARDRAIL_PROB else -1
+        kinds = [agent.step(rng) for _ in range(n_steps)]
+        kinds[-1] = _LLM  # the final answer
+        if rand() < 0.5:
+            kinds[0] = _LLM  # plan first
+
+        out.append(
+            (t, Task(event_id="", ts=ts(t), span_id=root, outcome="started",
+                     **common))
+        )  # fmt: skip
+        t += 0.002 + 0.02 * rand()
+        tool_failed = blocked = False
+        for i in range(n_steps + 1):
+            if i == guard_at:
+                action = self.guard_actions(rng)
+                out.append(
+                    (t, Guardrail(event_id="", ts=ts(t), span_id=f"{getbits(64):016x}",
+                                  policy_id=_GUARD_POLICIES[int(rand() * len(_GUARD_POLICIES))],
+                                  action=action,
+                                  reason=None if action == "allow" else f"{action} by policy",
+                                  **common))
+                )  # fmt: skip
+                t += 0.001 + 0.01 * rand()
+                if action == "block":
+                    blocked = True
+                    break
+            if i == n_steps:
+                break
+            p = scenario_params(scenario, agent_id, version, t)
+            kind = kinds[i]
+            span = f"{getbits(64):016x}"
+            if kind == _LLM:
+                spec = UNKNOWN_MODEL if rand() < UNKNOWN_MODEL_FRACTION else models(rng)
+                scale = token_scale * p.cost_multiplier
+                inp = int(exp(agent.mu_in + 0.9 * z[int(rand() * nz)]) * scale * (1.0 + 0.35 * i))
+                inp = min(max(inp, 20), MAX_INPUT_TOKENS)
+                cached = 0 if i == 0 or rand() < 0.4 else int(inp * (0.3 + 0.6 * rand()))
+                completion = max(1, int(exp(agent.mu_out + 0.7 * z[int(rand() * nz)]) * scale))
+                if completion >= spec.max_output_tokens:
+                    completion, finish = spec.max_output_tokens, "length"
+                elif i + 1 < n_steps and kinds[i + 1] == _TOOL:
+                    finish = "tool_calls"
+                else:
+                    finish = "stop"
+                reasoning = (
+                    int(completion * (0.2 + 0.5 * rand())) if spec.reasons and rand() < 0.3 else 0
+                )
+                cost = (
+                    _cost(spec, inp, cached, completion)
+                    if spec.priced and rand() >= missing_cost
+                    else None
+                )
+                latency = (
+                    exp(5.86 + 0.35 * z[int(rand() * nz)]) + completion * spec.ms_per_output_token
+                ) * p.latency_multiplier
+                out.append(
+                    (t, LlmCall(event_id="", ts=ts(t), span_id=span, model=spec.name,
+                                provider=spec.provider, input_tokens=inp, output_tokens=completion,
+                                cached_input_tokens=cached, reasoning_output_tokens=reasoning,
+                                cost_usd=cost, latency_ms=round(latency, 1), finish_reason=finish,
+                                **common))
+                )  # fmt: skip
+            elif kind == _RETRIEVAL:
+                miss = rand() < p.retrieval_miss_prob
+                hits = 0 if miss else 1 + int(rand() * 10)
+                latency = min(exp(3.8 + 0.6 * z[int(rand() * nz)]), 3_000.0) * p.latency_multiplier
+                out.append(
+                    (t, Retrieval(event_id="", ts=ts(t), span_id=span, hits=hits,
+                                  data_source=prof.data_sources[
+                                      int(rand() * len(prof.data_sources))],
+                                  top_score=None if miss else round(0.45 + 0.5 * rand(), 4),
+                                  miss=miss, latency_ms=round(latency, 1),
+                                  query=prof.queries[int(rand() * len(prof.queries))],
+                                  **common))
+                )  # fmt: skip
+            else:
+                failed = rand() < p.tool_error_prob
+                error = self.errors(rng) if failed else None
+                if error == "timeout":
+                    latency = TOOL_TIMEOUT_MS * (1.0 + 0.02 * rand())
+                else:
+                    latency = min(exp(4.8 + 0.9 * z[int(rand() * nz)]), TOOL_TIMEOUT_MS)
+                latency *= p.latency_multiplier
+                tool_failed = tool_failed or failed
+                out.append(
+                    (t, ToolCall(event_id="", ts=ts(t), span_id=span,
+                                 tool_name=prof.tools[int(rand() * len(prof.tools))],
+                                 status="error" if failed else "ok", error_type=error,
+                                 latency_ms=round(latency, 1), **common))
+                )  # fmt: skip
+            t += latency / 1000.0 + 0.005 + 0.05 * rand()
+
+        if escalate and not blocked:
+            out.append(
+                (t, Escalation(event_id="", ts=ts(t), span_id=f"{getbits(64):016x}",
+                               reason=self.escalation_reasons(rng),
+                               target="human" if rand() < 0.8 else "tier2-support", **common))
+            )  # fmt: skip
+            t += 0.01 + 0.05 * rand()
+
+        r = rand()
+        outcome: schema.TaskOutcome | None
+        if r < OPEN_PROB:
+            outcome = None
+        elif blocked:
+            outcome = "failed"
+        elif r < OPEN_PROB + ABANDONED_PROB:
+            outcome = "abandoned"
+            t += 30.0 + 90.0 * rand()  # idle timeout
+        elif r < OPEN_PROB + ABANDONED_PROB + FAILED_PROB + FAILED_IF_TOOL_ERROR * tool_failed:
+            outcome = "failed"
+        else:
+            outcome = "completed"
+        if outcome is not None:
+            out.append(
+                (t, Task(event_id="", ts=ts(t), span_id=root,
+                         outcome=outcome, **common))
+            )  # fmt: skip
+
+        if rand() < FEEDBACK_PROB:
+            t += exp(2.7 + 0.8 * z[int(rand() * nz)])
+            good = outcome == "completed"
+            rating = float(
+                (4 if good else 1) + int(rand() * 2) if rand() < 0.85 else 1 + int(rand() * 5)
+            )
+            correction = None if good or rand() < 0.7 else _CORRECTIONS[int(rand() * 4)]
+            out.append(
+                (t, Feedback(event_id="", ts=ts(t), span_id=f"{getbits(64):016x}",
+                             rating=rating, correction=correction, **common))
+            )  # fmt: skip
+        return out
+
+
+def generate(config: TrafficConfig) -> Iterator[AgentEvent]:
+    """Yield exactly ``config.events`` valid events, deterministic for ``config.seed``.
+
+    Events come in event-time order, except the ``late_fraction`` that is written
+    ``late_delay_s`` after its event time. Tasks arrive as a Poisson process sized so the
+    stream averages ``rate_per_s``; new tasks stop starting once the open ones cover the
+    count, so nearly every task is complete (about 5 % never send an end event).
+    """
+    # Constructing an event checks ts against the schema's wall clock, which is only read
+    # when a batch is decoded; read it now so construction works before any decode.
+    schema._tick()
+    total = config.events
+    if total == 0:
+        return
+    traffic = _Traffic(config)
+    rng = traffic.rng
+    task_rate = config.rate_per_s / _EVENTS_PER_TASK
+    late, delay = config.late_fraction, config.late_delay_s
+    prefix = f"{traffic.prefix}-"
+
+    heap: list[tuple[float, int, AgentEvent]] = []
+    push, pop = heapq.heappush, heapq.heappop
+    seq = 0
+    emitted = 0
+    arrivals = True
+    next_arrival = 0.0
+    while emitted < total:
+        if arrivals and (not heap or next_arrival <= heap[0][0]):
+            for t, event in traffic.plan_task(next_arrival):
+                if late and rng.random() < late:
+                    t += delay
+                push(heap, (t, seq, event))
+                seq += 1
+            next_arrival += rng.expovariate(task_rate)
+            arrivals = emitted + len(heap) < total
+            continue
+        event = pop(heap)[2]
+        event.event_id = f"{prefix}{emitted:09d}"
+        emitted += 1
+        yield event
+
+
+def generate_jsonl(config: TrafficConfig, out: BinaryIO, *, chunk: int = 4096) -> int:
+    """Write ``generate(config)`` to ``out`` as JSON lines (``schema.encode`` form); count."""
+    encode_lines = msgspec.json.Encoder().encode_lines
+    batch: list[AgentEvent] = []
+    n = 0
+    for event in generate(config):
+        batch.append(event)
+        if len(batch) >= chunk:
+            out.write(encode_lines(batch))
+            n += len(batch)
+            batch.clear()
+    if batch:
+        out.write(encode_lines(batch))
+        n += len(batch)
+    return n

@@ -1,0 +1,161 @@
+"""Publishing agent events to Kafka, for agent runtimes and ``agentstream publish``.
+
+Every event is validated before it leaves the process, so a bad event raises ``InvalidEvent``
+at the call site instead of ending up in the dead-letter topic. Events are keyed by task (or
+session, or agent) so one task's events land in one partition and keep their order. Bulk
+publishing builds Kafka record batches per partition directly, which is several times faster
+than one ``send`` per event.
+
+    async with Publisher(Settings.load()) as pub:
+        await pub.publish({"type": "task", "event_id": "e1", ...})
+
+    with SyncPublisher(Settings.load()) as pub:
+        pub.publish_many(events)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Iterable, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, TypeVar
+
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from pipeline import schema
+from pipeline.config import Settings
+from pipeline.kafka import start_producer, unreachable
+
+T = TypeVar("T")
+Event = schema.AgentEvent | dict[str, Any]
+
+
+def event_key(event: schema.AgentEvent) -> bytes:
+    """The partitioning key: task, else session, else agent, so related events stay in order."""
+    return (event.task_id or event.session_id or event.agent_id).encode()
+
+
+def _validated(event: Event) -> schema.AgentEvent:
+    return schema.from_dict(event) if isinstance(event, dict) else event
+
+
+class Publisher:
+    """Async publisher of validated agent events."""
+
+    def __init__(
+        self, settings: Settings, *, topic: str | None = None, linger_ms: int = 10
+    ) -> None:
+        self.settings = settings
+        self.topic = topic or settings.events_topic
+        self._linger_ms = linger_ms
+        self._producer: Any = None
+        self._partitioner = DefaultPartitioner()
+        self.published = 0
+
+    async def start(self) -> None:
+        """Connect to the broker; raises ``BrokerUnavailable`` with what to do if it cannot."""
+        self._producer = await start_producer(
+            self.settings, linger_ms=self._linger_ms, max_batch_size=1 << 20
+        )
+
+    async def stop(self) -> None:
+        """Deliver what is buffered, then disconnect."""
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def publish(self, event: Event) -> None:
+        """Validate and send one event; returns once the broker has acknowledged it."""
+        ev = _validated(event)
+        fut = await self._producer.send(self.topic, schema.encode(ev), key=event_key(ev))
+        await fut
+        self.published += 1
+
+    async def publish_many(self, events: Iterable[Event]) -> int:
+        """Validate and send many events in per-partition batches; returns how many were sent.
+
+        All events are validated first, so an invalid one raises before anything is sent.
+        """
+        encoded = [(event_key(ev), schema.encode(ev)) for ev in map(_validated, events)]
+        return await self.publish_raw(encoded)
+
+    async def publish_raw(self, records: Sequence[tuple[bytes, bytes]]) -> int:
+        """Send already validated ``(key, JSON value)`` pairs in per-partition batches."""
+        if not records:
+            return 0
+        parts = sorted(await self._producer.partitions_for(self.topic))
+        batches: dict[int, Any] = {}
+        pending: list[Awaitable[Any]] = []
+        for key, value in records:
+            p = self._partitioner(key, parts, parts)
+            batch = batches.get(p)
+            if batch is None:
+                batch = batches[p] = self._producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                pending.append(await self._producer.send_batch(batch, self.topic, partition=p))
+                batch = batches[p] = self._producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        for p, batch in batches.items():
+            if batch.record_count():
+                pending.append(await self._producer.send_batch(batch, self.topic, partition=p))
+        try:
+            await asyncio.gather(*pending)
+        except KafkaError as exc:
+            raise unreachable(self.settings, exc) from None
+        self.published += len(records)
+        return len(records)
+
+
+class SyncPublisher:
+    """Blocking wrapper around ``Publisher`` for synchronous agent code.
+
+    Runs an event loop on a background thread; safe to share between threads.
+    """
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._pub: Publisher = self._run(self._make(settings, kwargs))
+
+    async def _make(self, settings: Settings, kwargs: dict[str, Any]) -> Publisher:
+        pub = Publisher(settings, **kwargs)
+        await pub.start()
+        return pub
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return fut.result()
+
+    def publish(self, event: Event) -> None:
+        """Validate and send one event, waiting for the broker's acknowledgement."""
+        self._run(self._pub.publish(event))
+
+    def publish_many(self, events: Iterable[Event]) -> int:
+        """Validate and send many events in batches; returns how many were sent."""
+        return self._run(self._pub.publish_many(list(events)))
+
+    def close(self) -> None:
+        """Deliver buffered events and stop the background loop."""
+        try:
+            self._run(self._pub.stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> SyncPublisher:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

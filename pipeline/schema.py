@@ -1,0 +1,346 @@
+"""Agent event schema, version 1: the one place that says what a valid event is.
+
+Events travel as JSON objects. Every event shares an envelope (identity, event time, the
+agent, prompt and model that produced it) and adds the fields of its ``type``. Names follow
+the OpenTelemetry GenAI semantic conventions where those have a name (see ``OTEL_NAMES``);
+concepts the conventions lack (cost, escalation, task outcome) live in ``agentstream.*``.
+
+Validation is msgspec decoding into typed structs, about a microsecond per event, so the
+worker validates whole batches without leaving the hot path. Every rejection names the field
+and the problem, for example ``Expected `int`, got `str` - at `$.input_tokens```.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+SCHEMA_VERSION: Final = 1
+SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({1})
+MAX_EVENT_BYTES: Final = 1 << 20
+
+# Event time must be plausible: data from before this or too far ahead of the wall clock is a
+# producer bug (epoch zero, milliseconds read as seconds), and would open windows nobody closes.
+EARLIEST_TS: Final = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_FUTURE_SECONDS: Final = 24 * 3600.0
+
+Id = Annotated[str, Meta(min_length=1, max_length=256)]
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+Text = Annotated[str, Meta(max_length=16_384)]
+Count = Annotated[int, Meta(ge=0, le=1_000_000_000_000)]
+Millis = Annotated[float, Meta(ge=0, le=86_400_000 * 7)]
+Usd = Annotated[float, Meta(ge=0, le=1_000_000)]
+Score = Annotated[float, Meta(ge=-1e9, le=1e9)]
+UtcTime = Annotated[datetime, Meta(tz=True)]
+
+TaskOutcome = Literal["started", "completed", "failed", "abandoned"]
+ToolStatus = Literal["ok", "error"]
+GuardrailAction = Literal["allow", "block", "modify", "flag"]
+
+
+class Envelope(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, tag_field="type"):
+    """Fields every event carries.
+
+    ``ts`` is the event time (when it happened in the agent), RFC 3339 with an offset; it
+    drives every window. ``event_id`` is the producer's id, unique per event and stable across
+    retries, so duplicates can be recognised.
+    """
+
+    event_id: Id
+    schema_version: int
+    ts: UtcTime
+    agent_id: Name
+    agent_version: Name | None = None
+    prompt_version: Name | None = None
+    model: Name | None = None
+    provider: Name | None = None
+    tenant_id: Name | None = None
+    session_id: Id | None = None
+    task_id: Id | None = None
+    trace_id: Id | None = None
+    span_id: Id | None = None
+
+    type_name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ValueError(
+                f"unsupported schema_version {self.schema_version} "
+                f"(this agentstream reads {sorted(SUPPORTED_SCHEMA_VERSIONS)}) - at `$.schema_version`"
+            )
+        if self.ts < EARLIEST_TS:
+            raise ValueError(f"ts {self.ts.isoformat()} is before 2000-01-01 - at `$.ts`")
+        ahead = self.ts.timestamp() - _clock[0]
+        if ahead > MAX_FUTURE_SECONDS:
+            raise ValueError(
+                f"ts {self.ts.isoformat()} is {ahead / 3600:.0f} h in the future - at `$.ts`"
+            )
+
+
+class LlmCall(Envelope, tag="llm_call"):
+    """One model call: tokens in and out, what it cost, how long it took."""
+
+    input_tokens: Count
+    output_tokens: Count
+    cached_input_tokens: Count = 0
+    reasoning_output_tokens: Count = 0
+    cost_usd: Usd | None = None
+    latency_ms: Millis | None = None
+    finish_reason: Name | None = None
+    operation: Name = "chat"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cached_input_tokens > self.input_tokens:
+            raise ValueError(
+                f"cached_input_tokens {self.cached_input_tokens} exceeds input_tokens "
+                f"{self.input_tokens} - at `$.cached_input_tokens`"
+            )
+
+
+class ToolCall(Envelope, tag="tool_call"):
+    """One tool invocation and whether it worked."""
+
+    tool_name: Name
+    status: ToolStatus
+    error_type: Name | None = None
+    latency_ms: Millis | None = None
+
+
+class Retrieval(Envelope, tag="retrieval"):
+    """One retrieval from an index or data source. ``miss`` defaults to ``hits == 0``."""
+
+    hits: Count
+    data_source: Name | None = None
+    top_score: Score | None = None
+    miss: bool | None = None
+    latency_ms: Millis | None = None
+    query: Text | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.miss is None:
+            self.miss = self.hits == 0
+
+
+class Escalation(Envelope, tag="escalation"):
+    """A hand-off from the agent to a human."""
+
+    reason: Text | None = None
+    target: Name = "human"
+
+
+class Task(Envelope, tag="task"):
+    """A task's life cycle: one event when it starts and one when it ends."""
+
+    outcome: TaskOutcome
+
+
+class Feedback(Envelope, tag="feedback"):
+    """A user's rating or correction of the agent's work."""
+
+    rating: Score | None = None
+    correction: Text | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rating is None and self.correction is None:
+            raise ValueError("feedback needs a rating or a correction - at `$.rating`")
+
+
+class Guardrail(Envelope, tag="guardrail"):
+    """A guardrail decision on the agent's input or output."""
+
+    policy_id: Name
+    action: GuardrailAction
+    reason: Text | None = None
+
+
+AgentEvent = LlmCall | ToolCall | Retrieval | Escalation | Task | Feedback | Guardrail
+EVENT_CLASSES: Final[tuple[type[Envelope], ...]] = (
+    LlmCall,
+    ToolCall,
+    Retrieval,
+    Escalation,
+    Task,
+    Feedback,
+    Guardrail,
+)
+EVENT_TYPES: Final[tuple[str, ...]] = tuple(
+    str(msgspec.inspect.type_info(cls).tag) for cls in EVENT_CLASSES  # type: ignore[attr-defined]
+)
+for _cls, _name in zip(EVENT_CLASSES, EVENT_TYPES, strict=True):
+    _cls.type_name = _name
+
+# What each wire field means in OpenTelemetry GenAI terms; the README's table is this dict.
+OTEL_NAMES: Final[dict[str, str]] = {
+    "event_id": "agentstream.event.id",
+    "schema_version": "agentstream.schema.version",
+    "type": "gen_ai.operation.name (llm_call=chat, tool_call=execute_tool, retrieval=retrieval)",
+    "ts": "span start time / event timestamp",
+    "agent_id": "gen_ai.agent.id",
+    "agent_version": "gen_ai.agent.version",
+    "prompt_version": "gen_ai.prompt.name (version of the prompt template)",
+    "model": "gen_ai.request.model",
+    "provider": "gen_ai.provider.name",
+    "tenant_id": "agentstream.tenant.id",
+    "session_id": "gen_ai.conversation.id",
+    "task_id": "agentstream.task.id",
+    "trace_id": "trace_id (W3C trace context)",
+    "span_id": "span_id (W3C trace context)",
+    "input_tokens": "gen_ai.usage.input_tokens",
+    "output_tokens": "gen_ai.usage.output_tokens",
+    "cached_input_tokens": "gen_ai.usage.cache_read.input_tokens",
+    "reasoning_output_tokens": "gen_ai.usage.reasoning.output_tokens",
+    "cost_usd": "agentstream.cost.usd",
+    "latency_ms": "gen_ai.client.operation.duration (in ms)",
+    "finish_reason": "gen_ai.response.finish_reasons",
+    "operation": "gen_ai.operation.name",
+    "tool_name": "gen_ai.tool.name",
+    "status": "agentstream.tool.status (error when error.type is set)",
+    "error_type": "error.type",
+    "data_source": "gen_ai.data_source.id",
+    "hits": "agentstream.retrieval.hits (count of gen_ai.retrieval.documents)",
+    "top_score": "agentstream.retrieval.top_score (max gen_ai.retrieval.documents score)",
+    "miss": "agentstream.retrieval.miss",
+    "query": "gen_ai.retrieval.query.text",
+    "reason": "agentstream.escalation.reason / gen_ai.guardrail.result.reason",
+    "target": "agentstream.escalation.target",
+    "outcome": "agentstream.task.outcome",
+    "rating": "gen_ai.evaluation.score.value",
+    "correction": "agentstream.feedback.correction",
+    "policy_id": "gen_ai.guardrail.policy.id",
+    "action": "gen_ai.guardrail.result.type",
+}
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """Why one message is not a valid event: ``reason`` is readable, ``field`` a JSON path."""
+
+    reason: str
+    field: str | None = None
+
+
+_decoder = msgspec.json.Decoder(AgentEvent)
+_encoder = msgspec.json.Encoder()
+
+
+# The wall clock is read once per batch, not per event: datetime.now() would cost as much as
+# the rest of the validation.
+_clock = [0.0]
+
+
+def _tick() -> None:
+    _clock[0] = datetime.now(UTC).timestamp()
+
+
+def _field_of(message: str) -> str | None:
+    marker = " - at `"
+    at = message.rfind(marker)
+    if at < 0:
+        return None
+    return message[at + len(marker) : -1] if message.endswith("`") else None
+
+
+_KNOWN_TYPES = ", ".join(EVENT_TYPES)
+
+
+def _reason_of(exc: Exception) -> str:
+    text = str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8: invalid byte at position {exc.start}"
+    if isinstance(exc, msgspec.ValidationError):
+        if text.startswith("Object missing required field `type`"):
+            return f"missing event type: field `type` must be one of {_KNOWN_TYPES} - at `$.type`"
+        if text.startswith("Invalid value") and "`$.type`" in text:
+            bad = text.split(" - ")[0].removeprefix("Invalid value ")
+            return f"unknown event type {bad}: expected one of {_KNOWN_TYPES} - at `$.type`"
+        missing = re.match(r"Object missing required field `([^`]+)`( - at `([^`]+)`)?", text)
+        if missing:
+            where = (missing.group(3) or "$") + "." + missing.group(1)
+            return f"missing required field `{missing.group(1)}` - at `{where}`"
+        if text.startswith("Expected `object`") and " - at " not in text:
+            return text + ": an event is one JSON object"
+        return text
+    return "malformed JSON: " + text
+
+
+def decode(raw: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> AgentEvent | Rejection:
+    """Decode and validate one JSON message; return the event or the reason it was rejected."""
+    _, _, rejected, _ = result = decode_batch([raw], max_bytes=max_bytes)
+    return rejected[0] if rejected else result[0][0]
+
+
+def decode_batch(
+    raws: Sequence[bytes | str | None], *, max_bytes: int = MAX_EVENT_BYTES
+) -> tuple[list[AgentEvent], list[int], list[Rejection], list[int]]:
+    """Validate a batch of messages.
+
+    Returns ``(events, event_positions, rejections, rejection_positions)`` where positions
+    index into ``raws``, so callers keep each outcome tied to its Kafka offset.
+    """
+    events: list[AgentEvent] = []
+    ok_at: list[int] = []
+    rejected: list[Rejection] = []
+    bad_at: list[int] = []
+    dec = _decoder.decode
+    _tick()
+    for i, raw in enumerate(raws):
+        if raw is None:
+            rejected.append(Rejection("empty message: Kafka record has no value"))
+            bad_at.append(i)
+            continue
+        if len(raw) > max_bytes:
+            rejected.append(
+                Rejection(f"oversized message: {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+            )
+            bad_at.append(i)
+            continue
+        try:
+            events.append(dec(raw))
+            ok_at.append(i)
+        except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
+            reason = _reason_of(exc)
+            rejected.append(Rejection(reason, _field_of(reason)))
+            bad_at.append(i)
+    return events, ok_at, rejected, bad_at
+
+
+def encode(event: AgentEvent) -> bytes:
+    """Serialise an event to its JSON wire form (``type`` included)."""
+    return _encoder.encode(event)
+
+
+def from_dict(data: dict[str, Any]) -> AgentEvent:
+    """Build an event from a dict (e.g. one parsed from JSONL); raises ``InvalidEvent``."""
+    _tick()
+    try:
+        return msgspec.convert(data, AgentEvent)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(_reason_of(exc), data.get("event_id")) from None
+
+
+class InvalidEvent(ValueError):
+    """Raised by the publisher API for an event that would be dead-lettered."""
+
+    def __init__(self, reason: str, event_id: object = None) -> None:
+        where = f"event {event_id!r}: " if event_id else ""
+        super().__init__(f"invalid event: {where}{reason}")
+        self.reason = reason
+        self.event_id = event_id
+
+
+def iter_fields() -> Iterable[tuple[str, Any]]:
+    """Every wire field of every event type with its annotation, envelope first, no repeats."""
+    seen: set[str] = set()
+    for cls in EVENT_CLASSES:
+        info = msgspec.inspect.type_info(cls)
+        for f in info.fields:  # type: ignore[attr-defined]
+            if f.name not in seen:
+                seen.add(f.name)
+                yield f.name, f.type

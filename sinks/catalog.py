@@ -1,0 +1,139 @@
+"""DuckDB over the lake: the views users query, and the runner behind ``agentstream sql``.
+
+Views read the Parquet files directly, so a query always sees everything landed so far and
+needs no lock on anything the worker writes. The database file ``agentstream.duckdb`` in the
+data directory holds the same views for the DuckDB CLI and notebooks; it is only ever opened
+briefly to (re)create them, so DuckDB's one-writer rule never blocks the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+import duckdb
+
+from pipeline import schema
+from sinks.parquet import LakeTable, ParquetLake
+from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
+
+DB_FILE: Final = "agentstream.duckdb"
+
+EVENTS: Final = LakeTable("events", EVENTS_SCHEMA, ("date", "type"), "ts")
+DEAD_LETTERS: Final = LakeTable("dead_letters", DEAD_LETTERS_SCHEMA, ("date",), "received_at")
+TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS]
+
+_PLURAL: Final = {
+    "llm_call": "llm_calls",
+    "tool_call": "tool_calls",
+    "retrieval": "retrievals",
+    "escalation": "escalations",
+    "task": "tasks",
+    "feedback": "feedback",
+    "guardrail": "guardrails",
+}
+
+
+class QueryError(Exception):
+    """A user's SQL failed; the message is DuckDB's first line."""
+
+
+def register(table: LakeTable) -> None:
+    """Add a landed table (later stages call this for metrics, anomalies, ...)."""
+    if all(t.name != table.name for t in TABLES):
+        TABLES.append(table)
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _table_view(lake: ParquetLake, table: LakeTable) -> str:
+    depth = "/".join("*" for _ in table.partition_by)
+    glob = lake.table_dir(table) / depth / "*.parquet"
+    types = ", ".join(
+        f"'{c}': {'DATE' if c == 'date' else 'VARCHAR'}" for c in table.partition_by
+    )
+    names = [f'"{n}"' for n in table.schema.names]
+    if "date" in table.partition_by and "date" not in table.schema.names:
+        names.append('"date"')
+    return (
+        f"CREATE OR REPLACE VIEW {table.name} AS SELECT {', '.join(names)} FROM read_parquet("
+        f"{_quote(glob)}, hive_partitioning = true, hive_types = {{{types}}}, "
+        "union_by_name = true)"
+    )
+
+
+def view_statements(lake: ParquetLake) -> list[str]:
+    """SQL that defines every view over ``lake`` (one per table, one per event type)."""
+    stmts = [_table_view(lake, t) for t in TABLES]
+    envelope = [n for n in EVENTS_SCHEMA.names if n in _envelope_names()]
+    for cls in schema.EVENT_CLASSES:
+        own = [f.name for f in _fields(cls) if f.name not in envelope]
+        cols = ", ".join(f'"{n}"' for n in [*envelope, *own, "cost_estimated", "late"] if _keep(cls, n))
+        stmts.append(
+            f"CREATE OR REPLACE VIEW {_PLURAL[cls.type_name]} AS SELECT {cols}, \"date\" "
+            f"FROM events WHERE type = '{cls.type_name}'"
+        )
+    return stmts
+
+
+def _keep(cls: type, name: str) -> bool:
+    return name != "cost_estimated" or cls is schema.LlmCall
+
+
+def _fields(cls: type) -> Iterable[schema.msgspec.inspect.Field]:
+    return schema.msgspec.inspect.type_info(cls).fields  # type: ignore[attr-defined,no-any-return]
+
+
+def _envelope_names() -> set[str]:
+    return {f.name for f in _fields(schema.Envelope)} | {"type"}
+
+
+def prepare(data_dir: Path) -> ParquetLake:
+    """Make sure the lake folder exists with a seed file per table, so every view binds."""
+    lake = ParquetLake(data_dir)
+    for table in TABLES:
+        lake.ensure_seed(table)
+    return lake
+
+
+def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with every view over ``data_dir``, read-only on files."""
+    if not Path(data_dir).is_dir():
+        raise QueryError(
+            f"data directory {str(data_dir)!r} does not exist: run `agentstream worker "
+            "--data-dir DIR` (or `agentstream demo`) first, or pass the right --data-dir"
+        )
+    lake = ParquetLake(data_dir)
+    con = duckdb.connect(":memory:")
+    for stmt in view_statements(lake):
+        con.execute(stmt)
+    return con
+
+
+def write_database(data_dir: Path) -> Path | None:
+    """(Re)create ``agentstream.duckdb`` with the views; returns None if another process holds it."""
+    path = Path(data_dir) / DB_FILE
+    lake = prepare(data_dir)
+    try:
+        con = duckdb.connect(str(path))
+    except duckdb.IOException:
+        return None
+    try:
+        for stmt in view_statements(lake):
+            # Absolute paths: the file must work from any current directory.
+            con.execute(stmt)
+    finally:
+        con.close()
+    return path
+
+
+def query(data_dir: Path, sql: str) -> duckdb.DuckDBPyRelation | None:
+    """Run ``sql`` over the lake; raise ``QueryError`` with DuckDB's message if it fails."""
+    con = connect(data_dir)
+    try:
+        return con.sql(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0]) from None

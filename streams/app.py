@@ -1,0 +1,81 @@
+"""The one app factory: a faust application wired with agentstream's services and web pages."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+import msgspec
+from faust.web import Request, Response, View
+
+from pipeline.config import Settings
+from pipeline.kafka import client_kwargs
+from sinks.catalog import write_database
+from streams.telemetry import WorkerTelemetry
+from streams.worker import EventConsumer
+
+log = logging.getLogger("agentstream.app")
+
+
+class Worker:
+    """The pieces of one running worker, for the CLI, tests and the benchmark."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.telemetry = WorkerTelemetry()
+        self.consumer = EventConsumer(settings, self.telemetry)
+        self.app = create_app(settings, self)
+
+
+def create_app(settings: Settings, worker: Worker) -> faust.App:
+    """Build the faust app: the batch consumer as a service, health and metrics pages."""
+    app = faust.App(
+        f"{settings.group_id}-app",
+        broker=f"kafka://{client_kwargs(settings)['bootstrap_servers']}",
+        store="memory://",
+        autodiscover=False,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        producer_acks=-1,
+    )
+    app.service(worker.consumer)
+
+    @app.page("/health")
+    class Health(View):  # type: ignore[misc]
+        async def get(self, request: Request) -> Response:
+            c = worker.consumer
+            body: dict[str, Any] = {
+                "status": "ok" if c.healthy and c.last_error is None else "degraded",
+                "events_landed": c.landed_events,
+                "dead_letters": c.dead_lettered,
+                "last_error": c.last_error,
+            }
+            return self.bytes(
+                msgspec.json.encode(body),
+                content_type="application/json",
+                status=200 if body["status"] == "ok" else 503,
+            )
+
+    @app.page("/metrics")
+    class Metrics(View):  # type: ignore[misc]
+        async def get(self, request: Request) -> Response:
+            return self.bytes(worker.telemetry.render(), content_type="text/plain")
+
+    return app
+
+
+def run(settings: Settings, *, loglevel: str = "info") -> int:
+    """Run a worker in the foreground until SIGINT/SIGTERM; returns the exit code."""
+    worker = Worker(settings)
+    if write_database(settings.data_dir) is None:
+        log.warning("agentstream.duckdb is open elsewhere; its views were not refreshed")
+    fw = faust.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    try:
+        fw.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
