@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError, KafkaError
 
 from pipeline.config import Settings
 
@@ -32,28 +33,52 @@ def unreachable(settings: Settings, exc: BaseException | None = None) -> BrokerU
 
 
 async def committed_lag(settings: Settings, topic: str | None = None) -> tuple[int, int]:
-    """(messages in ``topic``, messages the worker's group has committed) summed over partitions."""
+    """(messages in ``topic``, messages the worker's group has committed), over all partitions."""
     topic = topic or settings.events_topic
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=settings.group_id,
-                                enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
     try:
+        await admin.start()
         await consumer.start()
     except KafkaConnectionError as exc:
+        await consumer.stop()
+        await admin.close()
         raise unreachable(settings, exc) from None
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        (described,) = await admin.describe_topics([topic])
+        tps = [TopicPartition(topic, p["partition"]) for p in described.get("partitions", ())]
         if not tps:
             return 0, 0
         ends = await consumer.end_offsets(tps)
         starts = await consumer.beginning_offsets(tps)
+        try:
+            committed = await admin.list_consumer_group_offsets(settings.group_id, partitions=tps)
+        except GroupCoordinatorNotAvailableError:
+            # The offsets topic is still being created on a fresh broker: nothing committed yet.
+            committed = {}
         done = 0
         for tp in tps:
-            c = await consumer.committed(tp)
-            done += (c if c is not None else starts[tp]) - starts[tp]
+            meta = committed.get(tp)
+            if meta is not None and meta.offset >= 0:
+                done += meta.offset - starts[tp]
         return sum(ends[tp] - starts[tp] for tp in tps), done
     except KafkaError as exc:
         raise unreachable(settings, exc) from None
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def commit_offsets(settings: Settings, offsets: dict[int, int], topic: str | None = None) -> None:
+    """Set the worker group's committed offsets (the group must have no running member)."""
+    topic = topic or settings.events_topic
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=settings.group_id,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = {TopicPartition(topic, p): o for p, o in offsets.items()}
+        consumer.assign(list(tps))
+        await consumer.commit(tps)
     finally:
         await consumer.stop()
 

@@ -20,8 +20,10 @@ from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 
 DB_FILE: Final = "agentstream.duckdb"
 
-EVENTS: Final = LakeTable("events", EVENTS_SCHEMA, ("date", "type"), "ts")
-DEAD_LETTERS: Final = LakeTable("dead_letters", DEAD_LETTERS_SCHEMA, ("date",), "received_at")
+EVENTS: Final = LakeTable("events", EVENTS_SCHEMA, ("date", "type"), "ts", "kafka_offset")
+DEAD_LETTERS: Final = LakeTable(
+    "dead_letters", DEAD_LETTERS_SCHEMA, ("date",), "received_at", "offset"
+)
 TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS]
 
 _PLURAL: Final = {

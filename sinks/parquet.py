@@ -19,6 +19,7 @@ from typing import Final
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 _NAME: Final = re.compile(r"^(?P<topic>[A-Za-z0-9._\-]+)~(?P<p>\d+)~(?P<first>\d+)~(?P<last>\d+)\.parquet$")
@@ -33,6 +34,7 @@ class LakeTable:
     schema: pa.Schema
     partition_by: tuple[str, ...]
     time_column: str
+    offset_column: str
 
     def file_schema(self) -> pa.Schema:
         """The schema inside each file: hive columns live in the path, not the file."""
@@ -120,18 +122,26 @@ class ParquetLake:
                 yield path
 
     def discard_uncommitted(self, table: LakeTable, topic: str, partition: int, committed: int) -> int:
-        """Remove files of ``topic``/``partition`` that start at or after offset ``committed``.
+        """Remove rows of ``topic``/``partition`` from offset ``committed`` on.
 
         Those rows were landed but their offsets were never committed: the consumer reads them
-        again, and keeping the old files would count them twice. Returns the number removed.
+        again, and keeping them would count them twice. The worker commits only at file
+        boundaries, so normally whole files go; a file that straddles ``committed`` (an
+        operator reset the group's offsets) is rewritten without the rows to be replayed.
+        Returns the number of files removed or rewritten.
         """
         removed = 0
         for path in list(self.files(table)):
             m = _NAME.match(path.name)
             assert m is not None
-            if m["topic"] == topic and int(m["p"]) == partition and int(m["first"]) >= committed:
-                path.unlink(missing_ok=True)
-                removed += 1
+            if m["topic"] != topic or int(m["p"]) != partition or int(m["last"]) < committed:
+                continue
+            if int(m["first"]) < committed:
+                kept = pq.read_table(path)
+                kept = kept.filter(pc.less(kept[table.offset_column], committed))
+                write_atomic(path.with_name(f"{m['topic']}~{m['p']}~{m['first']}~{committed - 1:019d}.parquet"), kept)
+            path.unlink(missing_ok=True)
+            removed += 1
         for tmp in self.table_dir(table).glob(f"**/.{topic}~{partition}~*.parquet.tmp"):
             tmp.unlink(missing_ok=True)
         return removed

@@ -1,0 +1,153 @@
+"""Test helpers: unique names, a real worker process, raw Kafka access, DuckDB counts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from pipeline.broker import ensure_topics, free_port
+from pipeline.config import Settings
+from pipeline.generate import TrafficConfig, generate
+from pipeline.kafka import committed_lag
+from pipeline.schema import encode
+from sinks.catalog import connect
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unique_settings(bootstrap: str, data_dir: Path, **changes: Any) -> Settings:
+    """Settings with topics and group of their own, so tests sharing a broker never meet."""
+    tag = uuid.uuid4().hex[:8]
+    base = {
+        "broker": bootstrap,
+        "data_dir": data_dir,
+        "events_topic": f"ev-{tag}",
+        "dlq_topic": f"ev-{tag}-dlq",
+        "metrics_topic": f"metrics-{tag}",
+        "anomalies_topic": f"anomalies-{tag}",
+        "group_id": f"g-{tag}",
+        "web_port": free_port(),
+        "flush_interval_s": 0.3,
+    }
+    base.update(changes)
+    settings = Settings.load(env={}, **base)
+    ensure_topics(
+        settings.broker,
+        {
+            settings.events_topic: settings.partitions,
+            settings.dlq_topic: settings.partitions,
+            settings.metrics_topic: settings.partitions,
+            settings.anomalies_topic: settings.partitions,
+        },
+    )
+    return settings
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``agentstream worker`` use ``settings``."""
+    env = dict(os.environ)
+    for name in ("broker", "data_dir", "events_topic", "dlq_topic", "metrics_topic",
+                 "anomalies_topic", "group_id", "web_port", "flush_interval_s", "partitions",
+                 "max_message_bytes", "window", "allowed_lateness_s", "fetch_max_records"):
+        env[f"AGENTSTREAM_{name.upper()}"] = str(getattr(settings, name))
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@contextmanager
+def running_worker(settings: Settings, log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """An ``agentstream worker`` process; SIGTERM on exit (it must stop cleanly)."""
+    log = log or Path(settings.data_dir).parent / f"worker-{settings.group_id}.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"],
+            env=worker_env(settings), stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise AssertionError(f"worker did not stop on SIGTERM; log: {log}") from None
+
+
+def wait_committed(settings: Settings, total: int, proc: subprocess.Popen[bytes] | None = None,
+                   timeout: float = 120) -> None:
+    """Block until the worker's group has committed ``total`` messages of the events topic."""
+    deadline = time.monotonic() + timeout
+    done = -1
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}")
+        _, done = asyncio.run(committed_lag(settings))
+        if done >= total:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"only {done} of {total} messages committed after {timeout} s")
+
+
+def produce_raw(settings: Settings, values: Sequence[bytes | None],
+                keys: Sequence[bytes | None] | None = None, topic: str | None = None) -> None:
+    """Send raw values (valid or not) straight to Kafka, bypassing the publisher's checks."""
+    async def go() -> None:
+        prod = AIOKafkaProducer(bootstrap_servers=settings.broker, max_request_size=8 << 20)
+        await prod.start()
+        try:
+            futs = [
+                await prod.send(topic or settings.events_topic, value=v,
+                                key=(keys[i] if keys else None) or f"k{i}".encode())
+                for i, v in enumerate(values)
+            ]
+            await asyncio.gather(*futs)
+        finally:
+            await prod.stop()
+
+    asyncio.run(go())
+
+
+def consume_all(settings: Settings, topic: str, expected: int, timeout: float = 30) -> list[Any]:
+    """Read ``expected`` records of ``topic`` from the beginning (no group)."""
+    async def go() -> list[Any]:
+        cons = AIOKafkaConsumer(topic, bootstrap_servers=settings.broker,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+        await cons.start()
+        out: list[Any] = []
+        try:
+            deadline = time.monotonic() + timeout
+            while len(out) < expected and time.monotonic() < deadline:
+                got = await cons.getmany(timeout_ms=500)
+                for recs in got.values():
+                    out.extend(recs)
+        finally:
+            await cons.stop()
+        return out
+
+    return asyncio.run(go())
+
+
+def generated_values(n: int, seed: int = 1, **kwargs: Any) -> list[bytes]:
+    """``n`` valid generated events as JSON bytes."""
+    return [encode(ev) for ev in generate(TrafficConfig(events=n, seed=seed, **kwargs))]
+
+
+def scalar(data_dir: Path, sql: str) -> Any:
+    """The single value a query over the lake returns."""
+    ((value,),) = connect(data_dir).sql(sql).fetchall()
+    return value

@@ -1,0 +1,104 @@
+"""The worker end to end on the real Apache Kafka broker: exact counts, dead letters, replays."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from pipeline.kafka import commit_offsets
+from tests.helpers import (
+    consume_all,
+    generated_values,
+    produce_raw,
+    running_worker,
+    scalar,
+    unique_settings,
+    wait_committed,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+VALID_TEMPLATE = (
+    b'{"type":"tool_call","event_id":"%s","schema_version":1,"ts":"2026-01-05T09:00:00Z",'
+    b'"agent_id":"a1","tool_name":"search","status":"ok"}'
+)
+
+# Each invalid message and the words its dead-letter reason must contain.
+INVALID: list[tuple[bytes | None, str]] = [
+    (b'{"type":"llm_call", "event_id": ', "malformed JSON"),
+    (b"not json at all", "malformed JSON"),
+    (VALID_TEMPLATE.replace(b'"status":"ok"', b'"status":"maybe"') % b"bad-enum", "$.status"),
+    (VALID_TEMPLATE.replace(b'"schema_version":1', b'"schema_version":"1"') % b"bad-type",
+     "Expected `int`, got `str` - at `$.schema_version`"),
+    (VALID_TEMPLATE.replace(b'"agent_id":"a1",', b"") % b"missing", "missing required field `agent_id`"),
+    (VALID_TEMPLATE.replace(b'"type":"tool_call"', b'"type":"teleport"') % b"unknown", "unknown event type"),
+    (VALID_TEMPLATE.replace(b'"agent_id":"a1"', b'"agent_id":"a\xff\xfe"') % b"utf8", "not UTF-8"),
+    (VALID_TEMPLATE.replace(b'"schema_version":1', b'"schema_version":9') % b"future", "unsupported schema_version 9"),
+    (VALID_TEMPLATE.replace(b"2026-01-05T09:00:00Z", b"1970-01-01T00:00:00Z") % b"epoch", "before 2000"),
+    (VALID_TEMPLATE.replace(b"2026-01-05T09:00:00Z", b"2026-01-05T09:00:00") % b"naive", "timezone"),
+    (b'{"pad":"' + b"x" * 70_000 + b'"}', "oversized message"),
+    (None, "empty message"),
+    (b"[1,2,3]", "an event is one JSON object"),
+]
+
+
+def test_mixed_valid_and_invalid_land_with_exact_counts(bootstrap: str, tmp_path: Path) -> None:
+    settings = unique_settings(bootstrap, tmp_path / "lake", max_message_bytes=65_536)
+    valid = generated_values(3000, seed=7)
+    bad = [raw for raw, _ in INVALID]
+    # Interleave so invalid messages sit between valid ones in every partition.
+    mixed: list[bytes | None] = []
+    for i, raw in enumerate(valid):
+        mixed.append(raw)
+        if i % 200 == 0 and i // 200 < len(bad):
+            mixed.append(bad[i // 200])
+    assert mixed.count(None) == 1 and len(mixed) == len(valid) + len(bad)
+    produce_raw(settings, mixed)
+
+    with running_worker(settings) as proc:
+        wait_committed(settings, len(mixed), proc)
+
+    lake = settings.data_dir
+    assert scalar(lake, "SELECT count(*) FROM events") == len(valid)
+    assert scalar(lake, "SELECT count(DISTINCT event_id) FROM events") == len(valid)
+    assert scalar(lake, "SELECT count(*) FROM dead_letters") == len(bad)
+    reasons = dict(
+        (bytes(raw) if raw is not None else None, reason)
+        for raw, reason in _rows(lake, "SELECT raw, reason FROM dead_letters")
+    )
+    for raw, words in INVALID:
+        assert words in reasons[raw], (raw[:60] if raw else raw, reasons[raw])
+    # The dead-letter topic carries the original bytes and the reason as a header.
+    dlq = consume_all(settings, settings.dlq_topic, len(bad))
+    assert sorted((r.value or b"") for r in dlq) == sorted((b or b"") for b in bad)
+    for r in dlq:
+        assert dict(r.headers)["agentstream.reason"].decode() == reasons[r.value]
+    # Every landed row is traceable to exactly one Kafka record.
+    assert scalar(lake, "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events") == len(valid)
+
+
+def _rows(lake: Path, sql: str) -> list[tuple[object, ...]]:
+    from sinks.catalog import connect
+
+    return connect(lake).sql(sql).fetchall()
+
+
+def test_replaying_offsets_never_duplicates_rows(bootstrap: str, tmp_path: Path) -> None:
+    """Rewinding the group (as a crash before commit does) re-lands the same rows once."""
+    settings = unique_settings(bootstrap, tmp_path / "lake")
+    values = generated_values(4000, seed=3)
+    produce_raw(settings, values)
+    with running_worker(settings) as proc:
+        wait_committed(settings, len(values), proc)
+    before = _rows(settings.data_dir, "SELECT event_id, kafka_partition, kafka_offset FROM events ORDER BY 1")
+    assert len(before) == len(values)
+
+    # Rewind partition 0 to the start and partition 1 to its middle, with other batch sizes.
+    ends = dict(_rows(settings.data_dir, "SELECT kafka_partition, max(kafka_offset) + 1 FROM events GROUP BY 1"))
+    asyncio.run(commit_offsets(settings, {0: 0, 1: ends[1] // 2}))
+    replayed = settings.with_(fetch_max_records=97)
+    with running_worker(replayed) as proc:
+        wait_committed(replayed, len(values), proc)
+    after = _rows(settings.data_dir, "SELECT event_id, kafka_partition, kafka_offset FROM events ORDER BY 1")
+    assert after == before
