@@ -62,11 +62,15 @@ def friendly(fn: F) -> F:
 
 
 broker_option = click.option(
-    "--broker", default=None, metavar="URL",
+    "--broker",
+    default=None,
+    metavar="URL",
     help="Kafka bootstrap host:port or kafka://host:port [env AGENTSTREAM_BROKER; default 127.0.0.1:9092]",
 )
 data_dir_option = click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=None,
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
     help="Folder of the Parquet lake [env AGENTSTREAM_DATA_DIR; default ./agentstream-data]",
 )
 
@@ -78,11 +82,21 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--kind", type=click.Choice(["kafka", "tansu"]), default="kafka", show_default=True,
-              help="Apache Kafka (jars fetched from Maven Central, needs Java 17+) or embedded Tansu")
+@click.option(
+    "--kind",
+    type=click.Choice(["kafka", "tansu"]),
+    default="kafka",
+    show_default=True,
+    help="Apache Kafka (jars fetched from Maven Central, needs Java 17+) or embedded Tansu",
+)
 @click.option("--port", type=int, default=9092, show_default=True)
-@click.option("--data-dir", "broker_dir", type=click.Path(path_type=Path), default=None,
-              help="Broker log folder (kafka keeps data here across restarts)")
+@click.option(
+    "--data-dir",
+    "broker_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Broker log folder (kafka keeps data here across restarts)",
+)
 @friendly
 def broker(kind: str, port: int, broker_dir: Path | None) -> None:
     """Run a local single-node broker on 127.0.0.1 in the foreground."""
@@ -98,8 +112,13 @@ def broker(kind: str, port: int, broker_dir: Path | None) -> None:
 @click.option("--group", "group_id", default=None, help="Consumer group [default agentstream]")
 @click.option("--loglevel", default="info", show_default=True)
 @friendly
-def worker(broker: str | None, data_dir: Path | None, web_port: int | None,
-           group_id: str | None, loglevel: str) -> None:
+def worker(
+    broker: str | None,
+    data_dir: Path | None,
+    web_port: int | None,
+    group_id: str | None,
+    loglevel: str,
+) -> None:
     """Consume agent events, land them as Parquet, route bad ones to the dead-letter topic."""
     from pipeline.broker import ensure_topics
     from streams.app import run
@@ -150,14 +169,19 @@ def publish(broker: str | None, topic: str | None, source: BinaryIO) -> None:
     settings = Settings.load(broker=broker, events_topic=topic)
     _ensure_topics(settings, ensure_topics)
     sent, refused = asyncio.run(_publish_lines(settings, _read_lines(source)))
-    click.echo(f"published {sent} events to {settings.events_topic}" +
-               (f", refused {refused} invalid lines" if refused else ""), err=True)
+    click.echo(
+        f"published {sent} events to {settings.events_topic}"
+        + (f", refused {refused} invalid lines" if refused else ""),
+        err=True,
+    )
     if refused:
         sys.exit(1)
 
 
 async def _publish_lines(
-    settings: Settings, lines: Iterator[tuple[int, bytes]], chunk: int = 50_000,
+    settings: Settings,
+    lines: Iterator[tuple[int, bytes]],
+    chunk: int = 50_000,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
     from pipeline.publisher import Publisher, event_key
@@ -194,8 +218,13 @@ def generate(n_events: int, seed: int, out: BinaryIO) -> None:
 
 @main.command()
 @data_dir_option
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
 @click.argument("query")
 @friendly
 def sql(data_dir: Path | None, fmt: str, query: str) -> None:
@@ -254,12 +283,23 @@ def _table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
 @data_dir_option
 @click.option("--events", "n_events", type=click.IntRange(min=1), default=20_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--broker-kind", type=click.Choice(["tansu", "kafka"]), default="tansu",
-              show_default=True, help="Embedded broker to start when --broker is not given")
+@click.option(
+    "--broker-kind",
+    type=click.Choice(["tansu", "kafka"]),
+    default="tansu",
+    show_default=True,
+    help="Embedded broker to start when --broker is not given",
+)
 @click.option("--timeout", type=float, default=600, show_default=True)
 @friendly
-def demo(broker: str | None, data_dir: Path | None, n_events: int, seed: int,
-         broker_kind: str, timeout: float) -> None:
+def demo(
+    broker: str | None,
+    data_dir: Path | None,
+    n_events: int,
+    seed: int,
+    broker_kind: str,
+    timeout: float,
+) -> None:
     """Broker, worker and generated traffic end to end, then a summary from DuckDB."""
     from pipeline.broker import LocalBroker, ensure_topics, free_port
     from pipeline.generate import TrafficConfig, generate
@@ -269,8 +309,9 @@ def demo(broker: str | None, data_dir: Path | None, n_events: int, seed: int,
         local = LocalBroker(broker_kind)  # type: ignore[arg-type]
         broker = local.start()
         click.echo(f"started {broker_kind} broker on {broker}", err=True)
-    settings = Settings.load(broker=broker, data_dir=data_dir or Path("agentstream-demo"),
-                             web_port=free_port())
+    settings = Settings.load(
+        broker=broker, data_dir=data_dir or Path("agentstream-demo"), web_port=free_port()
+    )
     proc: subprocess.Popen[bytes] | None = None
     try:
         _ensure_topics(settings, ensure_topics)
@@ -294,13 +335,24 @@ def demo(broker: str | None, data_dir: Path | None, n_events: int, seed: int,
 def _spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(settings.data_dir) / "worker.log", "ab")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "pipeline.cli", "worker", "--broker", settings.broker,
-           "--data-dir", str(settings.data_dir), "--web-port", str(settings.web_port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "worker",
+        "--broker",
+        settings.broker,
+        "--data-dir",
+        str(settings.data_dir),
+        "--web-port",
+        str(settings.web_port),
+    ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_landed(settings: Settings, total: int, timeout: float,
-                 proc: subprocess.Popen[bytes]) -> None:
+def _wait_landed(
+    settings: Settings, total: int, timeout: float, proc: subprocess.Popen[bytes]
+) -> None:
     deadline = time.monotonic() + timeout
     with click.progressbar(length=total, label="landing   ", file=sys.stderr) as bar:
         done = 0
@@ -333,7 +385,9 @@ def summary(data_dir: Path) -> str:
     from sinks.catalog import connect
 
     con = connect(data_dir)
-    (rows, distinct), = con.sql("SELECT count(*), count(DISTINCT event_id) FROM events").fetchall()
+    ((rows, distinct),) = con.sql(
+        "SELECT count(*), count(DISTINCT event_id) FROM events"
+    ).fetchall()
     ((dead,),) = con.sql("SELECT count(*) FROM dead_letters").fetchall()
     kpis = con.sql(
         """
@@ -350,7 +404,9 @@ def summary(data_dir: Path) -> str:
     )
     out = io.StringIO()
     out.write(f"events landed: {rows} ({distinct} distinct event_id), dead letters: {dead}\n")
-    out.write(f"lake: {Path(data_dir).absolute()}  (query: agentstream sql --data-dir {data_dir} \"...\")\n")
+    out.write(
+        f'lake: {Path(data_dir).absolute()}  (query: agentstream sql --data-dir {data_dir} "...")\n'
+    )
     out.write(render(kpis, "table"))
     return out.getvalue()
 

@@ -69,11 +69,14 @@ async def committed_lag(settings: Settings, topic: str | None = None) -> tuple[i
         await admin.close()
 
 
-async def commit_offsets(settings: Settings, offsets: dict[int, int], topic: str | None = None) -> None:
+async def commit_offsets(
+    settings: Settings, offsets: dict[int, int], topic: str | None = None
+) -> None:
     """Set the worker group's committed offsets (the group must have no running member)."""
     topic = topic or settings.events_topic
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=settings.group_id,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        **client_kwargs(settings), group_id=settings.group_id, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         tps = {TopicPartition(topic, p): o for p, o in offsets.items()}

@@ -172,7 +172,8 @@ EVENT_CLASSES: Final[tuple[type[Envelope], ...]] = (
     Guardrail,
 )
 EVENT_TYPES: Final[tuple[str, ...]] = tuple(
-    str(msgspec.inspect.type_info(cls).tag) for cls in EVENT_CLASSES  # type: ignore[attr-defined]
+    str(msgspec.inspect.type_info(cls).tag)  # type: ignore[attr-defined]
+    for cls in EVENT_CLASSES
 )
 for _cls, _name in zip(EVENT_CLASSES, EVENT_TYPES, strict=True):
     _cls.type_name = _name
@@ -320,9 +321,10 @@ def from_dict(data: dict[str, Any]) -> AgentEvent:
     """Build an event from a dict (e.g. one parsed from JSONL); raises ``InvalidEvent``."""
     _tick()
     try:
-        return msgspec.convert(data, AgentEvent)
+        event: AgentEvent = msgspec.convert(data, AgentEvent)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(_reason_of(exc), data.get("event_id")) from None
+    return event
 
 
 class InvalidEvent(ValueError):

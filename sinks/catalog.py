@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import duckdb
 
@@ -54,9 +54,7 @@ def _quote(path: Path) -> str:
 def _table_view(lake: ParquetLake, table: LakeTable) -> str:
     depth = "/".join("*" for _ in table.partition_by)
     glob = lake.table_dir(table) / depth / "*.parquet"
-    types = ", ".join(
-        f"'{c}': {'DATE' if c == 'date' else 'VARCHAR'}" for c in table.partition_by
-    )
+    types = ", ".join(f"'{c}': {'DATE' if c == 'date' else 'VARCHAR'}" for c in table.partition_by)
     names = [f'"{n}"' for n in table.schema.names]
     if "date" in table.partition_by and "date" not in table.schema.names:
         names.append('"date"')
@@ -73,9 +71,11 @@ def view_statements(lake: ParquetLake) -> list[str]:
     envelope = [n for n in EVENTS_SCHEMA.names if n in _envelope_names()]
     for cls in schema.EVENT_CLASSES:
         own = [f.name for f in _fields(cls) if f.name not in envelope]
-        cols = ", ".join(f'"{n}"' for n in [*envelope, *own, "cost_estimated", "late"] if _keep(cls, n))
+        cols = ", ".join(
+            f'"{n}"' for n in [*envelope, *own, "cost_estimated", "late"] if _keep(cls, n)
+        )
         stmts.append(
-            f"CREATE OR REPLACE VIEW {_PLURAL[cls.type_name]} AS SELECT {cols}, \"date\" "
+            f'CREATE OR REPLACE VIEW {_PLURAL[cls.type_name]} AS SELECT {cols}, "date" '
             f"FROM events WHERE type = '{cls.type_name}'"
         )
     return stmts
@@ -85,7 +85,7 @@ def _keep(cls: type, name: str) -> bool:
     return name != "cost_estimated" or cls is schema.LlmCall
 
 
-def _fields(cls: type) -> Iterable[schema.msgspec.inspect.Field]:
+def _fields(cls: type) -> Iterable[Any]:
     return schema.msgspec.inspect.type_info(cls).fields  # type: ignore[attr-defined,no-any-return]
 
 

@@ -22,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-_NAME: Final = re.compile(r"^(?P<topic>[A-Za-z0-9._\-]+)~(?P<p>\d+)~(?P<first>\d+)~(?P<last>\d+)\.parquet$")
+_NAME: Final = re.compile(
+    r"^(?P<topic>[A-Za-z0-9._\-]+)~(?P<p>\d+)~(?P<first>\d+)~(?P<last>\d+)\.parquet$"
+)
 SEED_NAME: Final = "_schema.parquet"
 
 
@@ -121,7 +123,9 @@ class ParquetLake:
             if _NAME.match(path.name):
                 yield path
 
-    def discard_uncommitted(self, table: LakeTable, topic: str, partition: int, committed: int) -> int:
+    def discard_uncommitted(
+        self, table: LakeTable, topic: str, partition: int, committed: int
+    ) -> int:
         """Remove rows of ``topic``/``partition`` from offset ``committed`` on.
 
         Those rows were landed but their offsets were never committed: the consumer reads them
@@ -139,7 +143,12 @@ class ParquetLake:
             if int(m["first"]) < committed:
                 kept = pq.read_table(path)
                 kept = kept.filter(pc.less(kept[table.offset_column], committed))
-                write_atomic(path.with_name(f"{m['topic']}~{m['p']}~{m['first']}~{committed - 1:019d}.parquet"), kept)
+                write_atomic(
+                    path.with_name(
+                        f"{m['topic']}~{m['p']}~{m['first']}~{committed - 1:019d}.parquet"
+                    ),
+                    kept,
+                )
             path.unlink(missing_ok=True)
             removed += 1
         for tmp in self.table_dir(table).glob(f"**/.{topic}~{partition}~*.parquet.tmp"):

@@ -49,7 +49,9 @@ class CostEstimator:
                 base = _price(model, provider, Usage(input_tokens=_REF, output_tokens=0))
                 out = _price(model, provider, Usage(input_tokens=0, output_tokens=_REF))
                 cached = _price(
-                    model, provider, Usage(input_tokens=_REF, cache_read_tokens=_REF, output_tokens=0)
+                    model,
+                    provider,
+                    Usage(input_tokens=_REF, cache_read_tokens=_REF, output_tokens=0),
                 )
                 self._rates[key] = Rates(base / _REF, cached / _REF, out / _REF)
             except LookupError:
@@ -77,7 +79,9 @@ class CostEstimator:
         if r is None:
             return None
         fresh = ev.input_tokens - ev.cached_input_tokens
-        return fresh * r.input + ev.cached_input_tokens * r.cached_input + ev.output_tokens * r.output
+        return (
+            fresh * r.input + ev.cached_input_tokens * r.cached_input + ev.output_tokens * r.output
+        )
 
     def fill(self, events: Sequence[schema.AgentEvent]) -> list[bool]:
         """Estimate missing costs in place; return the ``cost_estimated`` flag per event."""

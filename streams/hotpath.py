@@ -53,7 +53,9 @@ class BatchProcessor:
         self.max_message_bytes = max_message_bytes
         self.costs = CostEstimator()
 
-    def process(self, records: Sequence[Record], *, late: Sequence[bool] | None = None) -> Processed:
+    def process(
+        self, records: Sequence[Record], *, late: Sequence[bool] | None = None
+    ) -> Processed:
         """Validate ``records``; valid ones become ``events`` rows, the rest dead letters."""
         events, ok_at, rejections, bad_at = schema.decode_batch(
             [r.value for r in records], max_bytes=self.max_message_bytes

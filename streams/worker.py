@@ -45,7 +45,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.owner.recover(assigned)
 
 
-class EventConsumer(Service):  # type: ignore[misc]
+class EventConsumer(Service):
     """Consumes the events topic in batches and lands it; runs inside the faust worker."""
 
     def __init__(self, settings: Settings, telemetry: WorkerTelemetry, **kwargs: Any) -> None:
@@ -82,7 +82,10 @@ class EventConsumer(Service):  # type: ignore[misc]
         self.healthy = True
         log.info(
             "consuming %s as group %s on %s, landing in %s",
-            s.events_topic, s.group_id, s.broker, self.lake.root,
+            s.events_topic,
+            s.group_id,
+            s.broker,
+            self.lake.root,
         )
 
     async def on_stop(self) -> None:
@@ -108,10 +111,13 @@ class EventConsumer(Service):  # type: ignore[misc]
             if removed:
                 log.warning(
                     "partition %s: removed %d files landed after committed offset %d "
-                    "(replaying them)", tp.partition, removed, committed,
+                    "(replaying them)",
+                    tp.partition,
+                    removed,
+                    committed,
                 )
 
-    @Service.task  # type: ignore[misc]
+    @Service.task
     async def _consume(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
@@ -183,7 +189,10 @@ class EventConsumer(Service):  # type: ignore[misc]
             for record, rejection in p.rejected:
                 headers = [
                     ("agentstream.reason", rejection.reason.encode()),
-                    ("agentstream.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+                    (
+                        "agentstream.source",
+                        f"{record.topic}/{record.partition}/{record.offset}".encode(),
+                    ),
                 ]
                 sends.append(
                     await self._producer.send(
@@ -202,13 +211,18 @@ class EventConsumer(Service):  # type: ignore[misc]
         self.telemetry.batch_events.observe(total)
         log.info(
             "flush: %d messages, %d events landed, %d dead letters, partitions %s",
-            total, events.num_rows, dead.num_rows,
+            total,
+            events.num_rows,
+            dead.num_rows,
             ",".join(f"{p}@{hi + 1}" for p, (_, hi) in sorted(ranges.items())),
         )
 
     def _land(self, events: pa.Table, dead: pa.Table, ranges: dict[int, tuple[int, int]]) -> None:
         topic = self.settings.events_topic
         for part, (lo, hi) in ranges.items():
-            for table, rows, column in ((EVENTS, events, "kafka_partition"), (DEAD_LETTERS, dead, "partition")):
+            for table, rows, column in (
+                (EVENTS, events, "kafka_partition"),
+                (DEAD_LETTERS, dead, "partition"),
+            ):
                 mine = rows.filter(pc.equal(rows[column], part))
                 self.lake.land(table, mine, topic=topic, partition=part, first=lo, last=hi)

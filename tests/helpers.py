@@ -57,22 +57,40 @@ def unique_settings(bootstrap: str, data_dir: Path, **changes: Any) -> Settings:
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``agentstream worker`` use ``settings``."""
     env = dict(os.environ)
-    for name in ("broker", "data_dir", "events_topic", "dlq_topic", "metrics_topic",
-                 "anomalies_topic", "group_id", "web_port", "flush_interval_s", "partitions",
-                 "max_message_bytes", "window", "allowed_lateness_s", "fetch_max_records"):
+    for name in (
+        "broker",
+        "data_dir",
+        "events_topic",
+        "dlq_topic",
+        "metrics_topic",
+        "anomalies_topic",
+        "group_id",
+        "web_port",
+        "flush_interval_s",
+        "partitions",
+        "max_message_bytes",
+        "window",
+        "allowed_lateness_s",
+        "fetch_max_records",
+    ):
         env[f"AGENTSTREAM_{name.upper()}"] = str(getattr(settings, name))
     env["PYTHONPATH"] = str(REPO)
     return env
 
 
 @contextmanager
-def running_worker(settings: Settings, log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def running_worker(
+    settings: Settings, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """An ``agentstream worker`` process; SIGTERM on exit (it must stop cleanly)."""
     log = log or Path(settings.data_dir).parent / f"worker-{settings.group_id}.log"
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"],
-            env=worker_env(settings), stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+            env=worker_env(settings),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
             start_new_session=True,
         )
     try:
@@ -88,8 +106,12 @@ def running_worker(settings: Settings, log: Path | None = None) -> Iterator[subp
                 raise AssertionError(f"worker did not stop on SIGTERM; log: {log}") from None
 
 
-def wait_committed(settings: Settings, total: int, proc: subprocess.Popen[bytes] | None = None,
-                   timeout: float = 120) -> None:
+def wait_committed(
+    settings: Settings,
+    total: int,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = 120,
+) -> None:
     """Block until the worker's group has committed ``total`` messages of the events topic."""
     deadline = time.monotonic() + timeout
     done = -1
@@ -103,16 +125,24 @@ def wait_committed(settings: Settings, total: int, proc: subprocess.Popen[bytes]
     raise AssertionError(f"only {done} of {total} messages committed after {timeout} s")
 
 
-def produce_raw(settings: Settings, values: Sequence[bytes | None],
-                keys: Sequence[bytes | None] | None = None, topic: str | None = None) -> None:
+def produce_raw(
+    settings: Settings,
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None] | None = None,
+    topic: str | None = None,
+) -> None:
     """Send raw values (valid or not) straight to Kafka, bypassing the publisher's checks."""
+
     async def go() -> None:
         prod = AIOKafkaProducer(bootstrap_servers=settings.broker, max_request_size=8 << 20)
         await prod.start()
         try:
             futs = [
-                await prod.send(topic or settings.events_topic, value=v,
-                                key=(keys[i] if keys else None) or f"k{i}".encode())
+                await prod.send(
+                    topic or settings.events_topic,
+                    value=v,
+                    key=(keys[i] if keys else None) or f"k{i}".encode(),
+                )
                 for i, v in enumerate(values)
             ]
             await asyncio.gather(*futs)
@@ -124,9 +154,14 @@ def produce_raw(settings: Settings, values: Sequence[bytes | None],
 
 def consume_all(settings: Settings, topic: str, expected: int, timeout: float = 30) -> list[Any]:
     """Read ``expected`` records of ``topic`` from the beginning (no group)."""
+
     async def go() -> list[Any]:
-        cons = AIOKafkaConsumer(topic, bootstrap_servers=settings.broker,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+        cons = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=settings.broker,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         await cons.start()
         out: list[Any] = []
         try:

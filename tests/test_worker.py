@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from pipeline.kafka import commit_offsets
 from tests.helpers import (
     consume_all,
@@ -29,14 +30,31 @@ INVALID: list[tuple[bytes | None, str]] = [
     (b'{"type":"llm_call", "event_id": ', "malformed JSON"),
     (b"not json at all", "malformed JSON"),
     (VALID_TEMPLATE.replace(b'"status":"ok"', b'"status":"maybe"') % b"bad-enum", "$.status"),
-    (VALID_TEMPLATE.replace(b'"schema_version":1', b'"schema_version":"1"') % b"bad-type",
-     "Expected `int`, got `str` - at `$.schema_version`"),
-    (VALID_TEMPLATE.replace(b'"agent_id":"a1",', b"") % b"missing", "missing required field `agent_id`"),
-    (VALID_TEMPLATE.replace(b'"type":"tool_call"', b'"type":"teleport"') % b"unknown", "unknown event type"),
+    (
+        VALID_TEMPLATE.replace(b'"schema_version":1', b'"schema_version":"1"') % b"bad-type",
+        "Expected `int`, got `str` - at `$.schema_version`",
+    ),
+    (
+        VALID_TEMPLATE.replace(b'"agent_id":"a1",', b"") % b"missing",
+        "missing required field `agent_id`",
+    ),
+    (
+        VALID_TEMPLATE.replace(b'"type":"tool_call"', b'"type":"teleport"') % b"unknown",
+        "unknown event type",
+    ),
     (VALID_TEMPLATE.replace(b'"agent_id":"a1"', b'"agent_id":"a\xff\xfe"') % b"utf8", "not UTF-8"),
-    (VALID_TEMPLATE.replace(b'"schema_version":1', b'"schema_version":9') % b"future", "unsupported schema_version 9"),
-    (VALID_TEMPLATE.replace(b"2026-01-05T09:00:00Z", b"1970-01-01T00:00:00Z") % b"epoch", "before 2000"),
-    (VALID_TEMPLATE.replace(b"2026-01-05T09:00:00Z", b"2026-01-05T09:00:00") % b"naive", "timezone"),
+    (
+        VALID_TEMPLATE.replace(b'"schema_version":1', b'"schema_version":9') % b"future",
+        "unsupported schema_version 9",
+    ),
+    (
+        VALID_TEMPLATE.replace(b"2026-01-05T09:00:00Z", b"1970-01-01T00:00:00Z") % b"epoch",
+        "before 2000",
+    ),
+    (
+        VALID_TEMPLATE.replace(b"2026-01-05T09:00:00Z", b"2026-01-05T09:00:00") % b"naive",
+        "timezone",
+    ),
     (b'{"pad":"' + b"x" * 70_000 + b'"}', "oversized message"),
     (None, "empty message"),
     (b"[1,2,3]", "an event is one JSON object"),
@@ -75,7 +93,9 @@ def test_mixed_valid_and_invalid_land_with_exact_counts(bootstrap: str, tmp_path
     for r in dlq:
         assert dict(r.headers)["agentstream.reason"].decode() == reasons[r.value]
     # Every landed row is traceable to exactly one Kafka record.
-    assert scalar(lake, "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events") == len(valid)
+    assert scalar(
+        lake, "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events"
+    ) == len(valid)
 
 
 def _rows(lake: Path, sql: str) -> list[tuple[object, ...]]:
@@ -91,14 +111,23 @@ def test_replaying_offsets_never_duplicates_rows(bootstrap: str, tmp_path: Path)
     produce_raw(settings, values)
     with running_worker(settings) as proc:
         wait_committed(settings, len(values), proc)
-    before = _rows(settings.data_dir, "SELECT event_id, kafka_partition, kafka_offset FROM events ORDER BY 1")
+    before = _rows(
+        settings.data_dir, "SELECT event_id, kafka_partition, kafka_offset FROM events ORDER BY 1"
+    )
     assert len(before) == len(values)
 
     # Rewind partition 0 to the start and partition 1 to its middle, with other batch sizes.
-    ends = dict(_rows(settings.data_dir, "SELECT kafka_partition, max(kafka_offset) + 1 FROM events GROUP BY 1"))
+    ends = dict(
+        _rows(
+            settings.data_dir,
+            "SELECT kafka_partition, max(kafka_offset) + 1 FROM events GROUP BY 1",
+        )
+    )
     asyncio.run(commit_offsets(settings, {0: 0, 1: ends[1] // 2}))
     replayed = settings.with_(fetch_max_records=97)
     with running_worker(replayed) as proc:
         wait_committed(replayed, len(values), proc)
-    after = _rows(settings.data_dir, "SELECT event_id, kafka_partition, kafka_offset FROM events ORDER BY 1")
+    after = _rows(
+        settings.data_dir, "SELECT event_id, kafka_partition, kafka_offset FROM events ORDER BY 1"
+    )
     assert after == before
