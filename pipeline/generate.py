@@ -4,7 +4,8 @@
 prompt versions and a model mix, serve tenants in tasks of 3-12 steps (model calls,
 retrievals, tool calls), sometimes escalate, get feedback or trip a guardrail, and end
 completed, failed or abandoned. Many tasks run at once, so events of different tasks
-interleave while each task's own events keep their order.
+interleave while each task's own events keep their order. A stream of N events is the
+first N by event time, so without late events a shorter stream is a prefix of a longer one.
 
 Everything random comes from one ``random.Random(seed)``: the same config gives the same
 bytes, and nothing reads the wall clock for event times (``DEFAULT_START`` is fixed).
@@ -28,6 +29,7 @@ from statistics import NormalDist
 from typing import BinaryIO, Final, Generic, Literal, TypedDict, TypeVar
 
 import msgspec
+from msgspec.structs import replace as replace_struct
 
 from pipeline import schema
 from pipeline.schema import (
@@ -399,16 +401,21 @@ FAILED_IF_TOOL_ERROR: Final = 0.25
 TOOL_TIMEOUT_MS: Final = 3_000.0
 # Events per task on average, to turn the event rate into a task arrival rate.
 _EVENTS_PER_TASK: Final = (
-    1 + (MIN_STEPS + MAX_STEPS) / 2 + STEADY.escalation_prob + FEEDBACK_PROB + GUARDRAIL_PROB
+    1
+    + (MIN_STEPS + MAX_STEPS) / 2
+    + STEADY.escalation_prob
+    + FEEDBACK_PROB
+    + GUARDRAIL_PROB
     + (1 - OPEN_PROB)
-)  # fmt: skip
+)
 
 _LLM, _RETRIEVAL, _TOOL = 0, 1, 2
 # Standard normal quantiles: z[int(random() * len(z))] is a normal draw at a tenth of the
-# cost of random.gauss, tails clipped at about 3.9 sigma (no absurd outliers either).
+# cost of random.gauss, tails clipped at 4 sigma (no absurd outliers either).
 _Z: Final[tuple[float, ...]] = tuple(
     NormalDist().inv_cdf((i + 0.5) / 16_384) for i in range(16_384)
 )
+_NZ: Final = float(len(_Z))
 _ERRORS: Final = (("timeout", 0.4), ("http_500", 0.3), ("validation", 0.2), ("rate_limited", 0.1))
 _GUARD_ACTIONS: Final[tuple[tuple[schema.GuardrailAction, float], ...]] = (
     ("allow", 0.35),
@@ -496,11 +503,19 @@ class _Common(TypedDict):
 
 
 class _Traffic:
-    """Plans whole tasks; ``generate`` merges their events by stream time."""
+    """Plans whole tasks; ``generate`` merges their events by stream time.
+
+    Every draw goes through ``self.rng``. ``plan_task`` decides a task's shape; the
+    ``_llm_call``/``_retrieval``/``_tool_call`` methods draw one step each under the step's
+    ``ScenarioParams``. Step events are ``msgspec.structs.replace`` copies of per-task
+    templates that already hold the envelope (twice as fast as keyword construction, and
+    the schema's ``__post_init__`` checks still run).
+    """
 
     def __init__(self, config: TrafficConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
+        self.rand = self.rng.random
         self.agents = _Pick([(_agent(p), p.weight) for p in _profiles(config.agents)])
         self.tenants = _Pick(
             [(f"tenant-{i + 1:02d}", 1.0 / (i + 1) ** 0.8) for i in range(config.tenants)]
@@ -513,20 +528,30 @@ class _Traffic:
         self.tasks = 0
         self.base = config.start.timestamp()
         self.tz = config.start.tzinfo
+        # Prototypes for the per-task templates; every field is overwritten before use.
+        at = config.start
+        self.proto_llm = LlmCall(
+            event_id="", schema_version=1, ts=at, agent_id="-", input_tokens=0, output_tokens=0
+        )
+        self.proto_retrieval = Retrieval(event_id="", schema_version=1, ts=at, agent_id="-", hits=0)
+        self.proto_tool = ToolCall(
+            event_id="", schema_version=1, ts=at, agent_id="-", tool_name="-", status="ok"
+        )
 
     def ts(self, t: float) -> datetime:
         """The event time ``t`` seconds after the start (float seconds, no parsing)."""
         return datetime.fromtimestamp(self.base + t, self.tz)
 
+    def span(self) -> str:
+        """A W3C span id."""
+        return f"{self.rng.getrandbits(64):016x}"
+
     def plan_task(self, t: float) -> list[_Planned]:
         """All events of one task starting at ``t`` seconds, in order, with their times."""
         rng = self.rng
-        rand = rng.random
-        z = _Z
-        nz = float(len(_Z))
-        exp = math.exp
+        rand = self.rand
+        ts = self.ts
         scenario = self.config.scenario
-        missing_cost = self.config.missing_cost_fraction
 
         agent = self.agents(rng)
         prof = agent.profile
@@ -534,10 +559,9 @@ class _Traffic:
         version, token_scale = agent.version(rng)
         tenant = self.tenants(rng)
         self.tasks += 1
-        task_id = f"task-{self.prefix}-{self.tasks:07d}"
         key = (agent_id, tenant)
         session = self.sessions.get(key)
-        if session is None or rand() < 0.4:
+        if session is None or rand() < 0.4:  # else the user's session goes on
             session = self.sessions[key] = f"sess-{self.prefix}-{self.tasks:07d}"
         common: _Common = {
             "schema_version": 1,
@@ -546,40 +570,42 @@ class _Traffic:
             "prompt_version": agent.prompt(rng),
             "tenant_id": tenant,
             "session_id": session,
-            "task_id": task_id,
+            "task_id": f"task-{self.prefix}-{self.tasks:07d}",
             "trace_id": f"{rng.getrandbits(128):032x}",
         }
-        getbits = rng.getrandbits
-        ts = self.ts
-        models = agent.model
-        out: list[_Planned] = []
-        root = f"{getbits(64):016x}"  # the task's span: start and end events share it
+        root = self.span()  # the task's own span: its start and end events share it
 
-        params = scenario_params(scenario, agent_id, version, t)
         n_steps = MIN_STEPS + int(rand() * (MAX_STEPS - MIN_STEPS + 1))
-        escalate = rand() < params.escalation_prob
-        guard_at = int(rand() * (n_steps + 1)) if rand() < GUARDRAIL_PROB else -1
         kinds = [agent.step(rng) for _ in range(n_steps)]
         kinds[-1] = _LLM  # the final answer
         if rand() < 0.5:
             kinds[0] = _LLM  # plan first
+        kinds.append(-1)
+        escalate = rand() < scenario_params(scenario, agent_id, version, t).escalation_prob
+        guard_at = int(rand() * (n_steps + 1)) if rand() < GUARDRAIL_PROB else -1
 
-        out.append(
-            (t, Task(event_id="", ts=ts(t), span_id=root, outcome="started",
-                     **common))
-        )  # fmt: skip
+        started = Task(event_id="", ts=ts(t), span_id=root, outcome="started", **common)
+        out: list[_Planned] = [(t, started)]
+        llm_t = replace_struct(self.proto_llm, **common)
+        retrieval_t = replace_struct(self.proto_retrieval, **common)
+        tool_t = replace_struct(self.proto_tool, **common)
         t += 0.002 + 0.02 * rand()
         tool_failed = blocked = False
         for i in range(n_steps + 1):
-            if i == guard_at:
+            if i == guard_at:  # before step i: on the input; after the last: on the answer
                 action = self.guard_actions(rng)
-                out.append(
-                    (t, Guardrail(event_id="", ts=ts(t), span_id=f"{getbits(64):016x}",
-                                  policy_id=_GUARD_POLICIES[int(rand() * len(_GUARD_POLICIES))],
-                                  action=action,
-                                  reason=None if action == "allow" else f"{action} by policy",
-                                  **common))
-                )  # fmt: skip
+                policy = _GUARD_POLICIES[int(rand() * len(_GUARD_POLICIES))]
+                reason = None if action == "allow" else f"{policy} matched"
+                guard = Guardrail(
+                    event_id="",
+                    ts=ts(t),
+                    span_id=self.span(),
+                    policy_id=policy,
+                    action=action,
+                    reason=reason,
+                    **common,
+                )
+                out.append((t, guard))
                 t += 0.001 + 0.01 * rand()
                 if action == "block":
                     blocked = True
@@ -588,74 +614,29 @@ class _Traffic:
                 break
             p = scenario_params(scenario, agent_id, version, t)
             kind = kinds[i]
-            span = f"{getbits(64):016x}"
+            event: AgentEvent
             if kind == _LLM:
-                spec = UNKNOWN_MODEL if rand() < UNKNOWN_MODEL_FRACTION else models(rng)
-                scale = token_scale * p.cost_multiplier
-                inp = int(exp(agent.mu_in + 0.9 * z[int(rand() * nz)]) * scale * (1.0 + 0.35 * i))
-                inp = min(max(inp, 20), MAX_INPUT_TOKENS)
-                cached = 0 if i == 0 or rand() < 0.4 else int(inp * (0.3 + 0.6 * rand()))
-                completion = max(1, int(exp(agent.mu_out + 0.7 * z[int(rand() * nz)]) * scale))
-                if completion >= spec.max_output_tokens:
-                    completion, finish = spec.max_output_tokens, "length"
-                elif i + 1 < n_steps and kinds[i + 1] == _TOOL:
-                    finish = "tool_calls"
-                else:
-                    finish = "stop"
-                reasoning = (
-                    int(completion * (0.2 + 0.5 * rand())) if spec.reasons and rand() < 0.3 else 0
+                event, latency = self._llm_call(
+                    llm_t, agent, p, ts(t), token_scale, i, kinds[i + 1]
                 )
-                cost = (
-                    _cost(spec, inp, cached, completion)
-                    if spec.priced and rand() >= missing_cost
-                    else None
-                )
-                latency = (
-                    exp(5.86 + 0.35 * z[int(rand() * nz)]) + completion * spec.ms_per_output_token
-                ) * p.latency_multiplier
-                out.append(
-                    (t, LlmCall(event_id="", ts=ts(t), span_id=span, model=spec.name,
-                                provider=spec.provider, input_tokens=inp, output_tokens=completion,
-                                cached_input_tokens=cached, reasoning_output_tokens=reasoning,
-                                cost_usd=cost, latency_ms=round(latency, 1), finish_reason=finish,
-                                **common))
-                )  # fmt: skip
             elif kind == _RETRIEVAL:
-                miss = rand() < p.retrieval_miss_prob
-                hits = 0 if miss else 1 + int(rand() * 10)
-                latency = min(exp(3.8 + 0.6 * z[int(rand() * nz)]), 3_000.0) * p.latency_multiplier
-                out.append(
-                    (t, Retrieval(event_id="", ts=ts(t), span_id=span, hits=hits,
-                                  data_source=prof.data_sources[
-                                      int(rand() * len(prof.data_sources))],
-                                  top_score=None if miss else round(0.45 + 0.5 * rand(), 4),
-                                  miss=miss, latency_ms=round(latency, 1),
-                                  query=prof.queries[int(rand() * len(prof.queries))],
-                                  **common))
-                )  # fmt: skip
+                event, latency = self._retrieval(retrieval_t, prof, p, ts(t))
             else:
-                failed = rand() < p.tool_error_prob
-                error = self.errors(rng) if failed else None
-                if error == "timeout":
-                    latency = TOOL_TIMEOUT_MS * (1.0 + 0.02 * rand())
-                else:
-                    latency = min(exp(4.8 + 0.9 * z[int(rand() * nz)]), TOOL_TIMEOUT_MS)
-                latency *= p.latency_multiplier
-                tool_failed = tool_failed or failed
-                out.append(
-                    (t, ToolCall(event_id="", ts=ts(t), span_id=span,
-                                 tool_name=prof.tools[int(rand() * len(prof.tools))],
-                                 status="error" if failed else "ok", error_type=error,
-                                 latency_ms=round(latency, 1), **common))
-                )  # fmt: skip
+                event, latency = self._tool_call(tool_t, prof, p, ts(t))
+                tool_failed = tool_failed or event.status == "error"
+            out.append((t, event))
             t += latency / 1000.0 + 0.005 + 0.05 * rand()
 
         if escalate and not blocked:
-            out.append(
-                (t, Escalation(event_id="", ts=ts(t), span_id=f"{getbits(64):016x}",
-                               reason=self.escalation_reasons(rng),
-                               target="human" if rand() < 0.8 else "tier2-support", **common))
-            )  # fmt: skip
+            escalation = Escalation(
+                event_id="",
+                ts=ts(t),
+                span_id=self.span(),
+                reason=self.escalation_reasons(rng),
+                target="human" if rand() < 0.8 else "tier2-support",
+                **common,
+            )
+            out.append((t, escalation))
             t += 0.01 + 0.05 * rand()
 
         r = rand()
@@ -666,42 +647,137 @@ class _Traffic:
             outcome = "failed"
         elif r < OPEN_PROB + ABANDONED_PROB:
             outcome = "abandoned"
-            t += 30.0 + 90.0 * rand()  # idle timeout
+            t += 30.0 + 60.0 * rand()  # the agent's idle timeout
         elif r < OPEN_PROB + ABANDONED_PROB + FAILED_PROB + FAILED_IF_TOOL_ERROR * tool_failed:
             outcome = "failed"
         else:
             outcome = "completed"
         if outcome is not None:
-            out.append(
-                (t, Task(event_id="", ts=ts(t), span_id=root,
-                         outcome=outcome, **common))
-            )  # fmt: skip
+            out.append((t, replace_struct(started, ts=ts(t), outcome=outcome)))
 
         if rand() < FEEDBACK_PROB:
-            t += exp(2.7 + 0.8 * z[int(rand() * nz)])
+            t += min(math.exp(2.7 + 0.8 * _Z[int(rand() * _NZ)]), 120.0)  # ~15 s later
             good = outcome == "completed"
-            rating = float(
-                (4 if good else 1) + int(rand() * 2) if rand() < 0.85 else 1 + int(rand() * 5)
-            )
+            if rand() < 0.85:  # 4-5 stars after a completed task, 1-2 otherwise
+                rating = float((4 if good else 1) + int(rand() * 2))
+            else:
+                rating = float(1 + int(rand() * 5))
             correction = None if good or rand() < 0.7 else _CORRECTIONS[int(rand() * 4)]
-            out.append(
-                (t, Feedback(event_id="", ts=ts(t), span_id=f"{getbits(64):016x}",
-                             rating=rating, correction=correction, **common))
-            )  # fmt: skip
+            feedback = Feedback(
+                event_id="",
+                ts=ts(t),
+                span_id=self.span(),
+                rating=rating,
+                correction=correction,
+                **common,
+            )
+            out.append((t, feedback))
         return out
+
+    def _llm_call(
+        self,
+        template: LlmCall,
+        agent: _Agent,
+        p: ScenarioParams,
+        when: datetime,
+        token_scale: float,
+        step: int,
+        next_kind: int,
+    ) -> tuple[LlmCall, float]:
+        """A model call at position ``step``: the context, hence input, grows per step."""
+        rand = self.rand
+        z = _Z
+        spec = UNKNOWN_MODEL if rand() < UNKNOWN_MODEL_FRACTION else agent.model(self.rng)
+        scale = token_scale * p.cost_multiplier
+        inp = int(math.exp(agent.mu_in + 0.9 * z[int(rand() * _NZ)]) * scale * (1 + 0.35 * step))
+        inp = min(max(inp, 20), MAX_INPUT_TOKENS)
+        cached = 0 if step == 0 or rand() < 0.4 else int(inp * (0.3 + 0.6 * rand()))
+        completion = max(1, int(math.exp(agent.mu_out + 0.7 * z[int(rand() * _NZ)]) * scale))
+        if completion >= spec.max_output_tokens:
+            completion, finish = spec.max_output_tokens, "length"
+        elif next_kind == _TOOL:
+            finish = "tool_calls"
+        else:
+            finish = "stop"
+        reasoning = int(completion * (0.2 + 0.5 * rand())) if spec.reasons and rand() < 0.3 else 0
+        priced = spec.priced and rand() >= self.config.missing_cost_fraction
+        cost = _cost(spec, inp, cached, completion) if priced else None
+        # time to first token (median 350 ms), then the output tokens
+        ttft = math.exp(5.86 + 0.35 * z[int(rand() * _NZ)])
+        latency = (ttft + completion * spec.ms_per_output_token) * p.latency_multiplier
+        event = replace_struct(
+            template,
+            ts=when,
+            span_id=f"{self.rng.getrandbits(64):016x}",
+            model=spec.name,
+            provider=spec.provider,
+            input_tokens=inp,
+            output_tokens=completion,
+            cached_input_tokens=cached,
+            reasoning_output_tokens=reasoning,
+            cost_usd=cost,
+            latency_ms=round(latency, 1),
+            finish_reason=finish,
+        )
+        return event, latency
+
+    def _retrieval(
+        self, template: Retrieval, prof: AgentProfile, p: ScenarioParams, when: datetime
+    ) -> tuple[Retrieval, float]:
+        """A retrieval: a miss has no hits and no score."""
+        rand = self.rand
+        miss = rand() < p.retrieval_miss_prob
+        latency = min(math.exp(3.8 + 0.6 * _Z[int(rand() * _NZ)]), 3_000.0)
+        latency *= p.latency_multiplier
+        event = replace_struct(
+            template,
+            ts=when,
+            span_id=f"{self.rng.getrandbits(64):016x}",
+            hits=0 if miss else 1 + int(rand() * 10),
+            data_source=prof.data_sources[int(rand() * len(prof.data_sources))],
+            top_score=None if miss else round(0.45 + 0.5 * rand(), 4),
+            miss=miss,
+            latency_ms=round(latency, 1),
+            query=prof.queries[int(rand() * len(prof.queries))],
+        )
+        return event, latency
+
+    def _tool_call(
+        self, template: ToolCall, prof: AgentProfile, p: ScenarioParams, when: datetime
+    ) -> tuple[ToolCall, float]:
+        """A tool call; a timed-out one lasts the tool timeout."""
+        rand = self.rand
+        failed = rand() < p.tool_error_prob
+        error = self.errors(self.rng) if failed else None
+        if error == "timeout":
+            latency = TOOL_TIMEOUT_MS * (1.0 + 0.02 * rand())
+        else:
+            latency = min(math.exp(4.8 + 0.9 * _Z[int(rand() * _NZ)]), TOOL_TIMEOUT_MS)
+        latency *= p.latency_multiplier
+        event = replace_struct(
+            template,
+            ts=when,
+            span_id=f"{self.rng.getrandbits(64):016x}",
+            tool_name=prof.tools[int(rand() * len(prof.tools))],
+            status="error" if failed else "ok",
+            error_type=error,
+            latency_ms=round(latency, 1),
+        )
+        return event, latency
 
 
 def generate(config: TrafficConfig) -> Iterator[AgentEvent]:
     """Yield exactly ``config.events`` valid events, deterministic for ``config.seed``.
 
-    Events come in event-time order, except the ``late_fraction`` that is written
-    ``late_delay_s`` after its event time. Tasks arrive as a Poisson process sized so the
-    stream averages ``rate_per_s``; new tasks stop starting once the open ones cover the
-    count, so nearly every task is complete (about 5 % never send an end event).
+    The events are the first ``config.events`` by event time of steady traffic: tasks
+    arrive as a Poisson process sized so the stream averages ``rate_per_s`` once
+    concurrency has built up (the first ~15 s run slower, as after a deploy), and tasks
+    still running at the end are cut off there (besides the ~5 % that never end).
+
+    They come in event-time order, except the ``late_fraction`` that is written
+    ``late_delay_s`` after its event time (just before the first on-time event that is
+    that much younger; late events still pending at the end close the stream).
     """
-    # Constructing an event checks ts against the schema's wall clock, which is only read
-    # when a batch is decoded; read it now so construction works before any decode.
-    schema._tick()
     total = config.events
     if total == 0:
         return
@@ -711,26 +787,36 @@ def generate(config: TrafficConfig) -> Iterator[AgentEvent]:
     late, delay = config.late_fraction, config.late_delay_s
     prefix = f"{traffic.prefix}-"
 
-    heap: list[tuple[float, int, AgentEvent]] = []
+    planned: list[tuple[float, int, AgentEvent]] = []  # by event time
+    held: list[tuple[float, int, AgentEvent]] = []  # late events, by write time
     push, pop = heapq.heappush, heapq.heappop
-    seq = 0
-    emitted = 0
-    arrivals = True
+    seq = taken = emitted = 0
     next_arrival = 0.0
-    while emitted < total:
-        if arrivals and (not heap or next_arrival <= heap[0][0]):
+    while taken < total:
+        if not planned or next_arrival <= planned[0][0]:
             for t, event in traffic.plan_task(next_arrival):
-                if late and rng.random() < late:
-                    t += delay
-                push(heap, (t, seq, event))
+                push(planned, (t, seq, event))
                 seq += 1
             next_arrival += rng.expovariate(task_rate)
-            arrivals = emitted + len(heap) < total
             continue
-        event = pop(heap)[2]
+        t, n, event = pop(planned)
+        taken += 1
+        if late and rng.random() < late:
+            push(held, (t + delay, n, event))
+            continue
+        while held and held[0][0] <= t:
+            due = pop(held)[2]
+            due.event_id = f"{prefix}{emitted:09d}"
+            emitted += 1
+            yield due
         event.event_id = f"{prefix}{emitted:09d}"
         emitted += 1
         yield event
+    while held:
+        due = pop(held)[2]
+        due.event_id = f"{prefix}{emitted:09d}"
+        emitted += 1
+        yield due
 
 
 def generate_jsonl(config: TrafficConfig, out: BinaryIO, *, chunk: int = 4096) -> int:

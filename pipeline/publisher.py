@@ -39,7 +39,7 @@ def event_key(event: schema.AgentEvent) -> bytes:
 
 
 def _validated(event: Event) -> schema.AgentEvent:
-    return schema.from_dict(event) if isinstance(event, dict) else event
+    return schema.from_dict(event) if isinstance(event, dict) else schema.check_clock(event)
 
 
 class Publisher:

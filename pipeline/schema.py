@@ -75,11 +75,6 @@ class Envelope(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, tag_fi
             )
         if self.ts < EARLIEST_TS:
             raise ValueError(f"ts {self.ts.isoformat()} is before 2000-01-01 - at `$.ts`")
-        ahead = self.ts.timestamp() - _clock[0]
-        if ahead > MAX_FUTURE_SECONDS:
-            raise ValueError(
-                f"ts {self.ts.isoformat()} is {ahead / 3600:.0f} h in the future - at `$.ts`"
-            )
 
 
 class LlmCall(Envelope, tag="llm_call"):
@@ -231,13 +226,22 @@ _decoder = msgspec.json.Decoder(AgentEvent)
 _encoder = msgspec.json.Encoder()
 
 
-# The wall clock is read once per batch, not per event: datetime.now() would cost as much as
-# the rest of the validation.
-_clock = [0.0]
+def _too_far_ahead(event: AgentEvent, horizon: float) -> Rejection | None:
+    # Checked at decode time against a clock read once per batch (datetime.now() per event
+    # would cost as much as the rest of validation), not in __post_init__, so that building
+    # an event never depends on when the process started.
+    ahead = event.ts.timestamp() - horizon
+    if ahead <= 0:
+        return None
+    reason = (
+        f"ts {event.ts.isoformat()} is {(ahead + MAX_FUTURE_SECONDS) / 3600:.0f} h in the future"
+        " (more than 24 h ahead of this machine's clock) - at `$.ts`"
+    )
+    return Rejection(reason, "$.ts")
 
 
-def _tick() -> None:
-    _clock[0] = datetime.now(UTC).timestamp()
+def _horizon() -> float:
+    return datetime.now(UTC).timestamp() + MAX_FUTURE_SECONDS
 
 
 def _field_of(message: str) -> str | None:
@@ -290,7 +294,7 @@ def decode_batch(
     rejected: list[Rejection] = []
     bad_at: list[int] = []
     dec = _decoder.decode
-    _tick()
+    horizon = _horizon()
     for i, raw in enumerate(raws):
         if raw is None:
             rejected.append(Rejection("empty message: Kafka record has no value"))
@@ -303,11 +307,18 @@ def decode_batch(
             bad_at.append(i)
             continue
         try:
-            events.append(dec(raw))
-            ok_at.append(i)
+            event = dec(raw)
         except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
             reason = _reason_of(exc)
             rejected.append(Rejection(reason, _field_of(reason)))
+            bad_at.append(i)
+            continue
+        late = _too_far_ahead(event, horizon)
+        if late is None:
+            events.append(event)
+            ok_at.append(i)
+        else:
+            rejected.append(late)
             bad_at.append(i)
     return events, ok_at, rejected, bad_at
 
@@ -319,11 +330,21 @@ def encode(event: AgentEvent) -> bytes:
 
 def from_dict(data: dict[str, Any]) -> AgentEvent:
     """Build an event from a dict (e.g. one parsed from JSONL); raises ``InvalidEvent``."""
-    _tick()
     try:
         event: AgentEvent = msgspec.convert(data, AgentEvent)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(_reason_of(exc), data.get("event_id")) from None
+    return check_clock(event)
+
+
+def check_clock(event: AgentEvent) -> AgentEvent:
+    """Return ``event`` if its ``ts`` is at most 24 h ahead of now; raise ``InvalidEvent`` if not.
+
+    Construction validates everything else; this is the one check that needs the clock.
+    """
+    ahead = _too_far_ahead(event, _horizon())
+    if ahead is not None:
+        raise InvalidEvent(ahead.reason, event.event_id)
     return event
 
 
