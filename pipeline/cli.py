@@ -7,8 +7,10 @@ one-line ``error: ...`` on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -79,6 +81,10 @@ data_dir_option = click.option(
 @click.version_option(package_name="agentstream")
 def main() -> None:
     """agentstream: streaming analytics for AI agents in production."""
+    # Commands report connection trouble themselves, in one line; aiokafka's own retry
+    # warnings would only repeat it. The worker configures logging through faust.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 @main.command()
@@ -249,10 +255,19 @@ def render(rel: Any, fmt: str) -> str:
     if fmt == "table":
         return _table(rel.columns, rel.fetchall())
     if fmt == "csv":
+        import pyarrow as pa
         import pyarrow.csv as pacsv
 
+        from sinks.catalog import QueryError
+
         buf = io.BytesIO()
-        pacsv.write_csv(rel.fetch_arrow_table(), buf)
+        try:
+            pacsv.write_csv(rel.to_arrow_table(), buf)
+        except pa.ArrowInvalid as exc:
+            raise QueryError(
+                f"CSV cannot hold this result ({str(exc).splitlines()[0]}): use --format json, "
+                "or unnest / cast the list and struct columns"
+            ) from None
         return buf.getvalue().decode()
     cols = rel.columns
     rows = [dict(zip(cols, row, strict=True)) for row in rel.fetchall()]
@@ -278,6 +293,119 @@ def _table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
     return "\n".join(out) + "\n"
 
 
+TAIL_TOPICS = {
+    "metrics": "metrics_topic",
+    "anomalies": "anomalies_topic",
+    "dead-letters": "dlq_topic",
+}
+
+
+@main.command()
+@broker_option
+@click.argument("stream", type=click.Choice(list(TAIL_TOPICS)))
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest record, not the newest")
+@click.option("--json", "as_json", is_flag=True, help="Print each record's JSON as it is")
+@click.option(
+    "--max",
+    "max_records",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit after this many records",
+)
+@friendly
+def tail(
+    broker: str | None, stream: str, from_beginning: bool, as_json: bool, max_records: int | None
+) -> None:
+    """Follow the metrics, anomalies or dead-letters topic and print each record.
+
+    Records are JSON; any Kafka client can read the same topics (for example
+    `kcat -C -b 127.0.0.1:9092 -t agent-metrics`).
+    """
+    settings = Settings.load(broker=broker)
+    topic = getattr(settings, TAIL_TOPICS[stream])
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_tail(settings, topic, stream, from_beginning, as_json, max_records))
+
+
+async def _tail(
+    settings: Settings,
+    topic: str,
+    stream: str,
+    from_beginning: bool,
+    as_json: bool,
+    max_records: int | None,
+) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import KafkaConnectionError
+
+    from pipeline.kafka import client_kwargs, unreachable
+
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    try:
+        await consumer.start()
+    except KafkaConnectionError as exc:
+        await consumer.stop()
+        raise unreachable(settings, exc) from None
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            raise ConfigError(
+                f"topic {topic!r} does not exist yet: start `agentstream worker` first"
+            )
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        if from_beginning:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            await consumer.seek_to_end(*tps)
+        seen = 0
+        while max_records is None or seen < max_records:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for r in records:
+                    click.echo(
+                        r.value.decode("utf-8", "replace") if as_json else describe(stream, r)
+                    )
+                    seen += 1
+                    if max_records is not None and seen >= max_records:
+                        return
+    finally:
+        await consumer.stop()
+
+
+def describe(stream: str, record: Any) -> str:
+    """One readable line for a record of the metrics, anomalies or dead-letters topic."""
+    if stream == "dead-letters":
+        reason = dict(record.headers).get("agentstream.reason", b"?").decode("utf-8", "replace")
+        raw = (record.value or b"")[:80].decode("utf-8", "replace")
+        return f"p{record.partition}@{record.offset}  {reason}  {raw!r}"
+    data = msgspec.json.decode(record.value)
+    key = "/".join(
+        str(data.get(k) or "*")
+        for k in ("agent_id", "agent_version", "prompt_version", "model", "tenant_id")
+    )
+    if stream == "metrics":
+
+        def num(name: str, fmt: str) -> str:
+            value = data.get(name)
+            return "-" if value is None else format(value, fmt)
+
+        return (
+            f"{data['window_start']} {data['level']:<6} {key}  events={data['events']} "
+            f"cost=${num('cost_usd', '.4f')} cost/completed=${num('cost_per_completed_task', '.4f')} "
+            f"escalation={num('escalation_rate', '.3f')} retrieval_miss={num('retrieval_miss_rate', '.3f')} "
+            f"tool_errors={num('tool_error_rate', '.3f')} llm_p95={num('llm_latency_p95_ms', '.0f')}ms "
+            f"late={data['late_events']}"
+        )
+    return (
+        f"{data.get('detected_at')} {data.get('severity', '?').upper():<8} {data.get('kind')} "
+        f"{data.get('measure')} {data.get('direction', '')} {key}  observed={data.get('observed')} "
+        f"baseline={data.get('baseline')} detector={data.get('detector')}"
+    )
+
+
 @main.command()
 @broker_option
 @data_dir_option
@@ -291,6 +419,13 @@ def _table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
     help="Embedded broker to start when --broker is not given",
 )
 @click.option("--timeout", type=float, default=600, show_default=True)
+@click.option(
+    "--lateness",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Allowed lateness in seconds (short, so the last window closes soon after the end)",
+)
 @friendly
 def demo(
     broker: str | None,
@@ -299,18 +434,29 @@ def demo(
     seed: int,
     broker_kind: str,
     timeout: float,
+    lateness: float,
 ) -> None:
-    """Broker, worker and generated traffic end to end, then a summary from DuckDB."""
+    """Broker, worker and generated traffic end to end, then a summary from DuckDB.
+
+    Waits until every event has landed and every window has closed (about one window plus
+    the lateness after the last event), then prints KPIs from the `metrics` view.
+    """
     from pipeline.broker import LocalBroker, ensure_topics, free_port
     from pipeline.generate import TrafficConfig, generate
 
+    data_dir = data_dir or Path("agentstream-demo")
+    if (data_dir / "events").exists():
+        raise ConfigError(
+            f"{data_dir} already holds a lake: pass another --data-dir or remove it "
+            "(the demo's embedded broker starts empty, so its offsets would not match)"
+        )
     local: LocalBroker | None = None
     if broker is None and "AGENTSTREAM_BROKER" not in os.environ:
         local = LocalBroker(broker_kind)  # type: ignore[arg-type]
         broker = local.start()
         click.echo(f"started {broker_kind} broker on {broker}", err=True)
     settings = Settings.load(
-        broker=broker, data_dir=data_dir or Path("agentstream-demo"), web_port=free_port()
+        broker=broker, data_dir=data_dir, web_port=free_port(), allowed_lateness_s=lateness
     )
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -324,6 +470,7 @@ def demo(
         with click.progressbar(length=n_events, label="publishing", file=sys.stderr) as bar:
             asyncio.run(_publish_lines(settings, lines, chunk=20_000, progress=bar.update))
         _wait_landed(settings, already + n_events, timeout, proc)
+        _wait_windows(settings, time.monotonic() + timeout, proc)
     finally:
         if proc is not None:
             _stop(proc)
@@ -335,19 +482,11 @@ def demo(
 def _spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(settings.data_dir) / "worker.log", "ab")  # noqa: SIM115
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "worker",
-        "--broker",
-        settings.broker,
-        "--data-dir",
-        str(settings.data_dir),
-        "--web-port",
-        str(settings.web_port),
-    ]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [sys.executable, "-m", "pipeline.cli", "worker"]
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
 
 
 def _wait_landed(
@@ -370,6 +509,27 @@ def _wait_landed(
             time.sleep(0.5)
 
 
+_UNCOUNTED = """
+    SELECT (SELECT count(*) FROM events)
+         - (SELECT coalesce(sum(events + late_events), 0) FROM metrics WHERE level = 'key')
+"""
+
+
+def _wait_windows(settings: Settings, deadline: float, proc: subprocess.Popen[bytes]) -> None:
+    from sinks.catalog import connect
+
+    wait = settings.window_seconds + settings.allowed_lateness_s
+    click.echo(f"closing the last windows (up to {wait:.0f} s after the last event)...", err=True)
+    while True:
+        ((left,),) = connect(settings.data_dir).sql(_UNCOUNTED).fetchall()
+        if left == 0:
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            click.echo(f"warning: {left} events are not in a closed window yet", err=True)
+            return
+        time.sleep(1.0)
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -380,34 +540,39 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+KPI_SQL = """
+    SELECT agent_id, agent_version,
+           sum(tasks_completed) AS completed_tasks,
+           round(sum(cost_usd) / nullif(sum(tasks_completed), 0), 4) AS cost_per_completed_task,
+           round(sum(escalations) / nullif(sum(tasks_started), 0), 3) AS escalation_rate,
+           round(sum(retrieval_misses) / nullif(sum(retrievals), 0), 3) AS retrieval_miss_rate,
+           round(max(llm_latency_p95_ms)) AS worst_llm_p95_ms
+    FROM metrics WHERE level = 'key'
+    GROUP BY ALL ORDER BY agent_id, agent_version
+"""
+
+
 def summary(data_dir: Path) -> str:
-    """A short report of the lake: rows, dead letters and a per-agent-version KPI table."""
+    """A short report of the lake: rows, dead letters, and KPIs per agent version from `metrics`."""
     from sinks.catalog import connect
 
     con = connect(data_dir)
-    ((rows, distinct),) = con.sql(
-        "SELECT count(*), count(DISTINCT event_id) FROM events"
+    ((rows, distinct, late),) = con.sql(
+        "SELECT count(*), count(DISTINCT event_id), count(*) FILTER (late) FROM events"
     ).fetchall()
     ((dead,),) = con.sql("SELECT count(*) FROM dead_letters").fetchall()
-    kpis = con.sql(
-        """
-        SELECT agent_id, agent_version,
-               count(*) FILTER (type = 'task' AND outcome = 'completed') AS completed_tasks,
-               round(sum(cost_usd) / nullif(count(*) FILTER (type = 'task' AND outcome = 'completed'), 0), 4)
-                   AS cost_per_completed_task,
-               round(count(*) FILTER (type = 'escalation')
-                     / nullif(count(*) FILTER (type = 'task' AND outcome = 'started'), 0), 3)
-                   AS escalation_rate,
-               round(avg(CASE WHEN type = 'retrieval' THEN miss::INT END), 3) AS retrieval_miss_rate
-        FROM events GROUP BY ALL ORDER BY agent_id, agent_version
-        """
-    )
+    ((windows, first, last),) = con.sql(
+        "SELECT count(DISTINCT window_start), min(window_start), max(window_end) FROM metrics"
+    ).fetchall()
     out = io.StringIO()
-    out.write(f"events landed: {rows} ({distinct} distinct event_id), dead letters: {dead}\n")
     out.write(
-        f'lake: {Path(data_dir).absolute()}  (query: agentstream sql --data-dir {data_dir} "...")\n'
+        f"events landed: {rows} ({distinct} distinct event_id, {late} late), dead letters: {dead}\n"
     )
-    out.write(render(kpis, "table"))
+    out.write(f"closed windows: {windows} ({first} to {last})\n")
+    out.write(f"lake: {Path(data_dir).absolute()}\n")
+    out.write(f'query: agentstream sql --data-dir {data_dir} "SELECT * FROM metrics LIMIT 5"\n\n')
+    out.write("KPIs per agent version, from the metrics view:\n")
+    out.write(render(con.sql(KPI_SQL), "table"))
     return out.getvalue()
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -66,7 +66,6 @@ class Settings:
     anomalies_topic: str = "agent-anomalies"
     partitions: int = 4
     group_id: str = "agentstream"
-    app_id: str = "agentstream"
     # Hot path: a flush lands, publishes and commits everything fetched since the last one.
     flush_interval_s: float = 1.0
     flush_max_events: int = 100_000
@@ -77,7 +76,6 @@ class Settings:
     allowed_lateness_s: float = 60.0
     web_port: int = 6066
     web_host: str = "127.0.0.1"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def window_seconds(self) -> int:
@@ -93,8 +91,6 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
             var = ENV_PREFIX + f.name.upper()
             if overrides.get(f.name) is not None:
                 values[f.name] = overrides[f.name]
@@ -120,6 +116,12 @@ class Settings:
         for name in ("partitions", "flush_max_events", "fetch_max_records", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 1")
+
+    def to_env(self) -> dict[str, str]:
+        """The ``AGENTSTREAM_*`` variables that make another process load these settings."""
+        return {
+            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)
+        }
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied and validated."""

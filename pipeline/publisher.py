@@ -125,7 +125,11 @@ class SyncPublisher:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._pub: Publisher = self._run(self._make(settings, kwargs))
+        try:
+            self._pub: Publisher = self._run(self._make(settings, kwargs))
+        except BaseException:
+            self._stop_loop()
+            raise
 
     async def _make(self, settings: Settings, kwargs: dict[str, Any]) -> Publisher:
         pub = Publisher(settings, **kwargs)
@@ -149,8 +153,12 @@ class SyncPublisher:
         try:
             self._run(self._pub.stop())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
 
     def __enter__(self) -> SyncPublisher:
         return self

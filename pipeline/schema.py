@@ -24,10 +24,12 @@ SCHEMA_VERSION: Final = 1
 SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({1})
 MAX_EVENT_BYTES: Final = 1 << 20
 
-# Event time must be plausible: data from before this or too far ahead of the wall clock is a
-# producer bug (epoch zero, milliseconds read as seconds), and would open windows nobody closes.
+# Event time must be plausible: data from before this or ahead of the wall clock is a producer
+# bug (epoch zero, milliseconds read as seconds, a host clock that is off). An event from the
+# future would also drag the event-time watermark forward and make everyone else's events late,
+# so only a few minutes of clock skew are tolerated.
 EARLIEST_TS: Final = datetime(2000, 1, 1, tzinfo=UTC)
-MAX_FUTURE_SECONDS: Final = 24 * 3600.0
+MAX_FUTURE_SECONDS: Final = 300.0
 
 Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -234,8 +236,9 @@ def _too_far_ahead(event: AgentEvent, horizon: float) -> Rejection | None:
     if ahead <= 0:
         return None
     reason = (
-        f"ts {event.ts.isoformat()} is {(ahead + MAX_FUTURE_SECONDS) / 3600:.0f} h in the future"
-        " (more than 24 h ahead of this machine's clock) - at `$.ts`"
+        f"ts {event.ts.isoformat()} is {ahead + MAX_FUTURE_SECONDS:.0f} s in the future (more"
+        f" than {MAX_FUTURE_SECONDS:.0f} s ahead of the pipeline's clock; check the agent host's"
+        " clock) - at `$.ts`"
     )
     return Rejection(reason, "$.ts")
 
@@ -255,10 +258,17 @@ def _field_of(message: str) -> str | None:
 _KNOWN_TYPES = ", ".join(EVENT_TYPES)
 
 
-def _reason_of(exc: Exception) -> str:
+def _reason_of(exc: Exception, raw: bytes | str | None = None) -> str:
     text = str(exc)
     if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8: invalid byte at position {exc.start}"
+        # msgspec reports the offset inside the string value; the message offset is useful.
+        at = exc.start
+        if isinstance(raw, bytes):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as whole:
+                at = whole.start
+        return f"not UTF-8: invalid byte at position {at}"
     if isinstance(exc, msgspec.ValidationError):
         if text.startswith("Object missing required field `type`"):
             return f"missing event type: field `type` must be one of {_KNOWN_TYPES} - at `$.type`"
@@ -300,16 +310,17 @@ def decode_batch(
             rejected.append(Rejection("empty message: Kafka record has no value"))
             bad_at.append(i)
             continue
-        if len(raw) > max_bytes:
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
+        if size > max_bytes:
             rejected.append(
-                Rejection(f"oversized message: {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+                Rejection(f"oversized message: {size} bytes exceeds the {max_bytes}-byte limit")
             )
             bad_at.append(i)
             continue
         try:
             event = dec(raw)
         except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-            reason = _reason_of(exc)
+            reason = _reason_of(exc, raw)
             rejected.append(Rejection(reason, _field_of(reason)))
             bad_at.append(i)
             continue
@@ -338,7 +349,7 @@ def from_dict(data: dict[str, Any]) -> AgentEvent:
 
 
 def check_clock(event: AgentEvent) -> AgentEvent:
-    """Return ``event`` if its ``ts`` is at most 24 h ahead of now; raise ``InvalidEvent`` if not.
+    """Return ``event`` if its ``ts`` is at most 5 minutes ahead of now, else raise ``InvalidEvent``.
 
     Construction validates everything else; this is the one check that needs the clock.
     """
@@ -361,7 +372,7 @@ class InvalidEvent(ValueError):
 def iter_fields() -> Iterable[tuple[str, Any]]:
     """Every wire field of every event type with its annotation, envelope first, no repeats."""
     seen: set[str] = set()
-    for cls in EVENT_CLASSES:
+    for cls in (Envelope, *EVENT_CLASSES):
         info = msgspec.inspect.type_info(cls)
         for f in info.fields:  # type: ignore[attr-defined]
             if f.name not in seen:

@@ -17,6 +17,7 @@ import duckdb
 from pipeline import schema
 from sinks.parquet import LakeTable, ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
+from streams.windows import METRICS_SCHEMA
 
 DB_FILE: Final = "agentstream.duckdb"
 
@@ -24,7 +25,8 @@ EVENTS: Final = LakeTable("events", EVENTS_SCHEMA, ("date", "type"), "ts", "kafk
 DEAD_LETTERS: Final = LakeTable(
     "dead_letters", DEAD_LETTERS_SCHEMA, ("date",), "received_at", "offset"
 )
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS]
+METRICS: Final = LakeTable("metrics", METRICS_SCHEMA, ("date",), "window_start")
+TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS]
 
 _PLURAL: Final = {
     "llm_call": "llm_calls",
@@ -65,9 +67,19 @@ def _table_view(lake: ParquetLake, table: LakeTable) -> str:
     )
 
 
-def view_statements(lake: ParquetLake) -> list[str]:
-    """SQL that defines every view over ``lake`` (one per table, one per event type)."""
-    stmts = [_table_view(lake, t) for t in TABLES]
+def view_statements(lake: ParquetLake, con: duckdb.DuckDBPyConnection | None = None) -> list[str]:
+    """SQL that defines every view over ``lake`` (one per table, one per event type).
+
+    With ``con``, a table with no file yet (a lake written by an older version, or not
+    prepared) gets an empty view of the right columns instead of failing to bind.
+    """
+    stmts = []
+    for t in TABLES:
+        if con is not None and not any(lake.table_dir(t).glob("**/*.parquet")):
+            con.register(f"_empty_{t.name}", t.schema.empty_table())
+            stmts.append(f"CREATE OR REPLACE VIEW {t.name} AS SELECT * FROM _empty_{t.name}")
+        else:
+            stmts.append(_table_view(lake, t))
     envelope = [n for n in EVENTS_SCHEMA.names if n in _envelope_names()]
     for cls in schema.EVENT_CLASSES:
         own = [f.name for f in _fields(cls) if f.name not in envelope]
@@ -110,8 +122,13 @@ def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
         )
     lake = ParquetLake(data_dir)
     con = duckdb.connect(":memory:")
-    for stmt in view_statements(lake):
-        con.execute(stmt)
+    try:
+        for stmt in view_statements(lake, con):
+            con.execute(stmt)
+    except duckdb.Error as exc:
+        raise QueryError(
+            f"cannot read the lake in {data_dir}: {str(exc).splitlines()[0]}"
+        ) from None
     return con
 
 

@@ -36,7 +36,7 @@ class LakeTable:
     schema: pa.Schema
     partition_by: tuple[str, ...]
     time_column: str
-    offset_column: str
+    offset_column: str | None = None
 
     def file_schema(self) -> pa.Schema:
         """The schema inside each file: hive columns live in the path, not the file."""
@@ -51,7 +51,7 @@ class LandedFile:
     rows: int
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,7 +68,7 @@ def write_atomic(path: Path, table: pa.Table) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class ParquetLake:
@@ -100,7 +100,15 @@ class ParquetLake:
         """
         if rows.num_rows == 0:
             return []
-        name = f"{topic}~{partition}~{first:019d}~{last:019d}.parquet"
+        return self.write_named(
+            table, rows, f"{topic}~{partition}~{first:019d}~{last:019d}.parquet"
+        )
+
+    def write_named(self, table: LakeTable, rows: pa.Table, name: str) -> list[LandedFile]:
+        """Write ``rows`` split by the table's partition columns, each part as ``name``.
+
+        Writing the same name again replaces the file, which is what makes landing idempotent.
+        """
         frame = pl.from_arrow(rows)
         assert isinstance(frame, pl.DataFrame)
         if "date" in table.partition_by:
@@ -141,14 +149,16 @@ class ParquetLake:
             if m["topic"] != topic or int(m["p"]) != partition or int(m["last"]) < committed:
                 continue
             if int(m["first"]) < committed:
+                assert table.offset_column is not None
                 kept = pq.read_table(path)
                 kept = kept.filter(pc.less(kept[table.offset_column], committed))
-                write_atomic(
-                    path.with_name(
-                        f"{m['topic']}~{m['p']}~{m['first']}~{committed - 1:019d}.parquet"
-                    ),
-                    kept,
-                )
+                if kept.num_rows:
+                    write_atomic(
+                        path.with_name(
+                            f"{m['topic']}~{m['p']}~{m['first']}~{committed - 1:019d}.parquet"
+                        ),
+                        kept,
+                    )
             path.unlink(missing_ok=True)
             removed += 1
         for tmp in self.table_dir(table).glob(f"**/.{topic}~{partition}~*.parquet.tmp"):

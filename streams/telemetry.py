@@ -23,6 +23,9 @@ class WorkerTelemetry:
         self.late_events = Counter(
             "agentstream_late_events", "Events that arrived after their window closed", registry=r
         )
+        self.metrics_emitted = Counter(
+            "agentstream_metrics_emitted", "Metrics rows of closed windows", registry=r
+        )
         self.landing_errors = Counter(
             "agentstream_landing_errors", "Flushes that failed to land or publish", registry=r
         )

@@ -5,10 +5,13 @@ section), so the high-volume events topic is read by this service with aiokafka 
 inside the faust worker. Faust keeps what it is good at: the worker life cycle, the web
 endpoint, and agents for the low-volume derived topics.
 
-Order of a flush, which is what makes landing exactly-once: (1) Parquet files durable,
-(2) dead letters acknowledged by the broker, (3) derived records published, (4) offsets
-committed. A crash anywhere before (4) replays the same offsets; the files from the first
-attempt are removed on reassignment (``ParquetLake.discard_uncommitted``).
+Order of a flush, which is what makes landing exactly-once: (1) windows updated and due
+windows closed, (2) Parquet files durable (events, dead letters, metrics), (3) dead letters
+and metrics records acknowledged by the broker, (4) window state snapshot saved, (5) offsets
+committed. A crash anywhere before (5) replays the same offsets; the files from the first
+attempt are removed on reassignment (``ParquetLake.discard_uncommitted``), metrics files are
+named by window so they are rewritten, and the window state is restored from the snapshot
+saved with the committed offsets (``streams.state``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -26,12 +31,43 @@ from mode import Service
 
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs, start_producer
-from sinks.catalog import DEAD_LETTERS, EVENTS, prepare
+from sinks.catalog import DEAD_LETTERS, EVENTS, METRICS, prepare
 from sinks.parquet import ParquetLake
+from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.hotpath import BatchProcessor, Processed
+from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
+from streams.windows import WindowAggregator, metric_records
 
 log = logging.getLogger("agentstream.worker")
+EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
+EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
+
+
+class EventClock:
+    """Event time that keeps moving when the stream goes quiet.
+
+    The windows close on event time, so a replay of old data is windowed as it happened. When
+    no newer event arrives, event time is assumed to advance with the wall clock from the newest
+    event seen, so the last windows of a quiet stream still close (about window + lateness
+    after their last event) without a live stream's windows being closed by a clock that
+    disagrees with the agents'.
+    """
+
+    def __init__(self) -> None:
+        self._ts: datetime | None = None
+        self._wall = 0.0
+
+    def advance(self, newest: datetime | None) -> datetime:
+        """Take the event time the stream has reached into account; return the current one."""
+        wall = time.monotonic()
+        if newest is not None and (
+            self._ts is None or newest > self._ts + timedelta(seconds=wall - self._wall)
+        ):
+            self._ts, self._wall = newest, wall
+        if self._ts is None:
+            return datetime(1970, 1, 1, tzinfo=UTC)
+        return self._ts + timedelta(seconds=wall - self._wall)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -64,6 +100,14 @@ class EventConsumer(Service):
         self.last_error: str | None = None
         self.landed_events = 0
         self.dead_lettered = 0
+        self.metrics_emitted = 0
+        self.clock = EventClock()
+        self.snapshots = SnapshotStore(settings.data_dir / ".state", settings.group_id)
+        self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
+        self._saved_windows = self.windows.snapshot()
+        self._offsets: dict[int, int] = {}
+        self._partition_ts: dict[int, datetime] = {}
+        self._last_flush = time.monotonic()
 
     async def on_start(self) -> None:
         s = self.settings
@@ -98,11 +142,15 @@ class EventConsumer(Service):
                 await self._producer.stop()
 
     async def recover(self, assigned: Sequence[TopicPartition]) -> None:
-        """Drop files landed for offsets that were never committed, before reading them again."""
+        """Drop files landed for offsets that were never committed, before reading them again,
+        and restore the window state saved with the committed offsets."""
         assert self._consumer is not None
+        self._offsets = {}
         for tp in assigned:
             committed = await self._consumer.committed(tp)
-            if committed is None:
+            if committed is not None:
+                self._offsets[tp.partition] = committed
+            else:
                 committed = (await self._consumer.beginning_offsets([tp]))[tp]
             removed = sum(
                 self.lake.discard_uncommitted(t, tp.topic, tp.partition, committed)
@@ -116,6 +164,25 @@ class EventConsumer(Service):
                     removed,
                     committed,
                 )
+        self._restore_windows()
+
+    def _restore_windows(self) -> None:
+        saved = self.snapshots.load(self._offsets)
+        if saved is not None:
+            self.windows = WindowAggregator.restore(saved)
+            self._saved_windows = saved
+            log.info("window state restored: %d open windows", self.windows.open_windows())
+            return
+        if self._offsets:
+            log.warning(
+                "no window snapshot matches the committed offsets %s: windows open at the last "
+                "stop start empty (their metrics will be partial)",
+                self._offsets,
+            )
+        self.windows = WindowAggregator(
+            self.settings.window_seconds, self.settings.allowed_lateness_s
+        )
+        self._saved_windows = self.windows.snapshot()
 
     @Service.task
     async def _consume(self) -> None:
@@ -134,10 +201,13 @@ class EventConsumer(Service):
                     for part, (_, hi) in processed.ranges.items():
                         self._next_offset[part] = hi + 1
                     self.telemetry.events_in.inc(len(records))
-                due = self._pending and (
-                    sum(p.events.num_rows + p.dead_letters.num_rows for p in self._pending)
-                    >= s.flush_max_events
-                    or time.monotonic() - self._pending_since >= s.flush_interval_s
+                pending_rows = sum(
+                    p.events.num_rows + p.dead_letters.num_rows for p in self._pending
+                )
+                since = self._pending_since if self._pending else self._last_flush
+                due = pending_rows >= s.flush_max_events or (
+                    time.monotonic() - since >= s.flush_interval_s
+                    and (self._pending or self.windows.open_windows() > 0)
                 )
             if due:
                 await self.flush(reason="batch")
@@ -152,17 +222,18 @@ class EventConsumer(Service):
         self.telemetry.consumer_lag.set(lag)
 
     async def flush(self, *, reason: str) -> None:
-        """Land everything pending, publish dead letters, then commit their offsets."""
+        """Aggregate and land everything pending, publish, snapshot, then commit offsets."""
         async with self._lock:
-            if not self._pending:
-                return
             pending, self._pending = self._pending, []
             started = time.perf_counter()
+            self._last_flush = time.monotonic()
             try:
                 await self._flush(pending)
             except Exception as exc:
-                # Nothing was committed: keep the batch so the next flush retries it.
+                # Nothing was committed: keep the batch, and rewind the windows to the state
+                # of the last commit, so the retry counts every event exactly once.
                 self._pending = pending + self._pending
+                self.windows = WindowAggregator.restore(self._saved_windows)
                 self.telemetry.landing_errors.inc()
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
@@ -175,15 +246,19 @@ class EventConsumer(Service):
     async def _flush(self, pending: list[Processed]) -> None:
         assert self._consumer is not None and self._producer is not None
         s = self.settings
-        events = pa.concat_tables([p.events for p in pending])
-        dead = pa.concat_tables([p.dead_letters for p in pending])
+        events = pa.concat_tables([p.events for p in pending]) if pending else EMPTY_EVENTS
+        dead = pa.concat_tables([p.dead_letters for p in pending]) if pending else EMPTY_DEAD
         ranges: dict[int, tuple[int, int]] = {}
         for p in pending:
             for part, (lo, hi) in p.ranges.items():
                 old = ranges.get(part, (lo, hi))
                 ranges[part] = (min(old[0], lo), max(old[1], hi))
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._land, events, dead, ranges)
+        caught_up = self._caught_up()
+        events, metrics = await loop.run_in_executor(None, self._aggregate, events, caught_up)
+        if not pending and metrics.num_rows == 0:
+            return
+        await loop.run_in_executor(None, self._land, events, dead, metrics, ranges)
         sends = []
         for p in pending:
             for record, rejection in p.rejected:
@@ -199,10 +274,21 @@ class EventConsumer(Service):
                         s.dlq_topic, value=record.value, key=record.key, headers=headers
                     )
                 )
+        for metric_id, value in metric_records(metrics):
+            sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
         if sends:
             await asyncio.gather(*sends)
-        offsets = {TopicPartition(s.events_topic, part): hi + 1 for part, (_, hi) in ranges.items()}
-        await self._consumer.commit(offsets)
+        offsets = {**self._offsets, **{part: hi + 1 for part, (_, hi) in ranges.items()}}
+        snap = self.windows.snapshot()
+        await loop.run_in_executor(None, self.snapshots.save, snap, offsets)
+        if ranges:
+            await self._consumer.commit(
+                {TopicPartition(s.events_topic, part): hi + 1 for part, (_, hi) in ranges.items()}
+            )
+        self._offsets = offsets
+        self._saved_windows = snap
+        self.metrics_emitted += metrics.num_rows
+        self.telemetry.metrics_emitted.inc(metrics.num_rows)
         total = sum(hi - lo + 1 for lo, hi in ranges.values())
         self.landed_events += events.num_rows
         self.dead_lettered += dead.num_rows
@@ -210,14 +296,63 @@ class EventConsumer(Service):
         self.telemetry.dead_letters.inc(dead.num_rows)
         self.telemetry.batch_events.observe(total)
         log.info(
-            "flush: %d messages, %d events landed, %d dead letters, partitions %s",
+            "flush: %d messages, %d events landed, %d dead letters, %d metrics rows, partitions %s",
             total,
             events.num_rows,
             dead.num_rows,
+            metrics.num_rows,
             ",".join(f"{p}@{hi + 1}" for p, (_, hi) in sorted(ranges.items())),
         )
 
-    def _land(self, events: pa.Table, dead: pa.Table, ranges: dict[int, tuple[int, int]]) -> None:
+    def _caught_up(self) -> set[int]:
+        """Partitions whose every record has been read: they must not hold event time back."""
+        assert self._consumer is not None
+        done = set()
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None and self._next_offset.get(tp.partition, 0) >= high:
+                done.add(tp.partition)
+        return done
+
+    def _event_time(self, events: pa.Table, caught_up: set[int]) -> datetime | None:
+        """How far event time has got: the slowest partition that still has records to read.
+
+        Partitions are read unevenly (a fetch often drains one before the next), so taking the
+        newest event of any partition would make the others' events late.
+        """
+        if events.num_rows:
+            newest = pl.from_arrow(events.select(["kafka_partition", "ts"]))
+            assert isinstance(newest, pl.DataFrame)
+            for part, ts in newest.group_by("kafka_partition").agg(pl.col("ts").max()).iter_rows():
+                self._partition_ts[part] = max(ts, self._partition_ts.get(part, ts))
+        behind = [ts for p, ts in self._partition_ts.items() if p not in caught_up]
+        if behind:
+            return min(behind)
+        return max(self._partition_ts.values(), default=None)
+
+    def _aggregate(self, events: pa.Table, caught_up: set[int]) -> tuple[pa.Table, pa.Table]:
+        """Fold ``events`` into the windows; return them with ``late`` set, and closed windows."""
+        reached = self._event_time(events, caught_up)
+        now = self.clock.advance(reached)
+        if events.num_rows:
+            late = self.windows.update(events, now=now, event_time=reached)
+            events = events.set_column(events.schema.get_field_index("late"), "late", late)
+            self.telemetry.late_events.inc(pc.sum(late).as_py() or 0)
+        return events, self.windows.close_due(now=now)
+
+    def _land(
+        self,
+        events: pa.Table,
+        dead: pa.Table,
+        metrics: pa.Table,
+        ranges: dict[int, tuple[int, int]],
+    ) -> None:
+        if metrics.num_rows:
+            starts = pc.unique(metrics["window_start"]).to_pylist()
+            for start in starts:
+                rows = metrics.filter(pc.equal(metrics["window_start"], start))
+                name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}.parquet"
+                self.lake.write_named(METRICS, rows, name)
         topic = self.settings.events_topic
         for part, (lo, hi) in ranges.items():
             for table, rows, column in (

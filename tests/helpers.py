@@ -56,26 +56,7 @@ def unique_settings(bootstrap: str, data_dir: Path, **changes: Any) -> Settings:
 
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``agentstream worker`` use ``settings``."""
-    env = dict(os.environ)
-    for name in (
-        "broker",
-        "data_dir",
-        "events_topic",
-        "dlq_topic",
-        "metrics_topic",
-        "anomalies_topic",
-        "group_id",
-        "web_port",
-        "flush_interval_s",
-        "partitions",
-        "max_message_bytes",
-        "window",
-        "allowed_lateness_s",
-        "fetch_max_records",
-    ):
-        env[f"AGENTSTREAM_{name.upper()}"] = str(getattr(settings, name))
-    env["PYTHONPATH"] = str(REPO)
-    return env
+    return {**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO)}
 
 
 @contextmanager
