@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import click
 import msgspec
@@ -26,6 +26,9 @@ import msgspec
 from pipeline import schema
 from pipeline.config import ConfigError, Settings
 from pipeline.kafka import BrokerUnavailable, committed_lag
+
+if TYPE_CHECKING:
+    from pipeline.generate import TrafficConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -210,16 +213,67 @@ async def _publish_lines(
     return sent, refused
 
 
+def _list_scenarios(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from pipeline.scenarios import list_scenarios
+
+    scenarios = list_scenarios()
+    width = max(len(name) for name, _ in scenarios)
+    for name, description in scenarios:
+        click.echo(f"{name:<{width}}  {description}")
+    ctx.exit()
+
+
+def _traffic(n_events: int, seed: int, scenario: str) -> TrafficConfig:
+    """The TrafficConfig, or a one-line error for an unknown or unusable scenario."""
+    from pipeline.generate import TrafficConfig
+
+    try:
+        return TrafficConfig(events=n_events, seed=seed, scenario=scenario)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+scenario_option = click.option(
+    "--scenario",
+    default="steady",
+    show_default=True,
+    metavar="NAME",
+    help="Inject a known incident at mid-stream (see --list-scenarios)",
+)
+
+
 @main.command()
 @click.option("--events", "n_events", type=click.IntRange(min=0), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@scenario_option
+@click.option(
+    "--truth",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write the scenario's ground truth (its incidents) to FILE as JSON",
+)
+@click.option(
+    "--list-scenarios",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_list_scenarios,
+    help="List the scenarios and exit",
+)
 @click.option("--out", type=click.File("wb"), default="-", help="Output file [default stdout]")
 @friendly
-def generate(n_events: int, seed: int, out: BinaryIO) -> None:
+def generate(n_events: int, seed: int, scenario: str, truth: Path | None, out: BinaryIO) -> None:
     """Write realistic synthetic agent traffic as JSONL, deterministic for a seed."""
-    from pipeline.generate import TrafficConfig, generate_jsonl
+    from pipeline.generate import generate_jsonl
+    from pipeline.scenarios import write_ground_truth
 
-    generate_jsonl(TrafficConfig(events=n_events, seed=seed), out)
+    config = _traffic(n_events, seed, scenario)
+    if truth is not None:
+        write_ground_truth(config, truth)
+    generate_jsonl(config, out)
 
 
 @main.command()
@@ -419,6 +473,7 @@ def describe(stream: str, record: Any) -> str:
     help="Embedded broker to start when --broker is not given",
 )
 @click.option("--timeout", type=float, default=600, show_default=True)
+@scenario_option
 @click.option(
     "--lateness",
     type=float,
@@ -434,6 +489,7 @@ def demo(
     seed: int,
     broker_kind: str,
     timeout: float,
+    scenario: str,
     lateness: float,
 ) -> None:
     """Broker, worker and generated traffic end to end, then a summary from DuckDB.
@@ -442,8 +498,10 @@ def demo(
     the lateness after the last event), then prints KPIs from the `metrics` view.
     """
     from pipeline.broker import LocalBroker, ensure_topics, free_port
-    from pipeline.generate import TrafficConfig, generate
+    from pipeline.generate import generate
+    from pipeline.scenarios import write_ground_truth
 
+    config = _traffic(n_events, seed, scenario)  # before starting anything
     data_dir = data_dir or Path("agentstream-demo")
     if (data_dir / "events").exists():
         raise ConfigError(
@@ -463,10 +521,10 @@ def demo(
         _ensure_topics(settings, ensure_topics)
         already, _ = asyncio.run(committed_lag(settings))
         proc = _spawn_worker(settings)
-        lines = (
-            (i, schema.encode(ev))
-            for i, ev in enumerate(generate(TrafficConfig(events=n_events, seed=seed)))
-        )
+        truth = Path(settings.data_dir) / "ground_truth.json"
+        write_ground_truth(config, truth)
+        click.echo(f"scenario {scenario}: ground truth in {truth}", err=True)
+        lines = ((i, schema.encode(ev)) for i, ev in enumerate(generate(config)))
         with click.progressbar(length=n_events, label="publishing", file=sys.stderr) as bar:
             asyncio.run(_publish_lines(settings, lines, chunk=20_000, progress=bar.update))
         _wait_landed(settings, already + n_events, timeout, proc)

@@ -23,6 +23,34 @@ class ConfigError(ValueError):
     """A setting a user gave is unusable; the message says which and what to do."""
 
 
+class Secret:
+    """A value that must never be printed: its repr and str are masked; ``reveal()`` gives it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that hands it to a client library."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+REDACTIONS: Final = ("email", "phone", "api_key")
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
 
@@ -76,11 +104,27 @@ class Settings:
     allowed_lateness_s: float = 60.0
     web_port: int = 6066
     web_host: str = "127.0.0.1"
+    # Redaction of free text before landing: comma-separated email, phone, api_key, or none.
+    redact: str = "email,phone,api_key"
+    # Kafka connection security (TLS and SASL PLAIN / SCRAM).
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
 
     @property
     def window_seconds(self) -> int:
         """Window size in seconds (``window`` is one of 1m, 5m, 1h)."""
         return WINDOW_SIZES[self.window]
+
+    @property
+    def redact_kinds(self) -> list[str]:
+        """The redactions to apply (empty for ``none``)."""
+        kinds = [k.strip() for k in self.redact.split(",") if k.strip()]
+        return [] if kinds == ["none"] else kinds
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -110,6 +154,35 @@ class Settings:
             raise ConfigError(
                 f"bad window {self.window!r}: choose one of {', '.join(WINDOW_SIZES)}"
             )
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(
+                f"bad security_protocol {self.security_protocol!r}: choose one of "
+                + ", ".join(SECURITY_PROTOCOLS)
+            )
+        if self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ConfigError(
+                f"bad sasl_mechanism {self.sasl_mechanism!r}: choose one of "
+                + ", ".join(SASL_MECHANISMS)
+            )
+        if isinstance(self.sasl_password, str):
+            object.__setattr__(self, "sasl_password", Secret(self.sasl_password))
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_username and self.sasl_password
+        ):
+            raise ConfigError(
+                f"security_protocol {self.security_protocol} needs AGENTSTREAM_SASL_USERNAME "
+                "and AGENTSTREAM_SASL_PASSWORD"
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"bad {name}: no such file {str(path)!r}")
+        for kind in self.redact_kinds:
+            if kind not in REDACTIONS:
+                raise ConfigError(
+                    f"bad redact {self.redact!r}: use a comma-separated list of "
+                    f"{', '.join(REDACTIONS)}, or none"
+                )
         for name in ("flush_interval_s", "allowed_lateness_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 0")
@@ -119,9 +192,14 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """The ``AGENTSTREAM_*`` variables that make another process load these settings."""
-        return {
-            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)
-        }
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[ENV_PREFIX + f.name.upper()] = (
+                    value.reveal() if isinstance(value, Secret) else str(value)
+                )
+        return env
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied and validated."""
@@ -131,7 +209,7 @@ class Settings:
 
 
 def _coerce(var: str, raw: str, annotation: Any) -> Any:
-    kind = str(annotation)
+    kind = str(annotation).removesuffix(" | None")
     try:
         if kind == "int":
             return int(raw)
@@ -139,6 +217,8 @@ def _coerce(var: str, raw: str, annotation: Any) -> Any:
             return float(raw)
         if kind == "Path":
             return Path(raw)
+        if kind == "Secret":
+            return Secret(raw)
     except ValueError:
         raise ConfigError(f"bad {var}={raw!r}: expected a number") from None
     return raw

@@ -11,9 +11,17 @@ Everything random comes from one ``random.Random(seed)``: the same config gives 
 bytes, and nothing reads the wall clock for event times (``DEFAULT_START`` is fixed).
 
 Incident scenarios hook in at one place, ``scenario_params``: the generator asks it for
-the cost multiplier, latency multiplier, retrieval miss, tool error and escalation
-probabilities of an agent version at an event time, so a scenario only has to register a
-function that returns different ``ScenarioParams`` after some time.
+the ``ScenarioParams`` (cost and latency multipliers, retrieval miss, tool error and
+escalation probabilities, a new prompt version or data source) of an agent version and
+tenant at an event time. ``pipeline.scenarios`` holds the catalogue: a scenario is a list of
+``Incident`` records (its ground truth), and the params are compiled from exactly those
+records, so what is injected and what is reported cannot disagree.
+
+Incidents never shift the random stream: every draw steady traffic makes is made in the
+same order whatever the params say (an escalation, hit or tool error that exists only
+because of an incident draws its details from a second generator), so without late events
+a scenario's stream equals the steady stream of its seed except for the injected changes
+and the timing of the affected tasks.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from statistics import NormalDist
 from typing import BinaryIO, Final, Generic, Literal, TypedDict, TypeVar
 
@@ -47,7 +56,6 @@ __all__ = [
     "AGENT_PROFILES",
     "DEFAULT_START",
     "MODELS",
-    "SCENARIOS",
     "STEADY",
     "UNKNOWN_MODEL",
     "AgentProfile",
@@ -304,11 +312,14 @@ def _profiles(n: int) -> tuple[AgentProfile, ...]:
 
 @dataclass(frozen=True, slots=True)
 class ScenarioParams:
-    """Behaviour knobs of one agent version at one moment.
+    """Behaviour knobs of one agent version and tenant at one moment.
 
     ``cost_multiplier`` scales the tokens of model calls (so cost stays consistent with the
-    price table); ``latency_multiplier`` scales every step's latency; the probabilities are
-    per retrieval, per tool call and per task (escalation, drawn when the task starts).
+    price table); ``latency_multiplier`` scales every step's latency and ``llm_latency``
+    the latency of model calls, per model (``(model, multiplier)``, ``None`` = any model);
+    the probabilities are per retrieval, per tool call and per task (escalation, drawn when
+    the task starts). ``prompt_version`` replaces the prompt version of tasks starting now
+    and ``data_source`` the data source of retrievals (a deploy, an index change).
     """
 
     cost_multiplier: float = 1.0
@@ -316,29 +327,39 @@ class ScenarioParams:
     retrieval_miss_prob: float = 0.08
     tool_error_prob: float = 0.05
     escalation_prob: float = 0.06
+    llm_latency: tuple[tuple[str | None, float], ...] = ()
+    prompt_version: str | None = None
+    data_source: str | None = None
 
 
 STEADY: Final = ScenarioParams()
 
-ScenarioFn = Callable[[str, str, float], ScenarioParams]
-"""``(agent_id, agent_version, seconds_since_start) -> ScenarioParams``."""
+ParamsFn = Callable[[str, str, str, float], ScenarioParams]
+"""``(agent_id, agent_version, tenant_id, seconds_since_start) -> ScenarioParams``."""
 
 
-def _steady(agent_id: str, agent_version: str, t: float) -> ScenarioParams:
-    return STEADY
+def scenario_params(
+    config: TrafficConfig,
+    agent_id: str,
+    agent_version: str,
+    t: float,
+    *,
+    tenant_id: str = "",
+) -> ScenarioParams:
+    """Parameters of ``agent_id``/``agent_version`` (for ``tenant_id``) at ``t`` seconds.
 
-
-_SCENARIOS: Final[dict[str, ScenarioFn]] = {"steady": _steady}
-SCENARIOS: Final[tuple[str, ...]] = tuple(_SCENARIOS)
-
-
-def scenario_params(scenario: str, agent_id: str, agent_version: str, t: float) -> ScenarioParams:
-    """Parameters of ``agent_id``/``agent_version`` at ``t`` seconds of event time.
-
-    Every behaviour a scenario may alter is read through here, per step, at the step's
-    event time; a new scenario registers a function in ``_SCENARIOS``.
+    Every behaviour a scenario may alter is read through here, per task and per step, at
+    the event time; ``config.scenario`` picks the scenario and the rest of the config sets
+    when its incidents start (see ``pipeline.scenarios``).
     """
-    return _SCENARIOS[scenario](agent_id, agent_version, t)
+    return _params_fn(config)(agent_id, agent_version, tenant_id, t)
+
+
+@lru_cache(maxsize=32)
+def _params_fn(config: TrafficConfig) -> ParamsFn:
+    from pipeline.scenarios import params_fn
+
+    return params_fn(config)
 
 
 # --------------------------------------------------------------------------------------
@@ -353,7 +374,9 @@ class TrafficConfig:
     ``rate_per_s`` is the average event-time rate (50,000 events at 50/s span ~1000 s).
     A ``late_fraction`` of events is written to the stream ``late_delay_s`` after its event
     time. ``missing_cost_fraction`` of priced model calls carry tokens but no ``cost_usd``;
-    calls on the unknown model (~1 %) never carry one.
+    calls on the unknown model (~1 %) never carry one. ``scenario`` names an incident
+    scenario of ``pipeline.scenarios`` (``steady``: none); a config whose agents lack the
+    scenario's affected agent is rejected.
     """
 
     events: int
@@ -382,8 +405,9 @@ class TrafficConfig:
                 raise ValueError(f"{name} must be within [0, 1], got {value}")
         if self.late_delay_s < 0:
             raise ValueError(f"late_delay_s must be >= 0, got {self.late_delay_s}")
-        if self.scenario not in _SCENARIOS:
-            raise ValueError(f"unknown scenario {self.scenario!r}: expected one of {SCENARIOS}")
+        from pipeline.scenarios import check_config
+
+        check_config(self)  # a known scenario whose incidents this config can carry
 
 
 # --------------------------------------------------------------------------------------
@@ -410,6 +434,17 @@ _EVENTS_PER_TASK: Final = (
 )
 
 _LLM, _RETRIEVAL, _TOOL = 0, 1, 2
+# The probabilities below which steady traffic draws an escalation's, a hit's (at or above)
+# or a tool error's details: incidents keep those draws to keep the rng aligned.
+_STEADY_ESCALATION: Final = STEADY.escalation_prob
+_STEADY_MISS: Final = STEADY.retrieval_miss_prob
+_STEADY_TOOL_ERROR: Final = STEADY.tool_error_prob
+
+
+def _no_draw() -> float:
+    return 0.0
+
+
 # Standard normal quantiles: z[int(random() * len(z))] is a normal draw at a tenth of the
 # cost of random.gauss, tails clipped at 4 sigma (no absurd outliers either).
 _Z: Final[tuple[float, ...]] = tuple(
@@ -510,12 +545,20 @@ class _Traffic:
     ``ScenarioParams``. Step events are ``msgspec.structs.replace`` copies of per-task
     templates that already hold the envelope (twice as fast as keyword construction, and
     the schema's ``__post_init__`` checks still run).
+
+    ``self.aux`` serves the draws that exist only because of an incident (the details of
+    an extra escalation, hit or tool error), so ``self.rng`` makes the same draws in the
+    same order as in steady traffic (see the module docstring).
     """
 
     def __init__(self, config: TrafficConfig) -> None:
+        from pipeline.scenarios import params_fn
+
         self.config = config
         self.rng = random.Random(config.seed)
         self.rand = self.rng.random
+        self.aux = random.Random(f"agentstream-incidents-{config.seed}")
+        self.params = params_fn(config)
         self.agents = _Pick([(_agent(p), p.weight) for p in _profiles(config.agents)])
         self.tenants = _Pick(
             [(f"tenant-{i + 1:02d}", 1.0 / (i + 1) ** 0.8) for i in range(config.tenants)]
@@ -551,13 +594,14 @@ class _Traffic:
         rng = self.rng
         rand = self.rand
         ts = self.ts
-        scenario = self.config.scenario
+        params = self.params
 
         agent = self.agents(rng)
         prof = agent.profile
         agent_id = prof.agent_id
         version, token_scale = agent.version(rng)
         tenant = self.tenants(rng)
+        at_start = params(agent_id, version, tenant, t)
         self.tasks += 1
         key = (agent_id, tenant)
         session = self.sessions.get(key)
@@ -573,6 +617,8 @@ class _Traffic:
             "task_id": f"task-{self.prefix}-{self.tasks:07d}",
             "trace_id": f"{rng.getrandbits(128):032x}",
         }
+        if at_start.prompt_version is not None:  # drawn all the same: the rng stays aligned
+            common["prompt_version"] = at_start.prompt_version
         root = self.span()  # the task's own span: its start and end events share it
 
         n_steps = MIN_STEPS + int(rand() * (MAX_STEPS - MIN_STEPS + 1))
@@ -581,7 +627,9 @@ class _Traffic:
         if rand() < 0.5:
             kinds[0] = _LLM  # plan first
         kinds.append(-1)
-        escalate = rand() < scenario_params(scenario, agent_id, version, t).escalation_prob
+        u = rand()
+        escalate = u < at_start.escalation_prob
+        steady_escalates = u < _STEADY_ESCALATION  # steady traffic draws the details then
         guard_at = int(rand() * (n_steps + 1)) if rand() < GUARDRAIL_PROB else -1
 
         started = Task(event_id="", ts=ts(t), span_id=root, outcome="started", **common)
@@ -612,7 +660,7 @@ class _Traffic:
                     break
             if i == n_steps:
                 break
-            p = scenario_params(scenario, agent_id, version, t)
+            p = params(agent_id, version, tenant, t)
             kind = kinds[i]
             event: AgentEvent
             if kind == _LLM:
@@ -627,17 +675,18 @@ class _Traffic:
             out.append((t, event))
             t += latency / 1000.0 + 0.005 + 0.05 * rand()
 
-        if escalate and not blocked:
-            escalation = Escalation(
-                event_id="",
-                ts=ts(t),
-                span_id=self.span(),
-                reason=self.escalation_reasons(rng),
-                target="human" if rand() < 0.8 else "tier2-support",
-                **common,
-            )
-            out.append((t, escalation))
-            t += 0.01 + 0.05 * rand()
+        if (escalate or steady_escalates) and not blocked:
+            draw = rng if steady_escalates else self.aux
+            span = f"{draw.getrandbits(64):016x}"
+            reason = self.escalation_reasons(draw)
+            target = "human" if draw.random() < 0.8 else "tier2-support"
+            pause = 0.01 + 0.05 * draw.random()
+            if escalate:  # else an incident prevented steady traffic's escalation
+                escalation = Escalation(
+                    event_id="", ts=ts(t), span_id=span, reason=reason, target=target, **common
+                )
+                out.append((t, escalation))
+                t += pause
 
         r = rand()
         outcome: schema.TaskOutcome | None
@@ -705,6 +754,10 @@ class _Traffic:
         # time to first token (median 350 ms), then the output tokens
         ttft = math.exp(5.86 + 0.35 * z[int(rand() * _NZ)])
         latency = (ttft + completion * spec.ms_per_output_token) * p.latency_multiplier
+        if p.llm_latency:
+            for model, factor in p.llm_latency:
+                if model is None or model == spec.name:
+                    latency *= factor
         event = replace_struct(
             template,
             ts=when,
@@ -726,16 +779,23 @@ class _Traffic:
     ) -> tuple[Retrieval, float]:
         """A retrieval: a miss has no hits and no score."""
         rand = self.rand
-        miss = rand() < p.retrieval_miss_prob
+        u = rand()
+        miss = u < p.retrieval_miss_prob
         latency = min(math.exp(3.8 + 0.6 * _Z[int(rand() * _NZ)]), 3_000.0)
         latency *= p.latency_multiplier
+        span = f"{self.rng.getrandbits(64):016x}"
+        # Steady traffic draws hits and score for its hits, whatever this retrieval is.
+        draw = rand if u >= _STEADY_MISS else self.aux.random if not miss else _no_draw
+        hits = draw()
+        source = prof.data_sources[int(rand() * len(prof.data_sources))]
+        score = draw()
         event = replace_struct(
             template,
             ts=when,
-            span_id=f"{self.rng.getrandbits(64):016x}",
-            hits=0 if miss else 1 + int(rand() * 10),
-            data_source=prof.data_sources[int(rand() * len(prof.data_sources))],
-            top_score=None if miss else round(0.45 + 0.5 * rand(), 4),
+            span_id=span,
+            hits=0 if miss else 1 + int(hits * 10),
+            data_source=source if p.data_source is None else p.data_source,
+            top_score=None if miss else round(0.45 + 0.5 * score, 4),
             miss=miss,
             latency_ms=round(latency, 1),
             query=prof.queries[int(rand() * len(prof.queries))],
@@ -747,8 +807,13 @@ class _Traffic:
     ) -> tuple[ToolCall, float]:
         """A tool call; a timed-out one lasts the tool timeout."""
         rand = self.rand
-        failed = rand() < p.tool_error_prob
-        error = self.errors(self.rng) if failed else None
+        u = rand()
+        failed = u < p.tool_error_prob
+        if u < _STEADY_TOOL_ERROR:  # steady traffic draws the error type
+            kind = self.errors(self.rng)
+            error = kind if failed else None
+        else:
+            error = self.errors(self.aux) if failed else None
         if error == "timeout":
             latency = TOOL_TIMEOUT_MS * (1.0 + 0.02 * rand())
         else:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError, KafkaError
+from aiokafka.helpers import create_ssl_context
 
 from pipeline.config import Settings
 
@@ -18,9 +20,34 @@ class BrokerUnavailable(Exception):
     """No Kafka broker answered at the configured address."""
 
 
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for SSL and SASL_SSL connections, None for plaintext."""
+    if not settings.security_protocol.endswith("SSL"):
+        return None
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
+        certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+    )
+    return context
+
+
 def client_kwargs(settings: Settings) -> dict[str, Any]:
-    """Connection arguments for every aiokafka client, from one place."""
-    return {"bootstrap_servers": settings.broker, "client_id": f"agentstream-{settings.group_id}"}
+    """Connection arguments for every aiokafka client, from one place (TLS and SASL too)."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.broker,
+        "client_id": f"agentstream-{settings.group_id}",
+        "security_protocol": settings.security_protocol,
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    if settings.security_protocol.startswith("SASL"):
+        assert settings.sasl_password is not None
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        kwargs["sasl_plain_password"] = settings.sasl_password.reveal()
+    return kwargs
 
 
 def unreachable(settings: Settings, exc: BaseException | None = None) -> BrokerUnavailable:

@@ -10,7 +10,7 @@ import msgspec
 from faust.web import Request, Response, View
 
 from pipeline.config import Settings
-from pipeline.kafka import client_kwargs
+from pipeline.kafka import ssl_context
 from sinks.catalog import write_database
 from streams.telemetry import WorkerTelemetry
 from streams.worker import EventConsumer
@@ -32,7 +32,8 @@ def create_app(settings: Settings, worker: Worker) -> faust.App:
     """Build the faust app: the batch consumer as a service, health and metrics pages."""
     app = faust.App(
         f"{settings.group_id}-app",
-        broker=f"kafka://{client_kwargs(settings)['bootstrap_servers']}",
+        broker=f"kafka://{settings.broker}",
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         # faust keeps its own small state here instead of in the working directory.
         datadir=str(settings.data_dir / ".faust"),
@@ -69,6 +70,22 @@ def create_app(settings: Settings, worker: Worker) -> faust.App:
             return self.bytes(worker.telemetry.render(), content_type="text/plain")
 
     return app
+
+
+def faust_credentials(settings: Settings) -> faust.auth.Credentials | None:
+    """The same TLS / SASL settings as the aiokafka clients, in faust's terms."""
+    context = ssl_context(settings)
+    if settings.security_protocol.startswith("SASL"):
+        assert settings.sasl_password is not None
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password.reveal(),
+            ssl_context=context,
+            mechanism=settings.sasl_mechanism,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 def run(settings: Settings, *, loglevel: str = "info") -> int:

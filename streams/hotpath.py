@@ -16,6 +16,7 @@ import pyarrow as pa
 from pipeline import schema
 from sinks.tables import DEAD_LETTERS_SCHEMA, events_to_table
 from streams.enrich import CostEstimator
+from streams.redact import PATTERNS, Redactor
 
 
 class Record(Protocol):
@@ -49,9 +50,15 @@ def _text(raw: bytes | None) -> str | None:
 class BatchProcessor:
     """Validates and enriches fetched records in bulk."""
 
-    def __init__(self, *, max_message_bytes: int = schema.MAX_EVENT_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = schema.MAX_EVENT_BYTES,
+        redact: Sequence[str] = tuple(PATTERNS),
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self.costs = CostEstimator()
+        self.redactor = Redactor(redact)
 
     def process(
         self, records: Sequence[Record], *, late: Sequence[bool] | None = None
@@ -61,6 +68,7 @@ class BatchProcessor:
             [r.value for r in records], max_bytes=self.max_message_bytes
         )
         estimated = self.costs.fill(events)
+        self.redactor.events(events)
         ok_records = [records[i] for i in ok_at]
         extras: dict[str, Sequence[Any]] = {
             "cost_estimated": estimated,

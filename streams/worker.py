@@ -41,6 +41,7 @@ from streams.windows import WindowAggregator, metric_records
 
 log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
 
 
@@ -66,7 +67,7 @@ class EventClock:
         ):
             self._ts, self._wall = newest, wall
         if self._ts is None:
-            return datetime(1970, 1, 1, tzinfo=UTC)
+            return _EPOCH
         return self._ts + timedelta(seconds=wall - self._wall)
 
 
@@ -89,7 +90,9 @@ class EventConsumer(Service):
         self.settings = settings
         self.telemetry = telemetry
         self.lake: ParquetLake = prepare(settings.data_dir)
-        self.processor = BatchProcessor(max_message_bytes=settings.max_message_bytes)
+        self.processor = BatchProcessor(
+            max_message_bytes=settings.max_message_bytes, redact=settings.redact_kinds
+        )
         self._pending: list[Processed] = []
         self._pending_since = 0.0
         self._lock = asyncio.Lock()
@@ -144,6 +147,13 @@ class EventConsumer(Service):
     async def recover(self, assigned: Sequence[TopicPartition]) -> None:
         """Drop files landed for offsets that were never committed, before reading them again,
         and restore the window state saved with the committed offsets."""
+        assert self._consumer is not None
+        # Under the flush lock: the fetcher may already deliver records of these partitions,
+        # and nothing may be landed for them before their uncommitted files are gone.
+        async with self._lock:
+            await self._recover(assigned)
+
+    async def _recover(self, assigned: Sequence[TopicPartition]) -> None:
         assert self._consumer is not None
         self._offsets = {}
         for tp in assigned:
@@ -254,8 +264,8 @@ class EventConsumer(Service):
                 old = ranges.get(part, (lo, hi))
                 ranges[part] = (min(old[0], lo), max(old[1], hi))
         loop = asyncio.get_running_loop()
-        caught_up = self._caught_up()
-        events, metrics = await loop.run_in_executor(None, self._aggregate, events, caught_up)
+        behind = self._behind()
+        events, metrics = await loop.run_in_executor(None, self._aggregate, events, behind)
         if not pending and metrics.num_rows == 0:
             return
         await loop.run_in_executor(None, self._land, events, dead, metrics, ranges)
@@ -304,38 +314,41 @@ class EventConsumer(Service):
             ",".join(f"{p}@{hi + 1}" for p, (_, hi) in sorted(ranges.items())),
         )
 
-    def _caught_up(self) -> set[int]:
-        """Partitions whose every record has been read: they must not hold event time back."""
+    def _behind(self) -> set[int]:
+        """Assigned partitions with records still to read: they hold event time back."""
         assert self._consumer is not None
-        done = set()
+        behind = set()
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
-            if high is not None and self._next_offset.get(tp.partition, 0) >= high:
-                done.add(tp.partition)
-        return done
+            if high is None or self._next_offset.get(tp.partition, 0) < high:
+                behind.add(tp.partition)
+        return behind
 
-    def _event_time(self, events: pa.Table, caught_up: set[int]) -> datetime | None:
+    def _event_time(self, events: pa.Table, behind: set[int]) -> datetime | None:
         """How far event time has got: the slowest partition that still has records to read.
 
         Partitions are read unevenly (a fetch often drains one before the next), so taking the
-        newest event of any partition would make the others' events late.
+        newest event of any partition would make the others' events late. A partition not read
+        yet holds event time where it is (None); one that is caught up does not count.
         """
         if events.num_rows:
             newest = pl.from_arrow(events.select(["kafka_partition", "ts"]))
             assert isinstance(newest, pl.DataFrame)
             for part, ts in newest.group_by("kafka_partition").agg(pl.col("ts").max()).iter_rows():
                 self._partition_ts[part] = max(ts, self._partition_ts.get(part, ts))
-        behind = [ts for p, ts in self._partition_ts.items() if p not in caught_up]
-        if behind:
-            return min(behind)
-        return max(self._partition_ts.values(), default=None)
+        if any(p not in self._partition_ts for p in behind):
+            return None
+        reached = [ts for p, ts in self._partition_ts.items() if p in behind]
+        return min(reached) if reached else max(self._partition_ts.values(), default=None)
 
-    def _aggregate(self, events: pa.Table, caught_up: set[int]) -> tuple[pa.Table, pa.Table]:
+    def _aggregate(self, events: pa.Table, behind: set[int]) -> tuple[pa.Table, pa.Table]:
         """Fold ``events`` into the windows; return them with ``late`` set, and closed windows."""
-        reached = self._event_time(events, caught_up)
+        reached = self._event_time(events, behind)
         now = self.clock.advance(reached)
         if events.num_rows:
-            late = self.windows.update(events, now=now, event_time=reached)
+            # While a partition is unread, event time stays where it was (the epoch is below
+            # any horizon, so the windows do not advance).
+            late = self.windows.update(events, now=now, event_time=reached or _EPOCH)
             events = events.set_column(events.schema.get_field_index("late"), "late", late)
             self.telemetry.late_events.inc(pc.sum(late).as_py() or 0)
         return events, self.windows.close_due(now=now)

@@ -360,9 +360,28 @@ def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
 
 
 def test_scenario_hook() -> None:
-    assert gen.SCENARIOS == ("steady",)
-    assert TrafficConfig(events=1).scenario == "steady"
-    assert gen.scenario_params("steady", "support-bot", "v4", 123.0) == gen.STEADY
+    config = TrafficConfig(events=1)
+    assert config.scenario == "steady"
+    assert gen.scenario_params(config, "support-bot", "v4", 123.0) == gen.STEADY
     assert gen.STEADY.escalation_prob == 0.06
     assert gen.STEADY.retrieval_miss_prob == 0.08
     assert gen.DEFAULT_START.isoformat() == "2026-01-05T09:00:00+00:00"
+
+
+# Digests of the steady stream as the generator wrote it before incident scenarios existed:
+# scenarios must not change a single byte of it (nor may anything else, by accident).
+STEADY_DIGESTS = {
+    "events=20000,seed=11": "ca5d0d860dd5904be1b20fd9de5aeeb7a5af110f095f56f0f44cd9fce2499312",
+    "late,30 agents,3 tenants": "2c8c02405afb77c9b403729d7e1e42bd0a996b8c80ea53d63876cc346987ee0c",
+}
+
+
+def test_steady_output_is_frozen(sample: Sample) -> None:
+    digest = hashlib.sha256(b"".join(line + b"\n" for line in sample.lines)).hexdigest()
+    assert digest == STEADY_DIGESTS["events=20000,seed=11"]
+    config = TrafficConfig(
+        events=10_000, seed=3, late_fraction=0.1, agents=30, tenants=3, missing_cost_fraction=0.5
+    )
+    buf = io.BytesIO()
+    gen.generate_jsonl(config, buf)
+    assert hashlib.sha256(buf.getvalue()).hexdigest() == STEADY_DIGESTS["late,30 agents,3 tenants"]

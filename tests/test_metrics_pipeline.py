@@ -30,8 +30,11 @@ WINDOW_S = 60
 def test_worker_metrics_equal_duckdb_over_landed_events(bootstrap: str, tmp_path: Path) -> None:
     # Small fetches and flushes, so lateness is judged batch by batch as in production.
     settings = unique_settings(
-        bootstrap, tmp_path / "lake", allowed_lateness_s=30.0, fetch_max_records=500,
-        flush_max_events=2000,
+        bootstrap,
+        tmp_path / "lake",
+        allowed_lateness_s=10.0,
+        fetch_max_records=250,
+        flush_max_events=500,
     )
     # 20k events over ~400 s of event time, 2% of them 600 s late (beyond the lateness).
     events = list(generate(TrafficConfig(events=20_000, seed=5, late_fraction=0.02)))
@@ -62,7 +65,9 @@ def test_worker_metrics_equal_duckdb_over_landed_events(bootstrap: str, tmp_path
     ev = con.sql("SELECT * EXCLUDE (date) FROM events").to_arrow_table()
     got = con.sql("SELECT * EXCLUDE (date) FROM metrics").to_arrow_table()
     n_late = scalar(lake, "SELECT count(*) FROM events WHERE late")
-    assert n_late > 100, "the traffic must contain late events for this test to mean anything"
+    # Partitions are read one after another, and an unread partition holds event time back,
+    # so only the last partitions read see late events: a few dozen of the 400 delayed ones.
+    assert n_late >= 30, "the traffic must contain late events for this test to mean anything"
     assert scalar(lake, "SELECT sum(late_events) FROM metrics WHERE level = 'key'") == n_late
     assert scalar(lake, "SELECT count(*) - count(DISTINCT metric_id) FROM metrics") == 0
     assert_metrics_match_events(ev, got, WINDOW_S, before_us=cutoff_us)

@@ -1,0 +1,483 @@
+"""Incident scenarios: known incidents at known times in otherwise steady traffic.
+
+A scenario is a name, a one-line description and a rule that turns a ``TrafficConfig`` into
+its ground truth, a list of ``Incident`` records. The generator's behaviour is compiled
+from exactly those records (``params_fn``), so what is injected and what ``ground_truth``
+reports cannot disagree. ``write_ground_truth`` stores them as JSON next to the data, for
+tests and benchmarks to score detection against.
+
+Every incident starts at ``incident_start(config)``: the middle of the nominal event-time
+span (``events / rate_per_s``), floored to a whole minute (windows are epoch-aligned, so no
+window mixes before and after); in a stream shorter than about two minutes, the exact
+middle. At the default 50 ev/s, ``--events 200000`` (the recommended minimum for scoring
+detection) spans ~67 minutes: 33 steady 1-minute windows, then 33 with the incident. The
+tests use 120,000 (20 + 20 windows).
+
+Per 1-minute window at the default 50 ev/s (about 3,000 events, 313 tasks in all; averages
+of seed 1 over 200,000 events), the affected key gets:
+
+=================== ============================== ====================== ===================
+scenario            affected key                   measure, magnitude     per window
+=================== ============================== ====================== ===================
+cost-spike          support-bot v4                 cost_per_task x3       450 ev, 47 tasks,
+                                                                          196 model calls
+escalation-jump     support-bot (new prompt p14)   escalation_rate x5     605 ev, 63 tasks
+                                                   (6 % -> 30 %)
+retrieval-miss-rise support-bot (new data source   retrieval_miss_rate x5 605 ev,
+                    ``support-kb-v2``)             (8 % -> 40 %)          133 retrievals
+latency-regression  model gemini-2.0-flash, one    llm_latency_p95_ms x3  231 gemini calls:
+                    incident per agent calling it:                        134, 37, 33, 26
+                    triage-agent, sales-assistant,
+                    travel-planner, onboarding-guide
+cost-drift          sql-copilot v3                 cost_per_task, linear  288 ev, 30 tasks,
+                                                   x1 -> x2.5 at the end  125 model calls
+=================== ============================== ====================== ===================
+
+Side effects, by design: 3x tokens also make those model calls slower (output time), and a
+slower or more escalating task ends later. Everything before ``starts_at`` is byte for
+byte the steady stream of the seed, and keys no incident names stay exactly the steady
+traffic after it too (all but event ids; without late events, see ``pipeline.generate``).
+
+``steady`` is the control: no incident. Later scenarios (rollouts, budget burn) add records
+with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
+``ScenarioParams``; the registry and the ground-truth format stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Final, Literal
+
+import msgspec
+
+from pipeline.generate import (
+    AGENT_PROFILES,
+    STEADY,
+    ParamsFn,
+    ScenarioParams,
+    TrafficConfig,
+    _profiles,
+)
+
+__all__ = [
+    "SCENARIOS",
+    "SCENARIO_NAMES",
+    "GroundTruth",
+    "Incident",
+    "Scenario",
+    "check_config",
+    "ground_truth",
+    "incident_start",
+    "list_scenarios",
+    "nominal_end",
+    "params_fn",
+    "read_ground_truth",
+    "write_ground_truth",
+]
+
+Measure = Literal[
+    "cost_per_task",
+    "cost_usd",
+    "tokens_per_call",
+    "escalation_rate",
+    "retrieval_miss_rate",
+    "tool_error_rate",
+    "llm_latency_p95_ms",
+    "task_success_rate",
+]
+"""Metric names as ``streams.windows`` computes them."""
+Direction = Literal["up", "down"]
+
+
+class Incident(msgspec.Struct, frozen=True, kw_only=True):
+    """One injected incident: which measure of which key moves, from when, by how much.
+
+    The key is ``agent_id`` plus, when set, ``agent_version``, ``model`` (model calls of
+    that model only) and ``tenant_id``. ``prompt_version`` and ``data_source`` name what
+    *appears* at ``starts_at`` (the new prompt of a deploy, the new retrieval index): from
+    then on the key's tasks carry that prompt version, its retrievals that data source.
+
+    ``magnitude`` (>= 1) is the factor on the measure's steady value: multiplied for
+    ``direction="up"``, divided for ``"down"``. It applies in full from ``starts_at``, or,
+    when ``ramp_until`` is set, grows linearly from 1 at ``starts_at`` to ``magnitude`` at
+    ``ramp_until`` and stays there.
+    """
+
+    kind: str
+    measure: Measure
+    starts_at: datetime
+    agent_id: str
+    agent_version: str | None = None
+    prompt_version: str | None = None
+    model: str | None = None
+    tenant_id: str | None = None
+    direction: Direction
+    magnitude: float
+    ramp_until: datetime | None = None
+    data_source: str | None = None
+
+
+class GroundTruth(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``write_ground_truth`` stores: the scenario, the stream it belongs to, incidents.
+
+    ``end`` is the nominal end of the stream (``start + events / rate_per_s``).
+    """
+
+    scenario: str
+    description: str
+    seed: int
+    events: int
+    rate_per_s: float
+    start: datetime
+    end: datetime
+    incidents: list[Incident]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A registered scenario: ``incidents`` builds its ground truth for a config.
+
+    ``incidents`` raises ``ValueError`` when the config cannot carry them (say, the affected
+    agent is not among ``config.agents``).
+    """
+
+    name: str
+    description: str
+    incidents: Callable[[TrafficConfig], list[Incident]]
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+START_FRACTION: Final = 0.5
+
+
+def incident_start(config: TrafficConfig, fraction: float = START_FRACTION) -> datetime:
+    """``fraction`` of the nominal span after ``config.start``, floored to a whole minute.
+
+    A stream too short to keep a whole minute before that gets the exact point instead.
+    """
+    start = config.start.timestamp()
+    at = start + fraction * config.events / config.rate_per_s
+    floored = math.floor(at / 60.0) * 60.0
+    return datetime.fromtimestamp(floored if floored > start else at, config.start.tzinfo)
+
+
+def nominal_end(config: TrafficConfig) -> datetime:
+    """``config.start`` plus ``events / rate_per_s``: about where the stream ends."""
+    return config.start + timedelta(seconds=config.events / config.rate_per_s)
+
+
+# --------------------------------------------------------------------------------------
+# The catalogue
+# --------------------------------------------------------------------------------------
+
+
+def _require(config: TrafficConfig, scenario: str, agent_id: str, version: str | None) -> None:
+    profiles = _profiles(config.agents)
+    for p in profiles:
+        if p.agent_id == agent_id:
+            if version is not None and version not in {v for v, _, _ in p.versions}:
+                raise ValueError(f"scenario {scenario!r}: agent {agent_id} has no {version}")
+            return
+    need = next(i for i, p in enumerate(AGENT_PROFILES) if p.agent_id == agent_id)
+    raise ValueError(
+        f"scenario {scenario!r} needs agent {agent_id}: use agents >= {need + 1}, "
+        f"got {config.agents}"
+    )
+
+
+def _steady(config: TrafficConfig) -> list[Incident]:
+    return []
+
+
+def _cost_spike(config: TrafficConfig) -> list[Incident]:
+    _require(config, "cost-spike", "support-bot", "v4")
+    return [
+        Incident(
+            kind="cost-spike",
+            measure="cost_per_task",
+            starts_at=incident_start(config),
+            agent_id="support-bot",
+            agent_version="v4",
+            direction="up",
+            magnitude=3.0,
+        )
+    ]
+
+
+def _escalation_jump(config: TrafficConfig) -> list[Incident]:
+    _require(config, "escalation-jump", "support-bot", None)
+    return [
+        Incident(
+            kind="escalation-jump",
+            measure="escalation_rate",
+            starts_at=incident_start(config),
+            agent_id="support-bot",
+            prompt_version="p14",
+            direction="up",
+            magnitude=5.0,
+        )
+    ]
+
+
+def _retrieval_miss_rise(config: TrafficConfig) -> list[Incident]:
+    _require(config, "retrieval-miss-rise", "support-bot", None)
+    return [
+        Incident(
+            kind="retrieval-miss-rise",
+            measure="retrieval_miss_rate",
+            starts_at=incident_start(config),
+            agent_id="support-bot",
+            data_source="support-kb-v2",
+            direction="up",
+            magnitude=5.0,
+        )
+    ]
+
+
+SLOW_MODEL: Final = "gemini-2.0-flash"
+
+
+def _latency_regression(config: TrafficConfig) -> list[Incident]:
+    at = incident_start(config)
+    users = [p.agent_id for p in _profiles(config.agents) if SLOW_MODEL in dict(p.models)]
+    if not users:
+        raise ValueError(
+            f"scenario 'latency-regression' needs an agent that calls {SLOW_MODEL}: "
+            f"use agents >= 5, got {config.agents}"
+        )
+    return [
+        Incident(
+            kind="latency-regression",
+            measure="llm_latency_p95_ms",
+            starts_at=at,
+            agent_id=agent_id,
+            model=SLOW_MODEL,
+            direction="up",
+            magnitude=3.0,
+        )
+        for agent_id in users
+    ]
+
+
+def _cost_drift(config: TrafficConfig) -> list[Incident]:
+    _require(config, "cost-drift", "sql-copilot", "v3")
+    at = incident_start(config)
+    return [
+        Incident(
+            kind="cost-drift",
+            measure="cost_per_task",
+            starts_at=at,
+            agent_id="sql-copilot",
+            agent_version="v3",
+            direction="up",
+            magnitude=2.5,
+            ramp_until=max(nominal_end(config), at + timedelta(minutes=1)),
+        )
+    ]
+
+
+SCENARIOS: Final[dict[str, Scenario]] = {
+    s.name: s
+    for s in (
+        Scenario("steady", "control: steady traffic, no incident", _steady),
+        Scenario(
+            "cost-spike",
+            "support-bot v4 uses 3x the tokens per model call from mid-stream: cost per task x3",
+            _cost_spike,
+        ),
+        Scenario(
+            "escalation-jump",
+            "support-bot deploys prompt p14 mid-stream: escalation rate 6% -> 30%",
+            _escalation_jump,
+        ),
+        Scenario(
+            "retrieval-miss-rise",
+            "support-bot switches to index support-kb-v2 mid-stream: retrieval misses 8% -> 40%",
+            _retrieval_miss_rise,
+        ),
+        Scenario(
+            "latency-regression",
+            f"{SLOW_MODEL} calls take 3x as long from mid-stream, in every agent that uses it",
+            _latency_regression,
+        ),
+        Scenario(
+            "cost-drift",
+            "sql-copilot v3 cost per task climbs linearly from mid-stream to x2.5 at the end",
+            _cost_drift,
+        ),
+    )
+}
+SCENARIO_NAMES: Final[tuple[str, ...]] = tuple(SCENARIOS)
+
+
+def list_scenarios() -> list[tuple[str, str]]:
+    """``(name, description)`` of every scenario, ``steady`` first."""
+    return [(s.name, s.description) for s in SCENARIOS.values()]
+
+
+def _scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scenario {name!r}: expected one of {', '.join(SCENARIO_NAMES)}"
+        ) from None
+
+
+def ground_truth(config: TrafficConfig) -> list[Incident]:
+    """The incidents ``generate(config)`` injects (none for ``steady``); deterministic."""
+    return _scenario(config.scenario).incidents(config)
+
+
+def check_config(config: TrafficConfig) -> None:
+    """Raise ``ValueError`` unless the scenario is known and fits the config."""
+    for incident in ground_truth(config):
+        _Rule.of(incident, config.start.timestamp())  # an effect the generator can inject
+
+
+def write_ground_truth(config: TrafficConfig, path: str | Path) -> GroundTruth:
+    """Write the scenario and its incidents to ``path`` as indented JSON; return them."""
+    truth = GroundTruth(
+        scenario=config.scenario,
+        description=_scenario(config.scenario).description,
+        seed=config.seed,
+        events=config.events,
+        rate_per_s=config.rate_per_s,
+        start=config.start,
+        end=nominal_end(config),
+        incidents=ground_truth(config),
+    )
+    Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(truth), indent=2) + b"\n")
+    return truth
+
+
+def read_ground_truth(path: str | Path) -> GroundTruth:
+    """Read a file ``write_ground_truth`` wrote."""
+    return msgspec.json.decode(Path(path).read_bytes(), type=GroundTruth)
+
+
+# --------------------------------------------------------------------------------------
+# Injection: incidents compiled into the generator's ScenarioParams
+# --------------------------------------------------------------------------------------
+
+_COST_MEASURES: Final = frozenset({"cost_per_task", "cost_usd", "tokens_per_call"})
+_LATENCY: Final = "llm_latency_p95_ms"
+_RATE_KNOBS: Final = {
+    "escalation_rate": "escalation_prob",
+    "retrieval_miss_rate": "retrieval_miss_prob",
+    "tool_error_rate": "tool_error_prob",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """One incident as seconds since ``config.start`` and an effect on ``ScenarioParams``."""
+
+    incident: Incident
+    start: float
+    full: float  # when the full magnitude is reached (== start for a step)
+    factor: float  # at full effect
+
+    @classmethod
+    def of(cls, incident: Incident, base: float) -> _Rule:
+        measure, model = incident.measure, incident.model
+        if not (measure in _COST_MEASURES or measure in _RATE_KNOBS or measure == _LATENCY):
+            raise ValueError(f"incident {incident.kind!r}: cannot inject {measure} yet")
+        if model is not None and measure != _LATENCY:
+            raise ValueError(f"incident {incident.kind!r}: {measure} cannot be per model")
+        if not incident.magnitude >= 1.0:
+            raise ValueError(f"incident {incident.kind!r}: magnitude must be >= 1")
+        start = incident.starts_at.timestamp() - base
+        full = start if incident.ramp_until is None else incident.ramp_until.timestamp() - base
+        if full < start:
+            raise ValueError(f"incident {incident.kind!r}: ramp_until before starts_at")
+        m = incident.magnitude
+        return cls(incident, start, full, m if incident.direction == "up" else 1.0 / m)
+
+    def at(self, t: float) -> float:
+        """The factor on the measure at ``t`` seconds (``t >= start``)."""
+        if t >= self.full:
+            return self.factor
+        return 1.0 + (self.factor - 1.0) * (t - self.start) / (self.full - self.start)
+
+    def matches(self, agent_version: str, tenant_id: str) -> bool:
+        inc = self.incident
+        return (inc.agent_version is None or inc.agent_version == agent_version) and (
+            inc.tenant_id is None or inc.tenant_id == tenant_id
+        )
+
+    def apply(self, p: ScenarioParams, t: float) -> ScenarioParams:
+        inc = self.incident
+        f = self.at(t)
+        if inc.measure in _COST_MEASURES:
+            p = replace(p, cost_multiplier=p.cost_multiplier * f)
+        elif inc.measure in _RATE_KNOBS:
+            knob = _RATE_KNOBS[inc.measure]
+            p = replace(p, **{knob: min(1.0, getattr(p, knob) * f)})
+        else:  # latency of the key's model calls (of one model if set)
+            p = replace(p, llm_latency=(*p.llm_latency, (inc.model, f)))
+        if inc.prompt_version is not None:
+            p = replace(p, prompt_version=inc.prompt_version)
+        if inc.data_source is not None:
+            p = replace(p, data_source=inc.data_source)
+        return p
+
+
+def _fold(rules: Sequence[_Rule], agent_version: str, tenant_id: str, t: float) -> ScenarioParams:
+    p = STEADY
+    for rule in rules:
+        if rule.matches(agent_version, tenant_id):
+            p = rule.apply(p, t)
+    return p
+
+
+def _always_steady(agent_id: str, agent_version: str, tenant_id: str, t: float) -> ScenarioParams:
+    return STEADY
+
+
+def params_fn(config: TrafficConfig) -> ParamsFn:
+    """``(agent_id, agent_version, tenant_id, t) -> ScenarioParams`` for ``config``.
+
+    ``t`` is seconds since ``config.start``. Keys no incident names, and every key before
+    its incidents start, get ``STEADY``; results of step incidents are cached.
+    """
+    incidents = ground_truth(config)
+    if not incidents:
+        return _always_steady
+    base = config.start.timestamp()
+    by_agent: dict[str, list[_Rule]] = {}
+    for incident in incidents:
+        by_agent.setdefault(incident.agent_id, []).append(_Rule.of(incident, base))
+    table: dict[str, tuple[list[float], list[_Rule], bool]] = {}
+    for agent_id, rules in by_agent.items():
+        rules.sort(key=lambda r: r.start)
+        ramps = any(r.full > r.start for r in rules)
+        table[agent_id] = ([r.start for r in rules], rules, ramps)
+    cache: dict[tuple[str, str, str, int], ScenarioParams] = {}
+    get = table.get
+
+    def params(agent_id: str, agent_version: str, tenant_id: str, t: float) -> ScenarioParams:
+        entry = get(agent_id)
+        if entry is None:
+            return STEADY
+        starts, rules, ramps = entry
+        k = bisect_right(starts, t)
+        if k == 0:
+            return STEADY
+        if ramps:
+            return _fold(rules[:k], agent_version, tenant_id, t)
+        key = (agent_id, agent_version, tenant_id, k)
+        p = cache.get(key)
+        if p is None:
+            p = cache[key] = _fold(rules[:k], agent_version, tenant_id, t)
+        return p
+
+    return params
