@@ -321,8 +321,12 @@ async def _probe(bootstrap: str, timeout: float) -> list[str]:
             await admin.close()
 
 
-async def ensure_topics_async(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
+async def ensure_topics_async(
+    bootstrap: str, topics: dict[str, int], timeout: float = 30, **client: Any
+) -> None:
     """Create each topic of ``topics`` (name -> partitions, replication 1) that is missing.
+
+    ``client`` holds extra admin client arguments (TLS, SASL: see ``pipeline.kafka``).
 
     Existing topics are left alone, whatever their partition count. Returns once every named
     topic is in the broker's metadata with a leader for each partition, so a producer can
@@ -334,7 +338,8 @@ async def ensure_topics_async(bootstrap: str, topics: dict[str, int], timeout: f
     if not topics:
         return
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=max(1000, int(timeout * 1000))
+        **{**client, "bootstrap_servers": bootstrap},
+        request_timeout_ms=max(1000, int(timeout * 1000)),
     )
     try:
         async with asyncio.timeout(timeout):
@@ -375,9 +380,11 @@ async def ensure_topics_async(bootstrap: str, topics: dict[str, int], timeout: f
             await admin.close()
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
+def ensure_topics(
+    bootstrap: str, topics: dict[str, int], timeout: float = 30, **client: Any
+) -> None:
     """Blocking form of :func:`ensure_topics_async`; safe to call inside an event loop."""
-    _run_sync(lambda: ensure_topics_async(bootstrap, topics, timeout), timeout)
+    _run_sync(lambda: ensure_topics_async(bootstrap, topics, timeout, **client), timeout)
 
 
 _LOG4J2_PROPERTIES: Final = """\

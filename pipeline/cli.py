@@ -25,7 +25,7 @@ import msgspec
 
 from pipeline import schema
 from pipeline.config import ConfigError, Settings
-from pipeline.kafka import BrokerUnavailable, committed_lag
+from pipeline.kafka import BrokerUnavailable, committed_lag, ensure_pipeline_topics
 
 if TYPE_CHECKING:
     from pipeline.generate import TrafficConfig
@@ -129,30 +129,11 @@ def worker(
     loglevel: str,
 ) -> None:
     """Consume agent events, land them as Parquet, route bad ones to the dead-letter topic."""
-    from pipeline.broker import ensure_topics
     from streams.app import run
 
     settings = Settings.load(broker=broker, data_dir=data_dir, web_port=web_port, group_id=group_id)
-    _ensure_topics(settings, ensure_topics)
+    ensure_pipeline_topics(settings)
     sys.exit(run(settings, loglevel=loglevel))
-
-
-def _ensure_topics(settings: Settings, ensure: Callable[..., None]) -> None:
-    try:
-        ensure(
-            settings.broker,
-            {
-                settings.events_topic: settings.partitions,
-                settings.dlq_topic: settings.partitions,
-                settings.metrics_topic: settings.partitions,
-                settings.anomalies_topic: settings.partitions,
-            },
-            timeout=15,
-        )
-    except Exception as exc:
-        from pipeline.kafka import unreachable
-
-        raise unreachable(settings, exc) from None
 
 
 def _read_lines(source: BinaryIO) -> Iterator[tuple[int, bytes]]:
@@ -173,10 +154,9 @@ def publish(broker: str | None, topic: str | None, source: BinaryIO) -> None:
     Invalid lines are reported with their line number and not sent; the exit status is 1 if
     any line was refused.
     """
-    from pipeline.broker import ensure_topics
 
     settings = Settings.load(broker=broker, events_topic=topic)
-    _ensure_topics(settings, ensure_topics)
+    ensure_pipeline_topics(settings)
     sent, refused = asyncio.run(_publish_lines(settings, _read_lines(source)))
     click.echo(
         f"published {sent} events to {settings.events_topic}"
@@ -497,7 +477,7 @@ def demo(
     Waits until every event has landed and every window has closed (about one window plus
     the lateness after the last event), then prints KPIs from the `metrics` view.
     """
-    from pipeline.broker import LocalBroker, ensure_topics, free_port
+    from pipeline.broker import LocalBroker, free_port
     from pipeline.generate import generate
     from pipeline.scenarios import write_ground_truth
 
@@ -518,7 +498,7 @@ def demo(
     )
     proc: subprocess.Popen[bytes] | None = None
     try:
-        _ensure_topics(settings, ensure_topics)
+        ensure_pipeline_topics(settings)
         already, _ = asyncio.run(committed_lag(settings))
         proc = _spawn_worker(settings)
         truth = Path(settings.data_dir) / "ground_truth.json"

@@ -50,6 +50,27 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+def pipeline_topics(settings: Settings) -> dict[str, int]:
+    """Every topic agentstream reads or writes, with its partition count."""
+    return {
+        settings.events_topic: settings.partitions,
+        settings.dlq_topic: settings.partitions,
+        settings.metrics_topic: settings.partitions,
+        settings.anomalies_topic: settings.partitions,
+    }
+
+
+def ensure_pipeline_topics(settings: Settings, timeout: float = 15) -> None:
+    """Create the missing pipeline topics; ``BrokerUnavailable`` if the broker does not answer."""
+    from pipeline.broker import ensure_topics
+
+    client = {k: v for k, v in client_kwargs(settings).items() if k != "bootstrap_servers"}
+    try:
+        ensure_topics(settings.broker, pipeline_topics(settings), timeout, **client)
+    except Exception as exc:
+        raise unreachable(settings, exc) from None
+
+
 def unreachable(settings: Settings, exc: BaseException | None = None) -> BrokerUnavailable:
     """The error to raise when the broker cannot be reached, with what to do about it."""
     why = f" ({exc})" if exc else ""

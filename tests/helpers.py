@@ -16,10 +16,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from pipeline.broker import ensure_topics, free_port
+from pipeline.broker import free_port
 from pipeline.config import Settings
 from pipeline.generate import TrafficConfig, generate
-from pipeline.kafka import committed_lag
+from pipeline.kafka import committed_lag, ensure_pipeline_topics
 from pipeline.schema import encode
 from sinks.catalog import connect
 
@@ -42,15 +42,7 @@ def unique_settings(bootstrap: str, data_dir: Path, **changes: Any) -> Settings:
     }
     base.update(changes)
     settings = Settings.load(env={}, **base)
-    ensure_topics(
-        settings.broker,
-        {
-            settings.events_topic: settings.partitions,
-            settings.dlq_topic: settings.partitions,
-            settings.metrics_topic: settings.partitions,
-            settings.anomalies_topic: settings.partitions,
-        },
-    )
+    ensure_pipeline_topics(settings)
     return settings
 
 
