@@ -102,6 +102,8 @@ class Settings:
     # Event-time windows.
     window: str = "1m"
     allowed_lateness_s: float = 60.0
+    # Repeats of an event_id within this much event time go to the dead letters (0: off).
+    dedupe_horizon_s: float = 600.0
     web_port: int = 6066
     web_host: str = "127.0.0.1"
     # Redaction of free text before landing: comma-separated email, phone, api_key, or none.
@@ -183,7 +185,7 @@ class Settings:
                     f"bad redact {self.redact!r}: use a comma-separated list of "
                     f"{', '.join(REDACTIONS)}, or none"
                 )
-        for name in ("flush_interval_s", "allowed_lateness_s"):
+        for name in ("flush_interval_s", "allowed_lateness_s", "dedupe_horizon_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 0")
         for name in ("partitions", "flush_max_events", "fetch_max_records", "max_message_bytes"):

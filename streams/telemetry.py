@@ -20,6 +20,11 @@ class WorkerTelemetry:
         self.dead_letters = Counter(
             "agentstream_dead_letters", "Messages routed to the dead-letter topic", registry=r
         )
+        self.duplicates = Counter(
+            "agentstream_duplicates",
+            "Events dead-lettered as repeats of a landed event_id",
+            registry=r,
+        )
         self.late_events = Counter(
             "agentstream_late_events", "Events that arrived after their window closed", registry=r
         )

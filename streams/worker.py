@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,10 +32,12 @@ from mode import Service
 
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs, start_producer
+from pipeline.schema import Rejection
 from sinks.catalog import DEAD_LETTERS, EVENTS, METRICS, prepare
 from sinks.parquet import ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
-from streams.hotpath import BatchProcessor, Processed
+from streams.dedupe import Deduplicator
+from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.windows import WindowAggregator, metric_records
@@ -43,6 +46,13 @@ log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
+
+
+class WorkerState(msgspec.Struct, frozen=True):
+    """What a snapshot holds: the open windows and the remembered event ids."""
+
+    windows: bytes
+    dedupe: bytes
 
 
 class EventClock:
@@ -107,6 +117,7 @@ class EventConsumer(Service):
         self.clock = EventClock()
         self.snapshots = SnapshotStore(settings.data_dir / ".state", settings.group_id)
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
+        self.dedupe = Deduplicator(settings.dedupe_horizon_s)
         self._saved_windows = self.windows.snapshot()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
@@ -179,9 +190,15 @@ class EventConsumer(Service):
     def _restore_windows(self) -> None:
         saved = self.snapshots.load(self._offsets)
         if saved is not None:
-            self.windows = WindowAggregator.restore(saved)
-            self._saved_windows = saved
-            log.info("window state restored: %d open windows", self.windows.open_windows())
+            state = msgspec.msgpack.decode(saved, type=WorkerState)
+            self.windows = WindowAggregator.restore(state.windows)
+            self.dedupe = Deduplicator.restore(state.dedupe)
+            self._saved_windows = state.windows
+            log.info(
+                "state restored: %d open windows, %d event ids remembered",
+                self.windows.open_windows(),
+                self.dedupe.remembered(),
+            )
             return
         if self._offsets:
             log.warning(
@@ -192,7 +209,43 @@ class EventConsumer(Service):
         self.windows = WindowAggregator(
             self.settings.window_seconds, self.settings.allowed_lateness_s
         )
+        self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
         self._saved_windows = self.windows.snapshot()
+
+    def _drop_repeats(self, processed: Processed, records: Sequence[Record]) -> Processed:
+        """Send events whose event_id was already landed within the horizon to dead letters."""
+        events = processed.events
+        if events.num_rows == 0:
+            return processed
+        repeats = self.dedupe.repeats(events["event_id"], events["ts"])
+        if not repeats.any():
+            return processed
+        at = {(r.partition, r.offset): r for r in records}
+        dups = events.filter(pa.array(repeats))
+        horizon = self.settings.dedupe_horizon_s
+        bad = [
+            (
+                at[(part, offset)],
+                Rejection(
+                    f"duplicate event_id {event_id!r}: already landed within the {horizon:g} s "
+                    "de-duplication horizon",
+                    "$.event_id",
+                ),
+            )
+            for event_id, part, offset in zip(
+                dups["event_id"].to_pylist(),
+                dups["kafka_partition"].to_pylist(),
+                dups["kafka_offset"].to_pylist(),
+                strict=True,
+            )
+        ]
+        self.telemetry.duplicates.inc(len(bad))
+        return Processed(
+            events.filter(pa.array(~repeats)),
+            pa.concat_tables([processed.dead_letters, dead_letter_table(bad)]),
+            processed.rejected + bad,
+            processed.ranges,
+        )
 
     @Service.task
     async def _consume(self) -> None:
@@ -204,7 +257,7 @@ class EventConsumer(Service):
             records = [r for batch in fetched.values() for r in batch]
             async with self._lock:
                 if records:
-                    processed = self.processor.process(records)
+                    processed = self._drop_repeats(self.processor.process(records), records)
                     if not self._pending:
                         self._pending_since = time.monotonic()
                     self._pending.append(processed)
@@ -290,7 +343,8 @@ class EventConsumer(Service):
             await asyncio.gather(*sends)
         offsets = {**self._offsets, **{part: hi + 1 for part, (_, hi) in ranges.items()}}
         snap = self.windows.snapshot()
-        await loop.run_in_executor(None, self.snapshots.save, snap, offsets)
+        state = msgspec.msgpack.encode(WorkerState(snap, self.dedupe.snapshot()))
+        await loop.run_in_executor(None, self.snapshots.save, state, offsets)
         if ranges:
             await self._consumer.commit(
                 {TopicPartition(s.events_topic, part): hi + 1 for part, (_, hi) in ranges.items()}

@@ -131,3 +131,22 @@ def test_replaying_offsets_never_duplicates_rows(bootstrap: str, tmp_path: Path)
         settings.data_dir, "SELECT event_id, kafka_partition, kafka_offset FROM events ORDER BY 1"
     )
     assert after == before
+
+
+def test_repeated_event_ids_go_to_dead_letters_once(bootstrap: str, tmp_path: Path) -> None:
+    """An at-least-once publisher's repeats are dead-lettered, in the same and later batches."""
+    settings = unique_settings(bootstrap, tmp_path / "lake")
+    values = generated_values(2000, seed=9)
+    produce_raw(settings, values + values[:50])
+    with running_worker(settings) as proc:
+        wait_committed(settings, 2050, proc)
+        produce_raw(settings, values[1000:1030])  # again, in a later batch
+        wait_committed(settings, 2080, proc)
+    lake = settings.data_dir
+    assert scalar(lake, "SELECT count(*) FROM events") == 2000
+    assert scalar(lake, "SELECT count(DISTINCT event_id) FROM events") == 2000
+    assert scalar(lake, "SELECT count(*) FROM dead_letters") == 80
+    assert (
+        scalar(lake, "SELECT count(*) FROM dead_letters WHERE reason LIKE 'duplicate event_id%'")
+        == 80
+    )
