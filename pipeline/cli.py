@@ -268,20 +268,40 @@ def generate(n_events: int, seed: int, scenario: str, truth: Path | None, out: B
 @click.argument("query")
 @friendly
 def sql(data_dir: Path | None, fmt: str, query: str) -> None:
-    """Run a DuckDB QUERY over the lake (views: events, dead_letters, llm_calls, ...)."""
-    from sinks.catalog import QueryError, connect
+    """Run a read-only DuckDB QUERY over the lake.
 
-    settings = Settings.load(data_dir=data_dir)
-    con = connect(settings.data_dir)
+    Views: events, dead_letters, metrics, anomalies, one per event type (llm_calls, ...), and
+    the analysis views (cost_by_version_day, quality_by_version, task_funnel, ...).
+    """
     import duckdb
 
+    from sinks.catalog import QueryError, read_only_query
+
+    settings = Settings.load(data_dir=data_dir)
+    rel = read_only_query(settings.data_dir, query)
+    if rel is None:
+        return
     try:
-        rel = con.sql(query)
-        if rel is None:
-            return
         click.echo(render(rel, fmt), nl=False)
     except duckdb.Error as exc:
         raise QueryError(str(exc).splitlines()[0]) from None
+
+
+@main.command()
+@data_dir_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("report.html"),
+    show_default=True,
+)
+@friendly
+def report(data_dir: Path | None, out: Path) -> None:
+    """Render the lake's key plots and tables into one self-contained HTML file."""
+    from pipeline.report import render_report
+
+    settings = Settings.load(data_dir=data_dir)
+    click.echo(f"report: {render_report(settings.data_dir, out)}")
 
 
 def render(rel: Any, fmt: str) -> str:
@@ -325,6 +345,76 @@ def _table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
         out.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out) + "\n"
+
+
+@main.command()
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Seeds per scenario (1..K)",
+)
+@click.option(
+    "--events",
+    "n_events",
+    type=click.IntRange(min=10_000),
+    default=200_000,
+    show_default=True,
+    help="Events per scenario run",
+)
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    metavar="NAME",
+    help="Only these scenarios (repeatable) [default: all]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object")
+@friendly
+def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: bool) -> None:
+    """Score drift detection: precision, recall and delay over every scenario and seed.
+
+    Replays each scenario's events through the worker's windows and detectors in-process
+    (no broker: detection does not depend on delivery) and compares with the ground truth.
+    """
+    from pipeline.evaluate import evaluate as run
+    from pipeline.scenarios import SCENARIO_NAMES
+
+    unknown = [s for s in scenarios if s not in SCENARIO_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"unknown scenario {unknown[0]!r}: expected one of {', '.join(SCENARIO_NAMES)}"
+        )
+    result = run(range(1, seeds + 1), n_events, scenarios or SCENARIO_NAMES)
+    if as_json:
+        click.echo(msgspec.json.encode(result.as_dict()).decode())
+        return
+    for r in result.runs:
+        delays = ", ".join(f"{d:g}" for d in r.delays_windows) or "-"
+        click.echo(
+            f"{r.scenario:<20} seed {r.seed}: {r.detected}/{r.incidents} incidents detected, "
+            f"{r.alerts} alerts ({len(r.false_alerts)} false), delay {delays} windows"
+        )
+        for alert in r.false_alerts:
+            click.echo(f"    false alert: {alert}")
+    delay = result.median_delay_windows
+    click.echo(
+        f"precision {result.precision:.3f}  recall {result.recall:.3f}  median delay "
+        + ("-" if delay is None else f"{delay:g} windows")
+    )
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmark against a real Kafka broker: ceiling, naive faust, agentstream (see --help)."""
+    from bench.run import main as run_bench
+
+    sys.exit(run_bench(list(args)))
 
 
 TAIL_TOPICS = {
@@ -515,6 +605,9 @@ def demo(
         if local is not None:
             local.stop()
     click.echo(summary(settings.data_dir))
+    from pipeline.report import render_report
+
+    click.echo(f"report: {render_report(settings.data_dir, settings.data_dir / 'report.html')}")
 
 
 def _spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:

@@ -45,7 +45,11 @@ ToolStatus = Literal["ok", "error"]
 GuardrailAction = Literal["allow", "block", "modify", "flag"]
 
 
-class Envelope(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, tag_field="type"):
+# gc=False: events hold only scalars and strings, so they cannot be part of a reference cycle,
+# and not tracking them spares the collector a pass over every decoded batch.
+class Envelope(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=False, tag_field="type", gc=False
+):
     """Fields every event carries.
 
     ``ts`` is the event time (when it happened in the agent), RFC 3339 with an offset; it

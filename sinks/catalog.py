@@ -17,6 +17,7 @@ import duckdb
 from pipeline import schema
 from sinks.parquet import LakeTable, ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
+from streams.detect import ANOMALIES_SCHEMA
 from streams.windows import METRICS_SCHEMA
 
 DB_FILE: Final = "agentstream.duckdb"
@@ -26,7 +27,8 @@ DEAD_LETTERS: Final = LakeTable(
     "dead_letters", DEAD_LETTERS_SCHEMA, ("date",), "received_at", "offset"
 )
 METRICS: Final = LakeTable("metrics", METRICS_SCHEMA, ("date",), "window_start")
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS]
+ANOMALIES: Final = LakeTable("anomalies", ANOMALIES_SCHEMA, ("date",), "window_start")
+TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES]
 
 _PLURAL: Final = {
     "llm_call": "llm_calls",
@@ -113,18 +115,26 @@ def prepare(data_dir: Path) -> ParquetLake:
     return lake
 
 
-def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with every view over ``data_dir``, read-only on files."""
+def connect(data_dir: Path, *, analysis: bool | str = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with every view over ``data_dir``.
+
+    ``analysis`` adds the analysis views and macros of ``sinks.analysis``: True for all, or
+    the SQL about to run, to add them only if it names one (binding them costs time).
+    """
     if not Path(data_dir).is_dir():
         raise QueryError(
             f"data directory {str(data_dir)!r} does not exist: run `agentstream worker "
             "--data-dir DIR` (or `agentstream demo`) first, or pass the right --data-dir"
         )
+    from sinks.analysis import install_views
+
     lake = ParquetLake(data_dir)
     con = duckdb.connect(":memory:")
     try:
         for stmt in view_statements(lake, con):
             con.execute(stmt)
+        if analysis:
+            install_views(con, lake.root, only_for=None if analysis is True else analysis)
     except duckdb.Error as exc:
         raise QueryError(
             f"cannot read the lake in {data_dir}: {str(exc).splitlines()[0]}"
@@ -132,8 +142,41 @@ def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+READ_STATEMENTS: Final = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def read_only_query(data_dir: Path, sql: str) -> duckdb.DuckDBPyRelation | None:
+    """Run a user's ``sql`` over the lake with no way to change anything.
+
+    Only SELECT-like statements (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) are
+    accepted, and the connection may read files under ``data_dir`` only, so a query can
+    neither alter the lake nor read or write elsewhere.
+    """
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0]) from None
+    for stmt in statements:
+        if stmt.type not in READ_STATEMENTS:
+            raise QueryError(
+                f"only queries are allowed here, not {stmt.type.name}: "
+                f"{stmt.query.strip()[:60]!r} (the lake is opened read-only)"
+            )
+    con = connect(data_dir, analysis=sql)
+    root = str(Path(data_dir).absolute()).replace("'", "''")
+    con.execute(f"SET allowed_directories = ['{root}/']")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    try:
+        return con.sql(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0]) from None
+
+
 def write_database(data_dir: Path) -> Path | None:
     """(Re)create ``agentstream.duckdb`` with the views; returns None if another process holds it."""
+    from sinks.analysis import install_views
+
     path = Path(data_dir) / DB_FILE
     lake = prepare(data_dir)
     try:
@@ -144,15 +187,7 @@ def write_database(data_dir: Path) -> Path | None:
         for stmt in view_statements(lake):
             # Absolute paths: the file must work from any current directory.
             con.execute(stmt)
+        install_views(con, lake.root)
     finally:
         con.close()
     return path
-
-
-def query(data_dir: Path, sql: str) -> duckdb.DuckDBPyRelation | None:
-    """Run ``sql`` over the lake; raise ``QueryError`` with DuckDB's message if it fails."""
-    con = connect(data_dir)
-    try:
-        return con.sql(sql)
-    except duckdb.Error as exc:
-        raise QueryError(str(exc).splitlines()[0]) from None

@@ -39,6 +39,8 @@ class Processed:
     rejected: list[tuple[Record, schema.Rejection]]
     # partition -> (first offset, last offset) of every record read, valid or not
     ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # The records themselves, for dead-lettering a valid event later (a repeated event_id).
+    records: Sequence[Record] = ()
 
 
 def _text(raw: bytes | None) -> str | None:
@@ -82,7 +84,7 @@ class BatchProcessor:
         for r in records:
             lo, hi = ranges.get(r.partition, (r.offset, r.offset))
             ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
-        return Processed(table, dead_letter_table(bad), bad, ranges)
+        return Processed(table, dead_letter_table(bad), bad, ranges, records)
 
 
 def dead_letter_table(bad: Sequence[tuple[Record, schema.Rejection]]) -> pa.Table:

@@ -25,6 +25,9 @@ class WorkerTelemetry:
             "Events dead-lettered as repeats of a landed event_id",
             registry=r,
         )
+        self.anomalies = Counter(
+            "agentstream_anomalies", "Anomaly records (drift, outlier, recovery)", registry=r
+        )
         self.late_events = Counter(
             "agentstream_late_events", "Events that arrived after their window closed", registry=r
         )

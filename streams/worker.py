@@ -5,10 +5,12 @@ section), so the high-volume events topic is read by this service with aiokafka 
 inside the faust worker. Faust keeps what it is good at: the worker life cycle, the web
 endpoint, and agents for the low-volume derived topics.
 
-Order of a flush, which is what makes landing exactly-once: (1) windows updated and due
-windows closed, (2) Parquet files durable (events, dead letters, metrics), (3) dead letters
-and metrics records acknowledged by the broker, (4) window state snapshot saved, (5) offsets
-committed. A crash anywhere before (5) replays the same offsets; the files from the first
+Fetching and validating go on while the previous flush runs (in a thread: polars, pyarrow and
+the file system release the GIL), one flush at a time. Order of a flush, which is what makes
+landing exactly-once: (1) repeated event ids dropped, windows updated, due windows closed
+and judged by the detectors, (2) Parquet files durable (events, dead letters, metrics,
+anomalies), (3) dead letters, metrics and anomalies acknowledged by the broker, (4) state
+snapshot saved, (5) offsets committed. A crash anywhere before (5) replays the same offsets; the files from the first
 attempt are removed on reassignment (``ParquetLake.discard_uncommitted``), metrics files are
 named by window so they are rewritten, and the window state is restored from the snapshot
 saved with the committed offsets (``streams.state``).
@@ -33,14 +35,15 @@ from mode import Service
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs, start_producer
 from pipeline.schema import Rejection
-from sinks.catalog import DEAD_LETTERS, EVENTS, METRICS, prepare
+from sinks.catalog import ANOMALIES, DEAD_LETTERS, EVENTS, METRICS, connect, prepare
 from sinks.parquet import ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.dedupe import Deduplicator
+from streams.detect import DriftDetector, anomaly_records
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
-from streams.windows import WindowAggregator, metric_records
+from streams.windows import DIMENSIONS, WindowAggregator, metric_records
 
 log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
@@ -49,10 +52,28 @@ EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
 
 
 class WorkerState(msgspec.Struct, frozen=True):
-    """What a snapshot holds: the open windows and the remembered event ids."""
+    """What a snapshot holds: open windows, remembered event ids, drift detectors."""
 
     windows: bytes
     dedupe: bytes
+    detector: bytes
+
+
+class _Stopwatch:
+    """Seconds spent in each step of a flush, for the flush's log line."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        total = sum(t for _, t in self.laps)
+        return f"{total:.2f} s (" + ", ".join(f"{n} {t:.2f}" for n, t in self.laps) + ")"
 
 
 class EventClock:
@@ -105,7 +126,11 @@ class EventConsumer(Service):
         )
         self._pending: list[Processed] = []
         self._pending_since = 0.0
+        # _lock guards the pending list (short holds); _flush_lock makes flushes, and the
+        # recovery of newly assigned partitions, happen one at a time.
         self._lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()
+        self._flush_task: asyncio.Task[None] | None = None
         self._next_offset: dict[int, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -118,7 +143,8 @@ class EventConsumer(Service):
         self.snapshots = SnapshotStore(settings.data_dir / ".state", settings.group_id)
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
         self.dedupe = Deduplicator(settings.dedupe_horizon_s)
-        self._saved_windows = self.windows.snapshot()
+        self.detector = DriftDetector()
+        self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
         self._last_flush = time.monotonic()
@@ -148,6 +174,8 @@ class EventConsumer(Service):
 
     async def on_stop(self) -> None:
         try:
+            if self._flush_task is not None:
+                await self._flush_task
             await self.flush(reason="shutdown")
         finally:
             if self._consumer is not None:
@@ -161,7 +189,7 @@ class EventConsumer(Service):
         assert self._consumer is not None
         # Under the flush lock: the fetcher may already deliver records of these partitions,
         # and nothing may be landed for them before their uncommitted files are gone.
-        async with self._lock:
+        async with self._flush_lock:
             await self._recover(assigned)
 
     async def _recover(self, assigned: Sequence[TopicPartition]) -> None:
@@ -190,14 +218,13 @@ class EventConsumer(Service):
     def _restore_windows(self) -> None:
         saved = self.snapshots.load(self._offsets)
         if saved is not None:
-            state = msgspec.msgpack.decode(saved, type=WorkerState)
-            self.windows = WindowAggregator.restore(state.windows)
-            self.dedupe = Deduplicator.restore(state.dedupe)
-            self._saved_windows = state.windows
+            self._saved = msgspec.msgpack.decode(saved, type=WorkerState)
+            self._rewind()
             log.info(
-                "state restored: %d open windows, %d event ids remembered",
+                "state restored: %d open windows, %d event ids remembered, %d keys watched",
                 self.windows.open_windows(),
                 self.dedupe.remembered(),
+                self.detector.tracked_keys(),
             )
             return
         if self._offsets:
@@ -210,17 +237,33 @@ class EventConsumer(Service):
             self.settings.window_seconds, self.settings.allowed_lateness_s
         )
         self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
-        self._saved_windows = self.windows.snapshot()
+        self.detector = DriftDetector()
+        self._saved = self._state()
 
-    def _drop_repeats(self, processed: Processed, records: Sequence[Record]) -> Processed:
-        """Send events whose event_id was already landed within the horizon to dead letters."""
-        events = processed.events
+    def _state(self) -> WorkerState:
+        return WorkerState(
+            self.windows.snapshot(), self.dedupe.snapshot(), self.detector.snapshot()
+        )
+
+    def _rewind(self) -> None:
+        """Windows, ids and detectors back to the last committed state (a flush is retried)."""
+        self.windows = WindowAggregator.restore(self._saved.windows)
+        self.dedupe = Deduplicator.restore(self._saved.dedupe)
+        self.detector = DriftDetector.restore(self._saved.detector)
+
+    def _drop_repeats(
+        self, events: pa.Table, pending: Sequence[Processed]
+    ) -> tuple[pa.Table, list[tuple[Record, Rejection]]]:
+        """Take events whose event_id was already landed within the horizon out of ``events``.
+
+        Returns the rest, and the repeats as dead letters.
+        """
         if events.num_rows == 0:
-            return processed
+            return events, []
         repeats = self.dedupe.repeats(events["event_id"], events["ts"])
         if not repeats.any():
-            return processed
-        at = {(r.partition, r.offset): r for r in records}
+            return events, []
+        at = {(r.partition, r.offset): r for p in pending for r in p.records}
         dups = events.filter(pa.array(repeats))
         horizon = self.settings.dedupe_horizon_s
         bad = [
@@ -240,12 +283,7 @@ class EventConsumer(Service):
             )
         ]
         self.telemetry.duplicates.inc(len(bad))
-        return Processed(
-            events.filter(pa.array(~repeats)),
-            pa.concat_tables([processed.dead_letters, dead_letter_table(bad)]),
-            processed.rejected + bad,
-            processed.ranges,
-        )
+        return events.filter(pa.array(~repeats)), bad
 
     @Service.task
     async def _consume(self) -> None:
@@ -255,25 +293,28 @@ class EventConsumer(Service):
         while not self.should_stop:
             fetched = await consumer.getmany(timeout_ms=200, max_records=s.fetch_max_records)
             records = [r for batch in fetched.values() for r in batch]
-            async with self._lock:
-                if records:
-                    processed = self._drop_repeats(self.processor.process(records), records)
+            if records:
+                processed = self.processor.process(records)
+                async with self._lock:
                     if not self._pending:
                         self._pending_since = time.monotonic()
                     self._pending.append(processed)
                     for part, (_, hi) in processed.ranges.items():
                         self._next_offset[part] = hi + 1
-                    self.telemetry.events_in.inc(len(records))
-                pending_rows = sum(
-                    p.events.num_rows + p.dead_letters.num_rows for p in self._pending
-                )
-                since = self._pending_since if self._pending else self._last_flush
-                due = pending_rows >= s.flush_max_events or (
-                    time.monotonic() - since >= s.flush_interval_s
-                    and (self._pending or self.windows.open_windows() > 0)
-                )
-            if due:
-                await self.flush(reason="batch")
+                self.telemetry.events_in.inc(len(records))
+            pending_rows = sum(p.events.num_rows + p.dead_letters.num_rows for p in self._pending)
+            since = self._pending_since if self._pending else self._last_flush
+            due = pending_rows >= s.flush_max_events or (
+                time.monotonic() - since >= s.flush_interval_s
+                and (self._pending or self.windows.open_windows() > 0)
+            )
+            flushing = self._flush_task is not None and not self._flush_task.done()
+            if due and not flushing:
+                self._flush_task = asyncio.create_task(self.flush(reason="batch"))
+            elif flushing and pending_rows >= 2 * s.flush_max_events:
+                # Backpressure: memory holds at most two flushes' worth of records.
+                assert self._flush_task is not None
+                await asyncio.shield(self._flush_task)
             self._update_lag(consumer)
 
     def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
@@ -286,17 +327,19 @@ class EventConsumer(Service):
 
     async def flush(self, *, reason: str) -> None:
         """Aggregate and land everything pending, publish, snapshot, then commit offsets."""
-        async with self._lock:
-            pending, self._pending = self._pending, []
+        async with self._flush_lock:
+            async with self._lock:
+                pending, self._pending = self._pending, []
             started = time.perf_counter()
             self._last_flush = time.monotonic()
             try:
                 await self._flush(pending)
             except Exception as exc:
-                # Nothing was committed: keep the batch, and rewind the windows to the state
-                # of the last commit, so the retry counts every event exactly once.
-                self._pending = pending + self._pending
-                self.windows = WindowAggregator.restore(self._saved_windows)
+                # Nothing was committed: keep the batch, and rewind the state to the last
+                # commit, so the retry counts every event exactly once.
+                async with self._lock:
+                    self._pending = pending + self._pending
+                self._rewind()
                 self.telemetry.landing_errors.inc()
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
@@ -317,14 +360,22 @@ class EventConsumer(Service):
                 old = ranges.get(part, (lo, hi))
                 ranges[part] = (min(old[0], lo), max(old[1], hi))
         loop = asyncio.get_running_loop()
-        behind = self._behind()
-        events, metrics = await loop.run_in_executor(None, self._aggregate, events, behind)
+        behind = self._behind({**self._offsets, **{p: hi + 1 for p, (_, hi) in ranges.items()}})
+        steps = _Stopwatch()
+        events, repeats, metrics, anomalies = await loop.run_in_executor(
+            None, self._aggregate, events, pending, behind
+        )
+        steps.lap("aggregate")
         if not pending and metrics.num_rows == 0:
             return
-        await loop.run_in_executor(None, self._land, events, dead, metrics, ranges)
+        rejected = [bad for p in pending for bad in p.rejected] + repeats
+        if repeats:
+            dead = pa.concat_tables([dead, dead_letter_table(repeats)])
+        await loop.run_in_executor(None, self._land, events, dead, metrics, anomalies, ranges)
+        steps.lap("land")
         sends = []
-        for p in pending:
-            for record, rejection in p.rejected:
+        if rejected:
+            for record, rejection in rejected:
                 headers = [
                     ("agentstream.reason", rejection.reason.encode()),
                     (
@@ -339,18 +390,23 @@ class EventConsumer(Service):
                 )
         for metric_id, value in metric_records(metrics):
             sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
+        for anomaly_id, value in anomaly_records(anomalies):
+            sends.append(await self._producer.send(s.anomalies_topic, value=value, key=anomaly_id))
         if sends:
             await asyncio.gather(*sends)
+        steps.lap("publish")
         offsets = {**self._offsets, **{part: hi + 1 for part, (_, hi) in ranges.items()}}
-        snap = self.windows.snapshot()
-        state = msgspec.msgpack.encode(WorkerState(snap, self.dedupe.snapshot()))
-        await loop.run_in_executor(None, self.snapshots.save, state, offsets)
+        state = await loop.run_in_executor(None, self._state)
+        await loop.run_in_executor(
+            None, self.snapshots.save, msgspec.msgpack.encode(state), offsets
+        )
+        steps.lap("snapshot")
         if ranges:
             await self._consumer.commit(
                 {TopicPartition(s.events_topic, part): hi + 1 for part, (_, hi) in ranges.items()}
             )
         self._offsets = offsets
-        self._saved_windows = snap
+        self._saved = state
         self.metrics_emitted += metrics.num_rows
         self.telemetry.metrics_emitted.inc(metrics.num_rows)
         total = sum(hi - lo + 1 for lo, hi in ranges.values())
@@ -359,22 +415,29 @@ class EventConsumer(Service):
         self.telemetry.events_landed.inc(events.num_rows)
         self.telemetry.dead_letters.inc(dead.num_rows)
         self.telemetry.batch_events.observe(total)
+        steps.lap("commit")
         log.info(
-            "flush: %d messages, %d events landed, %d dead letters, %d metrics rows, partitions %s",
+            "flush: %d messages, %d events landed, %d dead letters, %d metrics rows, "
+            "%d anomalies, partitions %s; %s",
             total,
             events.num_rows,
             dead.num_rows,
             metrics.num_rows,
+            anomalies.num_rows,
             ",".join(f"{p}@{hi + 1}" for p, (_, hi) in sorted(ranges.items())),
+            steps,
         )
 
-    def _behind(self) -> set[int]:
-        """Assigned partitions with records still to read: they hold event time back."""
+    def _behind(self, flushed: dict[int, int]) -> set[int]:
+        """Assigned partitions with records beyond this flush: they hold event time back.
+
+        ``flushed`` is each partition's next offset once this flush is committed.
+        """
         assert self._consumer is not None
         behind = set()
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
-            if high is None or self._next_offset.get(tp.partition, 0) < high:
+            if high is None or flushed.get(tp.partition, 0) < high:
                 behind.add(tp.partition)
         return behind
 
@@ -395,8 +458,15 @@ class EventConsumer(Service):
         reached = [ts for p, ts in self._partition_ts.items() if p in behind]
         return min(reached) if reached else max(self._partition_ts.values(), default=None)
 
-    def _aggregate(self, events: pa.Table, behind: set[int]) -> tuple[pa.Table, pa.Table]:
-        """Fold ``events`` into the windows; return them with ``late`` set, and closed windows."""
+    def _aggregate(
+        self, events: pa.Table, pending: Sequence[Processed], behind: set[int]
+    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table]:
+        """Fold ``events`` into the windows and detectors.
+
+        Returns the events to land (repeats taken out, ``late`` set), the repeats as dead
+        letters, the rows of the windows that closed, and the anomalies found in them.
+        """
+        events, repeats = self._drop_repeats(events, pending)
         reached = self._event_time(events, behind)
         now = self.clock.advance(reached)
         if events.num_rows:
@@ -405,21 +475,52 @@ class EventConsumer(Service):
             late = self.windows.update(events, now=now, event_time=reached or _EPOCH)
             events = events.set_column(events.schema.get_field_index("late"), "late", late)
             self.telemetry.late_events.inc(pc.sum(late).as_py() or 0)
-        return events, self.windows.close_due(now=now)
+        metrics = self.windows.close_due(now=now)
+        anomalies = self.detector.observe(metrics, detected_at=datetime.now(UTC))
+        if anomalies.num_rows:
+            anomalies = self._with_examples(anomalies, events)
+            self.telemetry.anomalies.inc(anomalies.num_rows)
+        return events, repeats, metrics, anomalies
+
+    def _with_examples(self, anomalies: pa.Table, events: pa.Table) -> pa.Table:
+        """Fill ``example_event_ids`` with a few events of each anomaly's window and key.
+
+        Anomalies are rare, so this reads the landed events of those windows from the lake.
+        """
+        con = connect(self.settings.data_dir)
+        con.register("current", events)
+        examples = []
+        for row in anomalies.select(["window_start", "window_end", *DIMENSIONS]).to_pylist():
+            where = " AND ".join(f"{d} = ${d}" for d in DIMENSIONS if row[d] is not None)
+            params = {d: row[d] for d in DIMENSIONS if row[d] is not None}
+            sql = (
+                "SELECT event_id FROM (SELECT event_id, ts, {dims} FROM events UNION ALL "
+                "SELECT event_id, ts, {dims} FROM current) WHERE ts >= $start AND ts < $end "
+                "AND {where} ORDER BY ts LIMIT 5"
+            ).format(dims=", ".join(DIMENSIONS), where=where or "true")
+            got = con.execute(
+                sql, {**params, "start": row["window_start"], "end": row["window_end"]}
+            )
+            examples.append([r[0] for r in got.fetchall()])
+        index = anomalies.schema.get_field_index("example_event_ids")
+        return anomalies.set_column(
+            index, "example_event_ids", pa.array(examples, pa.list_(pa.string()))
+        )
 
     def _land(
         self,
         events: pa.Table,
         dead: pa.Table,
         metrics: pa.Table,
+        anomalies: pa.Table,
         ranges: dict[int, tuple[int, int]],
     ) -> None:
-        if metrics.num_rows:
-            starts = pc.unique(metrics["window_start"]).to_pylist()
-            for start in starts:
-                rows = metrics.filter(pc.equal(metrics["window_start"], start))
+        # Derived rows are named by their window: a replay rewrites the same files.
+        for table, rows in ((METRICS, metrics), (ANOMALIES, anomalies)):
+            for start in pc.unique(rows["window_start"]).to_pylist():
+                mine = rows.filter(pc.equal(rows["window_start"], start))
                 name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}.parquet"
-                self.lake.write_named(METRICS, rows, name)
+                self.lake.write_named(table, mine, name)
         topic = self.settings.events_topic
         for part, (lo, hi) in ranges.items():
             for table, rows, column in (

@@ -1,0 +1,209 @@
+"""Scoring drift detection against the scenarios' ground truth.
+
+``score`` compares anomaly rows with a scenario's incidents; it is shared by
+``agentstream evaluate`` and the scenario tests that run the whole pipeline on Kafka.
+``replay`` feeds a scenario's events through the same window aggregator and detectors the
+worker runs, in order and in batches, without a broker, so many seeds can be scored in
+minutes. The broker adds delivery, not detection: the tests check the two agree.
+
+Matching rules. An anomaly (kind drift or outlier) *matches* an incident when it is about the
+incident's key (every dimension the incident names is equal, or null in a rollup row; a
+prompt version or data source that *appears* at the incident is not a key) and about the
+incident's measure family (cost: cost per task, cost per completed task, cost, tokens per
+call; latency: the llm latency quantiles; the rates: themselves), in a window at or after
+the incident start. Recall is the share of incidents matched; precision the share of
+anomalies that match some incident or are a side effect on the incident's key (3x tokens
+also slow a call down); the delay is counted in windows from the incident start to the
+first matching anomaly.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import pyarrow as pa
+
+from pipeline.generate import TrafficConfig, generate
+from pipeline.scenarios import SCENARIO_NAMES, Incident, ground_truth
+from sinks.tables import events_to_table
+from streams.detect import DriftDetector
+from streams.enrich import CostEstimator
+from streams.windows import WindowAggregator
+
+DEFAULT_EVENTS: Final = 200_000
+BATCH: Final = 20_000
+
+FAMILIES: Final[dict[str, frozenset[str]]] = {
+    "cost_per_task": frozenset(
+        {"cost_per_task", "cost_per_completed_task", "cost_usd", "tokens_per_call"}
+    ),
+    "llm_latency_p95_ms": frozenset(
+        {"llm_latency_p50_ms", "llm_latency_p95_ms", "llm_latency_p99_ms", "latency_p95_ms"}
+    ),
+}
+_KEY_FIELDS: Final = ("agent_id", "agent_version", "model", "tenant_id")
+_ALERTS: Final = ("drift", "outlier")
+
+
+def _family(measure: str) -> frozenset[str]:
+    return FAMILIES.get(measure, frozenset({measure}))
+
+
+def _same_key(incident: Incident, row: dict[str, Any]) -> bool:
+    for name in _KEY_FIELDS:
+        wanted = getattr(incident, name)
+        if wanted is not None and row.get(name) not in (None, wanted):
+            return False
+    # A rollup row that names none of the incident's dimensions is about everyone.
+    return any(
+        getattr(incident, name) is not None and row.get(name) == getattr(incident, name)
+        for name in _KEY_FIELDS
+    )
+
+
+@dataclass
+class ScenarioScore:
+    """Detection of one scenario run: what was found, missed, and raised wrongly."""
+
+    scenario: str
+    seed: int
+    incidents: int
+    detected: int
+    alerts: int
+    true_alerts: int
+    delays_windows: list[float] = field(default_factory=list)
+    false_alerts: list[str] = field(default_factory=list)
+
+
+def score(
+    scenario: str,
+    seed: int,
+    incidents: Sequence[Incident],
+    anomalies: pa.Table,
+    window_s: int = 60,
+) -> ScenarioScore:
+    """Score ``anomalies`` (ANOMALIES_SCHEMA rows) against a scenario's ``incidents``."""
+    rows = [r for r in anomalies.to_pylist() if r["kind"] in _ALERTS]
+    result = ScenarioScore(scenario, seed, len(incidents), 0, len(rows), 0)
+    for incident in incidents:
+        family = _family(incident.measure)
+        hits = [
+            r
+            for r in rows
+            if r["measure"] in family
+            and _same_key(incident, r)
+            and r["window_start"] >= incident.starts_at
+        ]
+        if hits:
+            result.detected += 1
+            first = min(r["window_start"] for r in hits)
+            result.delays_windows.append((first - incident.starts_at) / timedelta(seconds=window_s))
+    for r in rows:
+        related = any(_same_key(i, r) and r["window_start"] >= i.starts_at for i in incidents)
+        if related:
+            result.true_alerts += 1
+        else:
+            result.false_alerts.append(
+                f"{r['window_start']:%H:%M} {r['level']} {r['agent_id']}/{r['agent_version']}/"
+                f"{r['model']} {r['measure']} {r['kind']} ({r['detector']})"
+            )
+    return result
+
+
+def replay(config: TrafficConfig, window_s: int = 60, lateness_s: float = 60.0) -> pa.Table:
+    """Anomalies the worker's windows and detectors raise on ``config``'s traffic."""
+    windows = WindowAggregator(window_s, lateness_s)
+    detector = DriftDetector()
+    costs = CostEstimator()
+    found = []
+    batch: list[Any] = []
+    for ev in _then_flush(generate(config)):
+        if ev is not None:
+            batch.append(ev)
+            if len(batch) < BATCH:
+                continue
+        if not batch:
+            continue
+        estimated = costs.fill(batch)
+        n = len(batch)
+        table = events_to_table(
+            batch,
+            {
+                "cost_estimated": estimated,
+                "late": [False] * n,
+                "kafka_partition": [0] * n,
+                "kafka_offset": list(range(n)),
+            },
+        )
+        newest: datetime = max(e.ts for e in batch)
+        windows.update(table, now=newest)
+        closed = windows.close_due(now=newest)
+        found.append(detector.observe(closed, detected_at=newest))
+        batch = []
+    found.append(detector.observe(windows.flush_all(), detected_at=newest))
+    return pa.concat_tables(found)
+
+
+def _then_flush(events: Iterable[Any]) -> Iterable[Any]:
+    yield from events
+    yield None
+
+
+@dataclass
+class Evaluation:
+    """Precision, recall and delay over scenarios and seeds."""
+
+    runs: list[ScenarioScore]
+
+    @property
+    def recall(self) -> float:
+        incidents = sum(r.incidents for r in self.runs)
+        return sum(r.detected for r in self.runs) / incidents if incidents else 1.0
+
+    @property
+    def precision(self) -> float:
+        alerts = sum(r.alerts for r in self.runs)
+        return sum(r.true_alerts for r in self.runs) / alerts if alerts else 1.0
+
+    @property
+    def median_delay_windows(self) -> float | None:
+        delays = [d for r in self.runs for d in r.delays_windows]
+        return statistics.median(delays) if delays else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as plain data (for ``--json``)."""
+        return {
+            "precision": round(self.precision, 4),
+            "recall": round(self.recall, 4),
+            "median_delay_windows": self.median_delay_windows,
+            "runs": [
+                {
+                    "scenario": r.scenario,
+                    "seed": r.seed,
+                    "incidents": r.incidents,
+                    "detected": r.detected,
+                    "alerts": r.alerts,
+                    "false_alerts": r.false_alerts,
+                    "delays_windows": r.delays_windows,
+                }
+                for r in self.runs
+            ],
+        }
+
+
+def evaluate(
+    seeds: Sequence[int],
+    events: int = DEFAULT_EVENTS,
+    scenarios: Sequence[str] = SCENARIO_NAMES,
+) -> Evaluation:
+    """Replay every scenario for every seed and score the detection."""
+    runs = []
+    for name in scenarios:
+        for seed in seeds:
+            config = TrafficConfig(events=events, seed=seed, scenario=name)
+            runs.append(score(name, seed, ground_truth(config), replay(config)))
+    return Evaluation(runs)

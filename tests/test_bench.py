@@ -1,0 +1,72 @@
+"""The benchmark runs end to end on the session broker, and its profile summary adds up."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from bench import profile
+from bench.run import RESULT_KEYS, main
+
+
+@pytest.mark.timeout(180)
+def test_small_bench_run_reports_every_figure(
+    bootstrap: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    code = main(
+        [
+            "--broker",
+            bootstrap,
+            "--events",
+            "20000",
+            "--naive-cap",
+            "5000",
+            "--skip-latency",
+            "--json",
+        ]
+    )
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)  # exactly one JSON object on stdout
+    for key in RESULT_KEYS:
+        assert key in result, key
+    assert result["events"] == 20_000
+    for key in ("publish_eps", "ceiling_eps", "naive_eps", "agentstream_eps", "peak_rss_bytes"):
+        assert isinstance(result[key], int | float) and result[key] > 0, (key, result[key])
+    for key in ("latency_p50_metrics_s", "latency_p99_metrics_s", "latency_p99_anomaly_s"):
+        assert result[key] is None  # skipped
+    assert result["naive_events"] == 5_000
+    assert result["agentstream_eps"] > result["naive_eps"]
+    assert result["worker_health"]["events_landed"] == 20_000
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and machine["python"]
+    assert elapsed < 90, f"the smoke run took {elapsed:.0f} s"
+
+
+def test_profile_summary_views() -> None:
+    raw = [
+        "thread (1): MainThread;run (streams/app.py:98);_consume (streams/worker.py:10);"
+        "decode (pipeline/schema.py:5) 6",
+        "thread (1): MainThread;run (streams/app.py:98);select (selectors.py:468) 3",
+        "thread (2): asyncio_0;_land (streams/worker.py:40);write_table (pyarrow/parquet/core.py:9) 1",
+    ]
+    prof = profile.parse(raw)
+    assert prof.total == 10
+    assert prof.threads == {"MainThread": 9, "asyncio_0": 1}
+    assert prof.top("self_time", 1) == [("decode (pipeline/schema.py)", 6, 60.0)]
+    assert (
+        dict((n, c) for n, c, _ in prof.top("inclusive", 10))["_consume (streams/worker.py)"] == 6
+    )
+    project = {n: c for n, c, _ in prof.top("project", 10)}
+    # The entry point alone does not count as our code; the innermost line of ours does.
+    assert project == {
+        "decode (pipeline/schema.py:5)": 6,
+        "(outside agentstream code)": 3,
+        "_land (streams/worker.py:40)": 1,
+    }
+    only_main = profile.parse(raw, thread="MainThread")
+    assert only_main.total == 9
