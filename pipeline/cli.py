@@ -704,6 +704,13 @@ def summary(data_dir: Path) -> str:
     out.write(f'query: agentstream sql --data-dir {data_dir} "SELECT * FROM metrics LIMIT 5"\n\n')
     out.write("KPIs per agent version, from the metrics view:\n")
     out.write(render(con.sql(KPI_SQL), "table"))
+    alerts = con.sql(
+        "SELECT window_start, severity, kind, message FROM anomalies "
+        "WHERE kind <> 'recovery' ORDER BY window_start LIMIT 20"
+    ).fetchall()
+    out.write(f"\nanomalies: {len(alerts)}" + (" (first 20)" if len(alerts) == 20 else "") + "\n")
+    for window_start, severity, kind, message in alerts:
+        out.write(f"  {window_start:%Y-%m-%d %H:%M} {severity.upper():<8} {kind:<8} {message}\n")
     return out.getvalue()
 
 
