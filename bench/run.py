@@ -86,6 +86,7 @@ from pipeline.broker import KAFKA_VERSION, LocalBroker, ensure_topics, free_port
 from pipeline.config import Settings
 from pipeline.generate import TrafficConfig, generate
 from pipeline.kafka import committed_lag
+from pipeline.procs import stop_group
 from pipeline.publisher import Publisher, event_key
 
 __all__ = ["BenchOptions", "main", "render", "run"]
@@ -191,16 +192,7 @@ def _topics(settings: Settings) -> dict[str, int]:
 
 def _kill_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     """SIGTERM the process group we started, SIGKILL it if it does not stop in time."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_group(proc, timeout)
 
 
 def _tail(path: Path, lines: int = 30) -> str:

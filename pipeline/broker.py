@@ -46,6 +46,8 @@ from typing import IO, Any, Final, Literal, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
+from pipeline.procs import stop_group
+
 __all__ = [
     "KAFKA_VERSION",
     "BrokerError",
@@ -852,15 +854,8 @@ class LocalBroker:
 
     def _terminate(self, timeout: float) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if proc is not None:
+            stop_group(proc, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None

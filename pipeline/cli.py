@@ -12,7 +12,6 @@ import functools
 import io
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -662,13 +661,9 @@ def _wait_windows(settings: Settings, deadline: float, proc: subprocess.Popen[by
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    from pipeline.procs import stop_group
+
+    stop_group(proc, 30)
 
 
 KPI_SQL = """

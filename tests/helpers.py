@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pipeline.broker import free_port
 from pipeline.config import Settings
 from pipeline.generate import TrafficConfig, generate
 from pipeline.kafka import committed_lag, ensure_pipeline_topics
+from pipeline.procs import stop_group
 from pipeline.schema import encode
 from sinks.catalog import connect
 
@@ -69,14 +69,8 @@ def running_worker(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise AssertionError(f"worker did not stop on SIGTERM; log: {log}") from None
+        if not stop_group(proc, 45):
+            raise AssertionError(f"worker did not stop on SIGTERM; log: {log}")
 
 
 def wait_committed(
