@@ -4,7 +4,8 @@
 ``agentstream evaluate`` and the scenario tests that run the whole pipeline on Kafka.
 ``replay`` feeds a scenario's events through the same window aggregator and detectors the
 worker runs, in order and in batches, without a broker, so many seeds can be scored in
-minutes. The broker adds delivery, not detection: the tests check the two agree.
+minutes. The broker adds delivery, not detection: the tests check both find the same
+incidents with the same first detection.
 
 Matching rules. An anomaly (kind drift or outlier) *matches* an incident when it is about the
 incident's key (every dimension the incident names is equal, or null in a rollup row; a
