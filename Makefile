@@ -6,7 +6,7 @@ EVENTS ?= 50000
 SEED ?= 1
 DATA_DIR ?= agentstream-demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint faults bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+faults: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/faults tests/test_hostile.py
 
 bench: $(BIN)/.installed
 	$(BIN)/agentstream bench

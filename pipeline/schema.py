@@ -324,17 +324,19 @@ def decode_batch(
         try:
             event = dec(raw)
         except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-            reason = _reason_of(exc, raw)
-            rejected.append(Rejection(reason, _field_of(reason)))
-            bad_at.append(i)
-            continue
-        late = _too_far_ahead(event, horizon)
-        if late is None:
-            events.append(event)
-            ok_at.append(i)
+            rejection = Rejection(reason := _reason_of(exc, raw), _field_of(reason))
+        except RecursionError:
+            # msgspec recurses per nesting level: a hostile message must not stop the worker.
+            rejection = Rejection("malformed JSON: nested too deeply")
         else:
-            rejected.append(late)
-            bad_at.append(i)
+            late = _too_far_ahead(event, horizon)
+            if late is None:
+                events.append(event)
+                ok_at.append(i)
+                continue
+            rejection = late
+        rejected.append(rejection)
+        bad_at.append(i)
     return events, ok_at, rejected, bad_at
 
 

@@ -1,0 +1,1 @@
+"""Fault-injection tests: real Kafka, real worker processes, faults, then an exact audit."""
