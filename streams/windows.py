@@ -323,6 +323,7 @@ class _Snapshot(msgspec.Struct, frozen=True):
     tools: bytes
     guard: bytes
     sketch: bytes
+    source: str = ""
 
 
 _SNAPSHOT_VERSION: Final = 1
@@ -337,12 +338,17 @@ class WindowAggregator:
     closing and lateness rules.
     """
 
-    def __init__(self, window_s: int = 60, allowed_lateness_s: float = 60.0) -> None:
+    def __init__(
+        self, window_s: int = 60, allowed_lateness_s: float = 60.0, *, source: str = ""
+    ) -> None:
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         if not allowed_lateness_s >= 0:
             raise ValueError(f"allowed_lateness_s must be >= 0, got {allowed_lateness_s}")
         self.window_s = int(window_s)
+        # Which aggregator emitted a row: several workers of one group each emit their part
+        # of a window, and their rows need ids (and lake files) of their own.
+        self.source = source
         self.allowed_lateness_s = float(allowed_lateness_s)
         self._w = self.window_s * 1_000_000
         self._lateness = round(self.allowed_lateness_s * 1_000_000)
@@ -521,7 +527,7 @@ class WindowAggregator:
             return _EMPTY_METRICS
         self._agg = self._agg.filter(~due)
         tools, guard, steps = (t.take(due) for t in (self._tools, self._guard, self._sketch))
-        return _metrics(agg, tools, guard, steps, self._w)
+        return _metrics(agg, tools, guard, steps, self._w, self.source)
 
     # ----------------------------------------------------------------------------------
     # persistence
@@ -540,6 +546,7 @@ class WindowAggregator:
                 tools=_ipc(self._tools.frame()),
                 guard=_ipc(self._guard.frame()),
                 sketch=_ipc(self._sketch.frame()),
+                source=self.source,
             )
         )
 
@@ -549,7 +556,7 @@ class WindowAggregator:
         snap = msgspec.msgpack.decode(data, type=_Snapshot)
         if snap.version != _SNAPSHOT_VERSION:
             raise ValueError(f"unsupported window snapshot version {snap.version}")
-        agg = cls(snap.window_s, snap.allowed_lateness_s)
+        agg = cls(snap.window_s, snap.allowed_lateness_s, source=snap.source)
         agg._max_ts = snap.max_ts_us
         agg._horizon = snap.horizon_us
         agg._agg = _from_ipc(snap.agg, _AGG_SCHEMA)
@@ -612,7 +619,12 @@ def _per_row(
 
 
 def _metrics(
-    agg: pl.DataFrame, tools: pl.DataFrame, guard: pl.DataFrame, steps: pl.DataFrame, w: int
+    agg: pl.DataFrame,
+    tools: pl.DataFrame,
+    guard: pl.DataFrame,
+    steps: pl.DataFrame,
+    w: int,
+    source: str,
 ) -> pa.Table:
     key_rows = agg.sort(_KEY, nulls_last=True).with_row_index("_kid")
     kids = key_rows.select(*_KEY, "_kid")
@@ -677,7 +689,7 @@ def _metrics(
 
     columns = [out.get_column(name).to_list() for name in ["level", "_start_us", *DIMENSIONS]]
     ids = [
-        _metric_id(level, start, start + w, dims)
+        _metric_id(level, start, start + w, dims, source)
         for level, start, *dims in zip(*columns, strict=True)
     ]
     out = out.with_columns(pl.Series("metric_id", ids, dtype=pl.String))
@@ -687,9 +699,14 @@ def _metrics(
 _encode: Final = msgspec.json.Encoder().encode
 
 
-def _metric_id(level: str, start_us: int, end_us: int, dims: Sequence[str | None]) -> str:
-    """Stable id of a metrics row: the same window, level and key always give the same id."""
-    return hashlib.blake2b(_encode([level, start_us, end_us, *dims]), digest_size=16).hexdigest()
+def _metric_id(
+    level: str, start_us: int, end_us: int, dims: Sequence[str | None], source: str = ""
+) -> str:
+    """Stable id of a metrics row: the same window, level, key and source give the same id."""
+    parts: list[object] = [level, start_us, end_us, *dims]
+    if source:
+        parts.append(source)
+    return hashlib.blake2b(_encode(parts), digest_size=16).hexdigest()
 
 
 _json = msgspec.json.Encoder()

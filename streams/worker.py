@@ -19,6 +19,7 @@ saved with the committed offsets (``streams.state``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -49,6 +50,11 @@ log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
+# The copy of a dead letter on the DLQ topic is cut to this size (the lake keeps it whole):
+# the producer's max_request_size and a topic's default max.message.bytes are 1 MiB, and a
+# copy that cannot be sent would stop every later commit behind it.
+DLQ_VALUE_LIMIT = 900 * 1024
+DLQ_KEY_LIMIT = 16 * 1024
 
 
 class WorkerState(msgspec.Struct, frozen=True):
@@ -108,6 +114,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         await self.owner.flush(reason="rebalance")
+        await self.owner.release(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         await self.owner.recover(assigned)
@@ -125,6 +132,14 @@ class EventConsumer(Service):
             max_message_bytes=settings.max_message_bytes, redact=settings.redact_kinds
         )
         self._pending: list[Processed] = []
+        # A batch whose flush failed is retried alone, as it was: its files are named by its
+        # offset ranges, so the retry overwrites what the failed attempt landed.
+        self._retry: list[Processed] = []
+        self._paused = False
+        self._inflight = 0  # records in the flush being attempted
+        # Whether the window state is this worker's own, consistent with what it committed
+        # (so a rebalance keeps it), rather than to be restored from a snapshot.
+        self._live = False
         self._pending_since = 0.0
         # _lock guards the pending list (short holds); _flush_lock makes flushes, and the
         # recovery of newly assigned partitions, happen one at a time.
@@ -176,12 +191,49 @@ class EventConsumer(Service):
         try:
             if self._flush_task is not None:
                 await self._flush_task
-            await self.flush(reason="shutdown")
+            await self.flush(reason="shutdown", emit_open=not self._owns_every_partition())
         finally:
             if self._consumer is not None:
                 await self._consumer.stop()
             if self._producer is not None:
                 await self._producer.stop()
+
+    def _owns_every_partition(self) -> bool:
+        """Whether this worker reads the whole events topic (no other worker in its group)."""
+        if self._consumer is None:
+            return True
+        every = self._consumer.partitions_for_topic(self.settings.events_topic) or set()
+        mine = {tp.partition for tp in self._consumer.assignment()}
+        return mine >= every
+
+    async def release(self, revoked: Sequence[TopicPartition]) -> None:
+        """Forget what was fetched from ``revoked`` partitions and not committed.
+
+        Their new owner (maybe this worker again) reads them from the committed offset, so a
+        batch kept here (fetched during the revocation, or from a flush that failed) would be
+        landed twice.
+        """
+        gone = {tp.partition for tp in revoked}
+        async with self._flush_lock, self._lock:
+            kept = [_without(p, gone) for p in self._pending]
+            retry = [_without(p, gone) for p in self._retry]
+            dropped = sum(len(p.records) for p in [*self._pending, *self._retry]) - sum(
+                len(p.records) for p in [*kept, *retry]
+            )
+            self._pending = [p for p in kept if p.records]
+            self._retry = [p for p in retry if p.records]
+            for part in gone:
+                self._next_offset.pop(part, None)
+                self._partition_ts.pop(part, None)
+            if dropped:
+                log.warning(
+                    "partitions %s revoked: dropped %d fetched records not committed (their "
+                    "new owner reads them again)",
+                    sorted(gone),
+                    dropped,
+                )
+                # The windows may have seen them in a failed flush: back to the last commit.
+                self._rewind()
 
     async def recover(self, assigned: Sequence[TopicPartition]) -> None:
         """Drop files landed for offsets that were never committed, before reading them again,
@@ -194,6 +246,11 @@ class EventConsumer(Service):
 
     async def _recover(self, assigned: Sequence[TopicPartition]) -> None:
         assert self._consumer is not None
+        log.info(
+            "assigned partitions %s of %s",
+            ",".join(str(tp.partition) for tp in sorted(assigned)) or "none",
+            self.settings.events_topic,
+        )
         self._offsets = {}
         for tp in assigned:
             committed = await self._consumer.committed(tp)
@@ -216,6 +273,18 @@ class EventConsumer(Service):
         self._restore_windows()
 
     def _restore_windows(self) -> None:
+        if self._live:
+            # A rebalance: the state holds exactly what this worker committed (the revocation
+            # flushed or rewound it), whichever partitions it reads now; nobody else counts
+            # those events, so it stays.
+            self._rewind()
+            log.info(
+                "rebalance: keeping %d open windows (state %s)",
+                self.windows.open_windows(),
+                self.windows.source,
+            )
+            return
+        self._live = True
         saved = self.snapshots.load(self._offsets)
         if saved is not None:
             self._saved = msgspec.msgpack.decode(saved, type=WorkerState)
@@ -234,7 +303,9 @@ class EventConsumer(Service):
                 self._offsets,
             )
         self.windows = WindowAggregator(
-            self.settings.window_seconds, self.settings.allowed_lateness_s
+            self.settings.window_seconds,
+            self.settings.allowed_lateness_s,
+            source=_lineage(self.settings.group_id, self._offsets),
         )
         self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
         self.detector = DriftDetector()
@@ -296,26 +367,47 @@ class EventConsumer(Service):
             if records:
                 processed = self.processor.process(records)
                 async with self._lock:
+                    # A rebalance may have taken partitions away while this fetch was being
+                    # validated; their new owner reads them from the committed offset.
+                    assigned = {tp.partition for tp in consumer.assignment()}
+                    processed = _without(processed, set(processed.ranges) - assigned)
                     if not self._pending:
                         self._pending_since = time.monotonic()
-                    self._pending.append(processed)
+                    if processed.records:
+                        self._pending.append(processed)
                     for part, (_, hi) in processed.ranges.items():
                         self._next_offset[part] = hi + 1
                 self.telemetry.events_in.inc(len(records))
-            pending_rows = sum(p.events.num_rows + p.dead_letters.num_rows for p in self._pending)
+            waiting = sum(len(p.records) for p in [*self._pending, *self._retry])
+            held = waiting + (0 if self._retry else self._inflight)
             since = self._pending_since if self._pending else self._last_flush
-            due = pending_rows >= s.flush_max_events or (
+            due = waiting >= s.flush_max_events or (
                 time.monotonic() - since >= s.flush_interval_s
-                and (self._pending or self.windows.open_windows() > 0)
+                and (self._pending or self._retry or self.windows.open_windows() > 0)
             )
             flushing = self._flush_task is not None and not self._flush_task.done()
             if due and not flushing:
                 self._flush_task = asyncio.create_task(self.flush(reason="batch"))
-            elif flushing and pending_rows >= 2 * s.flush_max_events:
-                # Backpressure: memory holds at most two flushes' worth of records.
-                assert self._flush_task is not None
-                await asyncio.shield(self._flush_task)
+            self._backpressure(consumer, held)
             self._update_lag(consumer)
+
+    def _backpressure(self, consumer: AIOKafkaConsumer, held: int) -> None:
+        """Stop fetching while two flushes' worth of records are held (slow or failing sink).
+
+        ``held`` counts the batch being landed (or kept for a retry) and the one waiting behind
+        it. Paused partitions stay in the group (getmany keeps polling), so memory holds at
+        most ``2 * flush_max_events`` records plus one fetch, however long the sink is down.
+        """
+        if held >= 2 * self.settings.flush_max_events:
+            unpaused = consumer.assignment() - consumer.paused()
+            if unpaused:
+                consumer.pause(*unpaused)
+            if not self._paused:
+                log.info("%d records waiting to be landed: fetching paused", held)
+            self._paused = True
+        elif self._paused:
+            consumer.resume(*consumer.paused())
+            self._paused = False
 
     def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
         lag = 0
@@ -325,31 +417,65 @@ class EventConsumer(Service):
                 lag += max(0, high - self._next_offset.get(tp.partition, high))
         self.telemetry.consumer_lag.set(lag)
 
-    async def flush(self, *, reason: str) -> None:
-        """Aggregate and land everything pending, publish, snapshot, then commit offsets."""
-        async with self._flush_lock:
-            async with self._lock:
-                pending, self._pending = self._pending, []
-            started = time.perf_counter()
-            self._last_flush = time.monotonic()
-            try:
-                await self._flush(pending)
-            except Exception as exc:
-                # Nothing was committed: keep the batch, and rewind the state to the last
-                # commit, so the retry counts every event exactly once.
-                async with self._lock:
-                    self._pending = pending + self._pending
-                self._rewind()
-                self.telemetry.landing_errors.inc()
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
-                await asyncio.sleep(1.0)
-                return
-            self.last_error = None
-            elapsed = time.perf_counter() - started
-            self.telemetry.batch_seconds.observe(elapsed)
+    async def flush(self, *, reason: str, emit_open: bool = False) -> None:
+        """Aggregate and land everything pending, publish, snapshot, then commit offsets.
 
-    async def _flush(self, pending: list[Processed]) -> None:
+        A batch that failed before is retried first, alone; a flush on rebalance or shutdown
+        then goes on with what is pending. ``emit_open`` also closes every open window (a
+        worker leaving a group: nobody else holds its part of them).
+        """
+        async with self._flush_lock:
+            while True:
+                async with self._lock:
+                    retrying = bool(self._retry)
+                    if retrying:
+                        batch = self._retry
+                    else:
+                        batch, self._pending = self._pending, []
+                    batch = self._assigned_only(batch)
+                last = not (retrying and reason != "batch")
+                if not await self._attempt(batch, emit_open=emit_open and last):
+                    return
+                if last:
+                    return
+
+    def _assigned_only(self, batch: list[Processed]) -> list[Processed]:
+        """``batch`` without records of partitions this worker no longer reads.
+
+        A fetch that completes while the group rebalances can hold records of partitions
+        that are gone once the new assignment is in; committing them fails, and their new
+        owner lands them.
+        """
+        if self._consumer is None:
+            return batch
+        assigned = {tp.partition for tp in self._consumer.assignment()}
+        kept = [_without(p, set(p.ranges) - assigned) for p in batch]
+        return [p for p in kept if p.records or not p.ranges]
+
+    async def _attempt(self, batch: list[Processed], *, emit_open: bool) -> bool:
+        started = time.perf_counter()
+        self._last_flush = time.monotonic()
+        self._inflight = sum(len(p.records) for p in batch)
+        try:
+            await self._flush(batch, emit_open=emit_open)
+        except Exception as exc:
+            # Nothing was committed: keep the batch as it is, and rewind the state to the
+            # last commit, so the retry lands the same files and counts every event once.
+            self._retry = batch
+            self._rewind()
+            self.telemetry.landing_errors.inc()
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
+            await asyncio.sleep(1.0)
+            return False
+        finally:
+            self._inflight = 0
+        self._retry = []
+        self.last_error = None
+        self.telemetry.batch_seconds.observe(time.perf_counter() - started)
+        return True
+
+    async def _flush(self, pending: list[Processed], *, emit_open: bool = False) -> None:
         assert self._consumer is not None and self._producer is not None
         s = self.settings
         events = pa.concat_tables([p.events for p in pending]) if pending else EMPTY_EVENTS
@@ -363,7 +489,7 @@ class EventConsumer(Service):
         behind = self._behind({**self._offsets, **{p: hi + 1 for p, (_, hi) in ranges.items()}})
         steps = _Stopwatch()
         events, repeats, metrics, anomalies = await loop.run_in_executor(
-            None, self._aggregate, events, pending, behind
+            None, self._aggregate, events, pending, behind, emit_open
         )
         steps.lap("aggregate")
         if not pending and metrics.num_rows == 0:
@@ -374,20 +500,11 @@ class EventConsumer(Service):
         await loop.run_in_executor(None, self._land, events, dead, metrics, anomalies, ranges)
         steps.lap("land")
         sends = []
-        if rejected:
-            for record, rejection in rejected:
-                headers = [
-                    ("agentstream.reason", rejection.reason.encode()),
-                    (
-                        "agentstream.source",
-                        f"{record.topic}/{record.partition}/{record.offset}".encode(),
-                    ),
-                ]
-                sends.append(
-                    await self._producer.send(
-                        s.dlq_topic, value=record.value, key=record.key, headers=headers
-                    )
-                )
+        for record, rejection in rejected:
+            value, key, headers = _dead_letter_copy(record, rejection)
+            sends.append(
+                await self._producer.send(s.dlq_topic, value=value, key=key, headers=headers)
+            )
         for metric_id, value in metric_records(metrics):
             sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
         for anomaly_id, value in anomaly_records(anomalies):
@@ -398,7 +515,11 @@ class EventConsumer(Service):
         offsets = {**self._offsets, **{part: hi + 1 for part, (_, hi) in ranges.items()}}
         state = await loop.run_in_executor(None, self._state)
         await loop.run_in_executor(
-            None, self.snapshots.save, msgspec.msgpack.encode(state), offsets
+            None,
+            self.snapshots.save,
+            msgspec.msgpack.encode(state),
+            offsets,
+            self.windows.source or "default",
         )
         steps.lap("snapshot")
         if ranges:
@@ -459,7 +580,11 @@ class EventConsumer(Service):
         return min(reached) if reached else max(self._partition_ts.values(), default=None)
 
     def _aggregate(
-        self, events: pa.Table, pending: Sequence[Processed], behind: set[int]
+        self,
+        events: pa.Table,
+        pending: Sequence[Processed],
+        behind: set[int],
+        emit_open: bool = False,
     ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table]:
         """Fold ``events`` into the windows and detectors.
 
@@ -476,6 +601,8 @@ class EventConsumer(Service):
             events = events.set_column(events.schema.get_field_index("late"), "late", late)
             self.telemetry.late_events.inc(pc.sum(late).as_py() or 0)
         metrics = self.windows.close_due(now=now)
+        if emit_open:
+            metrics = pa.concat_tables([metrics, self.windows.flush_all()])
         anomalies = self.detector.observe(metrics, detected_at=datetime.now(UTC))
         if anomalies.num_rows:
             anomalies = self._with_examples(anomalies, events)
@@ -515,12 +642,15 @@ class EventConsumer(Service):
         anomalies: pa.Table,
         ranges: dict[int, tuple[int, int]],
     ) -> None:
-        # Derived rows are named by their window: a replay rewrites the same files.
+        # Derived rows are named by their window and the state that emitted them: a replay
+        # rewrites the same files, and two workers of a group do not overwrite each other's.
         for table, rows in ((METRICS, metrics), (ANOMALIES, anomalies)):
             for start in pc.unique(rows["window_start"]).to_pylist():
                 mine = rows.filter(pc.equal(rows["window_start"], start))
-                name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}.parquet"
-                self.lake.write_named(table, mine, name)
+                name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}"
+                if self.windows.source:
+                    name += f"~{self.windows.source}"
+                self.lake.write_named(table, mine, name + ".parquet")
         topic = self.settings.events_topic
         for part, (lo, hi) in ranges.items():
             for table, rows, column in (
@@ -529,3 +659,44 @@ class EventConsumer(Service):
             ):
                 mine = rows.filter(pc.equal(rows[column], part))
                 self.lake.land(table, mine, topic=topic, partition=part, first=lo, last=hi)
+
+
+def _lineage(group: str, offsets: dict[int, int]) -> str:
+    """Name of a window state started empty at ``offsets``: the same start, the same name, so a
+    replay rewrites the files and ids it emitted before a crash."""
+    seed = msgspec.json.encode([group, sorted(offsets.items())])
+    return hashlib.blake2b(seed, digest_size=5).hexdigest()
+
+
+def _without(batch: Processed, partitions: set[int]) -> Processed:
+    """``batch`` without the records of ``partitions``."""
+    if not partitions or not partitions & set(batch.ranges):
+        return batch
+    gone = pa.array(sorted(partitions), pa.int32())
+    keep = pc.invert(pc.is_in(batch.events["kafka_partition"], value_set=gone))
+    keep_dead = pc.invert(
+        pc.is_in(batch.dead_letters["partition"].cast(pa.int32()), value_set=gone)
+    )
+    return Processed(
+        batch.events.filter(keep),
+        batch.dead_letters.filter(keep_dead),
+        [(r, why) for r, why in batch.rejected if r.partition not in partitions],
+        {p: span for p, span in batch.ranges.items() if p not in partitions},
+        [r for r in batch.records if r.partition not in partitions],
+    )
+
+
+def _dead_letter_copy(
+    record: Record, rejection: Rejection
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """Value, key and headers of a dead letter's copy on the DLQ topic, cut to fit a request."""
+    headers = [
+        ("agentstream.reason", rejection.reason.encode()[:4096]),
+        ("agentstream.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+    ]
+    key = record.key if record.key is None else record.key[:DLQ_KEY_LIMIT]
+    value = record.value
+    if value is not None and len(value) > DLQ_VALUE_LIMIT:
+        headers.append(("agentstream.truncated_from", str(len(value)).encode()))
+        value = value[:DLQ_VALUE_LIMIT]
+    return value, key, headers

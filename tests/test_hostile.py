@@ -765,19 +765,6 @@ def test_messages_just_under_the_default_limit(bootstrap: str, tmp_path: Path) -
             worker.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG streams/worker.py EventConsumer._flush (`self._producer.send(s.dlq_topic, "
-    "value=record.value, key=record.key, headers=headers)`, line ~388) + pipeline/kafka.py "
-    "start_producer (aiokafka's default max_request_size, 1 MiB; the DLQ topic has the "
-    "broker's default max.message.bytes): a dead letter is republished whole with two "
-    "headers, so an invalid message the events topic accepted but whose copy plus headers "
-    "exceeds 1 MiB raises MessageSizeTooLargeError on every flush retry: nothing is committed "
-    "again, the pipeline stalls behind one poison message (/health: degraded). Hits every "
-    "'oversized message' (the README's own reason) whenever the events topic accepts more than "
-    "1 MiB, and with Kafka's defaults an invalid message of ~1,048,300-1,048,510 bytes",
-)
 @pytest.mark.parametrize(
     ("size", "topic_max_bytes"),
     [(1_048_490, None), (1_536 * 1024, 4 * MiB)],

@@ -187,20 +187,6 @@ def test_events_exactly_once_across_scale_out_and_in(scale_run: ScaleRun) -> Non
     assert run.lake.event_rows == run.messages
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG streams/worker.py EventConsumer._restore_windows (called by _recover on every "
-    "assignment) + EventConsumer._land (metrics files named '<group>~<window>.parquet'): "
-    "metrics are lost across a rebalance. After a rebalance no snapshot matches the new "
-    "partition set, so each worker replaces its whole in-memory window state (the open "
-    "windows of the partitions it keeps too) with an empty one ('no window snapshot matches "
-    "the committed offsets ...: windows open at the last stop start empty'); and two workers "
-    "of one group write the same metrics file names, so one's partial rows overwrite the "
-    "other's. Observed (seed 71), key-level events + late_events on the agent-metrics topic / "
-    "in the metrics view for N landed events: 25,620 / 22,170 for 30,000; 18,220 / 17,681 "
-    "for 24,000. Nothing double counted",
-)
 def test_metrics_across_rebalances_add_up(scale_run: ScaleRun) -> None:
     run = scale_run
     events, late, landed = run.topic_metrics
@@ -212,23 +198,6 @@ def test_metrics_across_rebalances_add_up(scale_run: ScaleRun) -> None:
     assert lake_events + lake_late == landed, run.lake_metrics
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG streams/worker.py EventConsumer.flush (a failed flush keeps its batch: "
-    "`self._pending = pending + self._pending`) + _Rebalance/EventConsumer._recover (never "
-    "drops the pending batch of revoked partitions): when the flush on revocation fails (sink "
-    "unwritable), the batch survives the rebalance although its partitions now belong to the "
-    "other worker, which reads them again from the committed offset. Every later flush of the "
-    "first worker lands those rows again (duplicates) and then fails to commit with "
-    "IllegalStateError 'Partition ... is not assigned', forever: that worker never commits "
-    "again, even for its own partitions; its de-duplication memory of the stale batch also "
-    "turns the re-read records of its own partitions into 'duplicate event_id' dead letters. "
-    "Observed: 12,000 events -> 2,473 duplicate events rows, 4,000 offsets landed twice, "
-    "committed stuck at 8,948 (another run: 1,906 offsets both landed and dead-lettered, "
-    "1,861 events not landed, stuck at 10,139); 6,000 events -> 985 offsets twice, 917 not "
-    "landed, stuck at 5,083",
-)
 def test_sink_fault_during_a_rebalance_neither_duplicates_nor_stalls(
     bootstrap: str, tmp_path: Path
 ) -> None:
