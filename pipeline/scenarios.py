@@ -66,6 +66,7 @@ from pipeline.generate import (
 )
 
 __all__ = [
+    "DRIFT_SCENARIOS",
     "SCENARIOS",
     "SCENARIO_NAMES",
     "BudgetBurn",
@@ -410,6 +411,10 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     )
 }
 SCENARIO_NAMES: Final[tuple[str, ...]] = tuple(SCENARIOS)
+DRIFT_SCENARIOS: Final[tuple[str, ...]] = tuple(
+    n for n, s in SCENARIOS.items() if s.budgets is None
+)
+"""The scenarios drift detection is scored on; budget scenarios are the budget tracker's."""
 
 
 def list_scenarios() -> list[tuple[str, str]]:
