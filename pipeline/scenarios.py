@@ -357,7 +357,7 @@ def _tenant_budgets(config: TrafficConfig) -> tuple[str, list[BudgetBurn]]:
     for tenant, w in weights:
         usd_per_s = config.rate_per_s * USD_PER_EVENT * w / total
         amount = round(BUDGET_HEADROOM * usd_per_s * day_s, 2)
-        specs.append(f"tenant:{tenant}={amount:g}/day")
+        specs.append(f"tenant:{tenant}={amount:.15g}/day")
         if tenant == BURN_TENANT:
             at = incident_start(config)
             left = amount - usd_per_s * (at - config.start).total_seconds()

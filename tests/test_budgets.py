@@ -137,7 +137,7 @@ def steady(start: datetime, minutes: int, usd_per_min: float, tenant: str = "acm
 def test_projection_and_alert_before_exhaustion() -> None:
     # $1/min from 12:00: at 12:20, spent 20, rate 60/h, 11:40 h left -> projected 720.
     budget = Budget("tenant", "acme", 100.0, "day")
-    tracker = BudgetTracker([budget], rate_window_s=600)
+    tracker = BudgetTracker([budget], rate_window_s=600, min_calls=10)
     tracker.update(steady(T0, 20, 1.0))
     now = T0 + timedelta(minutes=20)
     rows = tracker.check(now, detected_at=now)
@@ -187,12 +187,21 @@ def test_minimum_evidence_and_steady_budgets() -> None:
     assert (status["spent_usd"], status["projected_usd"], status["burn_rate_usd_per_h"]) == (
         250.0, None, None,
     )  # fmt: skip
-    # $1/min over the rest of the day stays far under $2000: never an alert.
-    tracker = BudgetTracker([Budget("tenant", "acme", 2000.0, "day")], rate_window_s=600)
+    # Too few calls in the window (10 < 11): no forecast either, at $50 a call.
+    quiet = BudgetTracker([Budget("tenant", "acme", 100.0, "day")], rate_window_s=600, min_calls=11)
+    quiet.update(steady(T0, 30, 50.0))
+    at = T0 + timedelta(minutes=30)
+    assert quiet.check(at, detected_at=at).to_pylist()[0]["detector"] == "budget_exhausted"
+    assert quiet.status().to_pylist()[0]["projected_usd"] is None
+    # $1/min from noon projects $720 of $2000 all day long: never an alert.
+    tracker = BudgetTracker(
+        [Budget("tenant", "acme", 2000.0, "day")], rate_window_s=600, min_calls=10
+    )
     for h in range(11):
         tracker.update(steady(T0 + timedelta(hours=h), 60, 1.0))
         at = T0 + timedelta(hours=h + 1)
         assert tracker.check(at, detected_at=at).num_rows == 0
+        assert tracker.status().to_pylist()[0]["projected_usd"] == 720.0
 
 
 def test_spend_per_scope_and_period_and_memory() -> None:
@@ -230,7 +239,7 @@ def test_spend_per_scope_and_period_and_memory() -> None:
 def test_snapshot_restore_continues_exactly() -> None:
     budgets = [Budget("tenant", "acme", 300.0, "day")]
     batches = [steady(T0 + timedelta(minutes=10 * i), 10, 0.5 + 0.37 * i) for i in range(8)]
-    whole, parts = BudgetTracker(budgets), BudgetTracker(budgets)
+    whole, parts = BudgetTracker(budgets, min_calls=5), BudgetTracker(budgets, min_calls=5)
     out_whole, out_parts = [], []
     for i, batch in enumerate(batches):
         at = T0 + timedelta(minutes=10 * (i + 1))
@@ -238,7 +247,7 @@ def test_snapshot_restore_continues_exactly() -> None:
         out_whole.append(whole.check(at, detected_at=at))
         parts.update(batch)
         out_parts.append(parts.check(at, detected_at=at))
-        restored = BudgetTracker(budgets)
+        restored = BudgetTracker(budgets, min_calls=5)
         restored.restore(parts.snapshot())
         parts = restored
     assert pa.concat_tables(out_parts) == pa.concat_tables(out_whole)
@@ -288,7 +297,7 @@ def test_budgets_view_matches_duckdb(tmp_path: Path) -> None:
 
 LATE_START = datetime(2026, 1, 5, 23, 0, tzinfo=UTC)  # D = 1 h of day left (see README)
 EVENTS_N = 150_000
-BATCH = 20_000
+BATCH = 2_000  # ~40 s of event time: the tracker checks about as often as the worker flushes
 
 
 @dataclass
