@@ -143,7 +143,7 @@ def test_projection_and_alert_before_exhaustion() -> None:
     rows = tracker.check(now, detected_at=now)
     (status,) = tracker.status().to_pylist()
     assert status["spent_usd"] == 20.0
-    assert status["burn_rate_usd_per_h"] == 60.0
+    assert status["burn_rate_usd_per_h"] == status["burn_rate_low_usd_per_h"] == 60.0
     assert status["projected_usd"] == 20.0 + 60.0 * (11 * 60 + 40) / 60
     # 80 dollars left at $1/min: 80 minutes on.
     assert status["projected_exhausted_at"] == now + timedelta(minutes=80)
@@ -158,7 +158,8 @@ def test_projection_and_alert_before_exhaustion() -> None:
     }  # fmt: skip
     assert row["message"] == (
         "day budget tenant:acme=100/day of tenant acme will run out at 2026-01-05T13:40:00Z: "
-        "spent $20.00 by 2026-01-05T12:20:00Z, burning $60.00/h, projected $720.00 by "
+        "spent $20.00 by 2026-01-05T12:20:00Z, burning $60.00/h (at least $60.00/h), "
+        "projected $720.00 by "
         "2026-01-06T00:00:00Z (budget_burn, warning)."
     )
     # No second forecast alert in the period; the exhaustion raises the critical one.
@@ -175,6 +176,23 @@ def test_projection_and_alert_before_exhaustion() -> None:
     )
     assert crit["condition_id"] == row["condition_id"] and crit["anomaly_id"] != row["anomaly_id"]
     assert tracker.check(end, detected_at=end).num_rows == 0
+
+
+def test_uneven_minutes_lower_the_forecast_rate() -> None:
+    # $2 every other minute: mean $1/min, s = sqrt(10/9), low = 1 - 2 sqrt(1/9) = 1/3 $/min.
+    tracker = BudgetTracker(
+        [Budget("tenant", "acme", 500.0, "day")], rate_window_s=600, min_calls=5
+    )
+    every_other = [
+        (T0 + timedelta(minutes=m, seconds=30), "acme", "bot", 2.0) for m in range(0, 20, 2)
+    ]
+    tracker.update(events(every_other))
+    now = T0 + timedelta(minutes=20)
+    assert tracker.check(now, detected_at=now).num_rows == 0  # 20 + 20/h x 11.67 h < 500
+    (status,) = tracker.status().to_pylist()
+    assert status["burn_rate_usd_per_h"] == 60.0
+    assert status["burn_rate_low_usd_per_h"] == pytest.approx(20.0, rel=1e-12)
+    assert status["projected_usd"] == pytest.approx(20.0 + 20.0 * (11 + 40 / 60), rel=1e-12)
 
 
 def test_minimum_evidence_and_steady_budgets() -> None:
