@@ -38,6 +38,10 @@ slower or more escalating task ends later. Everything before ``starts_at`` is by
 byte the steady stream of the seed, and keys no incident names stay exactly the steady
 traffic after it too (all but event ids; without late events, see ``pipeline.generate``).
 
+``budget-burn`` makes every agent serving tenant-03 use 6x the tokens per model call (a loop
+re-sending its context): that tenant's spend rate rises about 4x, and its ground truth
+carries day budgets for every tenant and when tenant-03's runs out (``budget_truth``).
+
 ``steady`` is the control: no incident. Later scenarios (rollouts, budget burn) add records
 with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
 ``ScenarioParams``; the registry and the ground-truth format stay as they are.

@@ -415,3 +415,17 @@ def test_steady_tenants_never_alert(seed: int) -> None:
     spec, _ = budget_truth(burn)
     got = run_budgets(config, spec)
     assert got.alerts == [] and got.exhausted_at == {}
+
+
+def test_default_start_alerts_hours_ahead() -> None:
+    """At the default 09:00 start (what ``agentstream demo --scenario budget-burn`` runs), the
+    forecast spans 14 hours: the burning tenant alerts within minutes, nobody else does."""
+    config = TrafficConfig(events=200_000, seed=1, scenario="budget-burn")
+    spec, (burn,) = budget_truth(config)
+    got = run_budgets(config, spec)
+    (alert,) = got.alerts
+    assert (alert["tenant_id"], alert["detector"]) == ("tenant-03", "burn_rate")
+    alerted_at = alert["detected_at"]
+    assert isinstance(alerted_at, datetime)
+    assert burn.starts_at < alerted_at < burn.starts_at + timedelta(minutes=12)
+    assert got.exhausted_at == {}  # exhaustion would come at about 15:00, after the stream
