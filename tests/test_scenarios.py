@@ -236,7 +236,7 @@ def test_budget_burn_ground_truth(tmp_path: Path) -> None:
     spec, burns = scenarios.budget_truth(config)
     # 1.5 x the nominal spend from 09:00 to midnight: 50 ev/s x $0.0097 x share x 15 h.
     assert spec.split(",")[:3] == [
-        "tenant:tenant-01=12146.7/day",
+        "tenant:tenant-01=12146.74/day",
         "tenant:tenant-02=6976.47/day",
         "tenant:tenant-03=5043.86/day",
     ]
