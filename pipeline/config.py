@@ -108,6 +108,8 @@ class Settings:
     web_host: str = "127.0.0.1"
     # Redaction of free text before landing: comma-separated email, phone, api_key, or none.
     redact: str = "email,phone,api_key"
+    # Spend budgets: inline "tenant:acme=50/day,agent:bot=1000/month" or "@budgets.toml".
+    budgets: str = ""
     # Kafka connection security (TLS and SASL PLAIN / SCRAM).
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "PLAIN"
@@ -185,6 +187,13 @@ class Settings:
                     f"bad redact {self.redact!r}: use a comma-separated list of "
                     f"{', '.join(REDACTIONS)}, or none"
                 )
+        if self.budgets:
+            from streams.budgets import BudgetError, load_budgets  # the parser lives with them
+
+            try:
+                load_budgets(self.budgets)
+            except BudgetError as exc:
+                raise ConfigError(f"bad AGENTSTREAM_BUDGETS: {exc}") from None
         for name in ("flush_interval_s", "allowed_lateness_s", "dedupe_horizon_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 0")

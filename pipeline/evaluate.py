@@ -29,7 +29,7 @@ from typing import Any, Final
 import pyarrow as pa
 
 from pipeline.generate import TrafficConfig, generate
-from pipeline.scenarios import SCENARIO_NAMES, Incident, ground_truth
+from pipeline.scenarios import DRIFT_SCENARIOS, Incident, ground_truth
 from sinks.tables import events_to_table
 from streams.detect import DriftDetector
 from streams.enrich import CostEstimator
@@ -199,7 +199,7 @@ class Evaluation:
 def evaluate(
     seeds: Sequence[int],
     events: int = DEFAULT_EVENTS,
-    scenarios: Sequence[str] = SCENARIO_NAMES,
+    scenarios: Sequence[str] = DRIFT_SCENARIOS,
 ) -> Evaluation:
     """Replay every scenario for every seed and score the detection."""
     runs = []

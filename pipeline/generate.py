@@ -66,6 +66,7 @@ __all__ = [
     "generate",
     "generate_jsonl",
     "scenario_params",
+    "tenant_weights",
 ]
 
 DEFAULT_START: Final = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -441,6 +442,11 @@ _STEADY_MISS: Final = STEADY.retrieval_miss_prob
 _STEADY_TOOL_ERROR: Final = STEADY.tool_error_prob
 
 
+def tenant_weights(n: int) -> list[tuple[str, float]]:
+    """The ``n`` tenants and their relative traffic (a few large, a long tail)."""
+    return [(f"tenant-{i + 1:02d}", 1.0 / (i + 1) ** 0.8) for i in range(n)]
+
+
 def _no_draw() -> float:
     return 0.0
 
@@ -560,9 +566,7 @@ class _Traffic:
         self.aux = random.Random(f"agentstream-incidents-{config.seed}")
         self.params = params_fn(config)
         self.agents = _Pick([(_agent(p), p.weight) for p in _profiles(config.agents)])
-        self.tenants = _Pick(
-            [(f"tenant-{i + 1:02d}", 1.0 / (i + 1) ** 0.8) for i in range(config.tenants)]
-        )
+        self.tenants = _Pick(tenant_weights(config.tenants))
         self.errors = _Pick(_ERRORS)
         self.guard_actions = _Pick(_GUARD_ACTIONS)
         self.escalation_reasons = _Pick(_ESCALATION_REASONS)

@@ -38,6 +38,10 @@ slower or more escalating task ends later. Everything before ``starts_at`` is by
 byte the steady stream of the seed, and keys no incident names stay exactly the steady
 traffic after it too (all but event ids; without late events, see ``pipeline.generate``).
 
+``budget-burn`` makes every agent serving tenant-03 use 6x the tokens per model call (a loop
+re-sending its context): that tenant's spend rate rises about 4x, and its ground truth
+carries day budgets for every tenant and when tenant-03's runs out (``budget_truth``).
+
 ``steady`` is the control: no incident. Later scenarios (rollouts, budget burn) add records
 with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
 ``ScenarioParams``; the registry and the ground-truth format stay as they are.
@@ -49,7 +53,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
@@ -62,14 +66,18 @@ from pipeline.generate import (
     ScenarioParams,
     TrafficConfig,
     _profiles,
+    tenant_weights,
 )
 
 __all__ = [
+    "DRIFT_SCENARIOS",
     "SCENARIOS",
     "SCENARIO_NAMES",
+    "BudgetBurn",
     "GroundTruth",
     "Incident",
     "Scenario",
+    "budget_truth",
     "check_config",
     "ground_truth",
     "incident_start",
@@ -122,10 +130,22 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     data_source: str | None = None
 
 
+class BudgetBurn(msgspec.Struct, frozen=True, kw_only=True):
+    """A budget an incident makes run out early: its key, when the burn starts, and when the
+    budget is exhausted at the nominal rates (``budget_truth``; the real stream's spend is
+    noisier, so tests measure the actual time)."""
+
+    budget: str
+    starts_at: datetime
+    exhausts_at: datetime
+
+
 class GroundTruth(msgspec.Struct, frozen=True, kw_only=True):
     """What ``write_ground_truth`` stores: the scenario, the stream it belongs to, incidents.
 
-    ``end`` is the nominal end of the stream (``start + events / rate_per_s``).
+    ``end`` is the nominal end of the stream (``start + events / rate_per_s``). ``budgets``
+    is the budget configuration the scenario is meant to run with (``AGENTSTREAM_BUDGETS``
+    form, empty for most scenarios) and ``burns`` the budgets its incidents exhaust early.
     """
 
     scenario: str
@@ -136,6 +156,8 @@ class GroundTruth(msgspec.Struct, frozen=True, kw_only=True):
     start: datetime
     end: datetime
     incidents: list[Incident]
+    budgets: str = ""
+    burns: list[BudgetBurn] = []
 
 
 @dataclass(frozen=True)
@@ -149,6 +171,7 @@ class Scenario:
     name: str
     description: str
     incidents: Callable[[TrafficConfig], list[Incident]]
+    budgets: Callable[[TrafficConfig], tuple[str, list[BudgetBurn]]] | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -284,6 +307,75 @@ def _cost_drift(config: TrafficConfig) -> list[Incident]:
     ]
 
 
+# Budget burn. The generator's traffic spans about an hour of one UTC day (09:00 on, by
+# default), so a day budget is only meaningful scaled to that traffic: every tenant gets
+# BUDGET_HEADROOM x its nominal spend from the stream's start to the end of the day, the
+# budget it would need if its traffic went on steadily until midnight. Steady tenants then
+# project about 1 / BUDGET_HEADROOM of their budget (the forecast assumes exactly that).
+# Spend is nominal: USD_PER_EVENT (the mean cost of an event of the 12 catalogue agents,
+# estimated costs included, measured over seeds 1-5) x the tenant's share of the traffic;
+# a tenant's real share varies by about +-17 % between seeds, which the headroom absorbs.
+USD_PER_EVENT: Final = 0.0097
+BUDGET_HEADROOM: Final = 1.5
+BURN_TENANT: Final = "tenant-03"
+BURN_TOKENS: Final = 6.0
+# What BURN_TOKENS on every agent of the tenant does to its spend rate once tasks have
+# caught up (measured 3.7-4.5 over seeds 1-5: inputs are capped at 150k tokens).
+BURN_SPEND_FACTOR: Final = 4.0
+
+
+def _budget_burn(config: TrafficConfig) -> list[Incident]:
+    at = incident_start(config)
+    return [
+        Incident(
+            kind="budget-burn",
+            measure="cost_usd",
+            starts_at=at,
+            agent_id=p.agent_id,
+            tenant_id=BURN_TENANT,
+            direction="up",
+            magnitude=BURN_TOKENS,
+        )
+        for p in _profiles(config.agents)
+    ]
+
+
+def _tenant_budgets(config: TrafficConfig) -> tuple[str, list[BudgetBurn]]:
+    """Day budgets of every tenant (see above) and the burning tenant's expected exhaustion."""
+    if config.agents != len(AGENT_PROFILES) or config.tenants < 3:
+        raise ValueError(
+            f"scenario 'budget-burn' is calibrated for {len(AGENT_PROFILES)} agents and at "
+            f"least 3 tenants, got {config.agents} agents and {config.tenants} tenants"
+        )
+    start = config.start.astimezone(UTC)
+    midnight = datetime.combine(start.date() + timedelta(days=1), time(), UTC)
+    if nominal_end(config) > midnight:
+        raise ValueError(
+            "scenario 'budget-burn' needs a stream within one UTC day: it would run past "
+            f"{midnight:%Y-%m-%d %H:%M}Z; use fewer events or an earlier start"
+        )
+    weights = tenant_weights(config.tenants)
+    total = sum(w for _, w in weights)
+    day_s = (midnight - start).total_seconds()
+    specs, burns = [], []
+    for tenant, w in weights:
+        usd_per_s = config.rate_per_s * USD_PER_EVENT * w / total
+        amount = round(BUDGET_HEADROOM * usd_per_s * day_s, 2)
+        specs.append(f"tenant:{tenant}={amount:.15g}/day")
+        if tenant == BURN_TENANT:
+            at = incident_start(config)
+            left = amount - usd_per_s * (at - config.start).total_seconds()
+            burn_s = left / (usd_per_s * BURN_SPEND_FACTOR)
+            burns.append(
+                BudgetBurn(
+                    budget=f"tenant:{tenant}/day",
+                    starts_at=at,
+                    exhausts_at=at + timedelta(seconds=round(burn_s)),
+                )
+            )
+    return ",".join(specs), burns
+
+
 SCENARIOS: Final[dict[str, Scenario]] = {
     s.name: s
     for s in (
@@ -313,9 +405,20 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             "sql-copilot v3 cost per task climbs linearly from mid-stream to x2.5 at the end",
             _cost_drift,
         ),
+        Scenario(
+            "budget-burn",
+            f"every agent serving {BURN_TENANT} loops from mid-stream ({BURN_TOKENS:g}x the tokens "
+            "per model call): the tenant's day budget burns out hours early",
+            _budget_burn,
+            _tenant_budgets,
+        ),
     )
 }
 SCENARIO_NAMES: Final[tuple[str, ...]] = tuple(SCENARIOS)
+DRIFT_SCENARIOS: Final[tuple[str, ...]] = tuple(
+    n for n, s in SCENARIOS.items() if s.budgets is None
+)
+"""The scenarios drift detection is scored on; budget scenarios are the budget tracker's."""
 
 
 def list_scenarios() -> list[tuple[str, str]]:
@@ -337,14 +440,23 @@ def ground_truth(config: TrafficConfig) -> list[Incident]:
     return _scenario(config.scenario).incidents(config)
 
 
+def budget_truth(config: TrafficConfig) -> tuple[str, list[BudgetBurn]]:
+    """The budgets (``AGENTSTREAM_BUDGETS`` form) ``config``'s scenario runs with, and the
+    ones its incidents burn early; ``("", [])`` for a scenario without budgets."""
+    scenario = _scenario(config.scenario)
+    return ("", []) if scenario.budgets is None else scenario.budgets(config)
+
+
 def check_config(config: TrafficConfig) -> None:
     """Raise ``ValueError`` unless the scenario is known and fits the config."""
     for incident in ground_truth(config):
         _Rule.of(incident, config.start.timestamp())  # an effect the generator can inject
+    budget_truth(config)
 
 
 def write_ground_truth(config: TrafficConfig, path: str | Path) -> GroundTruth:
     """Write the scenario and its incidents to ``path`` as indented JSON; return them."""
+    budgets, burns = budget_truth(config)
     truth = GroundTruth(
         scenario=config.scenario,
         description=_scenario(config.scenario).description,
@@ -354,6 +466,8 @@ def write_ground_truth(config: TrafficConfig, path: str | Path) -> GroundTruth:
         start=config.start,
         end=nominal_end(config),
         incidents=ground_truth(config),
+        budgets=budgets,
+        burns=burns,
     )
     Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(truth), indent=2) + b"\n")
     return truth

@@ -17,6 +17,7 @@ import duckdb
 from pipeline import schema
 from sinks.parquet import LakeTable, ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
+from streams.budgets import BUDGETS_SCHEMA
 from streams.detect import ANOMALIES_SCHEMA
 from streams.windows import METRICS_SCHEMA
 
@@ -28,7 +29,9 @@ DEAD_LETTERS: Final = LakeTable(
 )
 METRICS: Final = LakeTable("metrics", METRICS_SCHEMA, ("date",), "window_start")
 ANOMALIES: Final = LakeTable("anomalies", ANOMALIES_SCHEMA, ("date",), "window_start")
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES]
+# Budget status: one row per budget and period, its file rewritten while the period is current.
+BUDGETS: Final = LakeTable("budgets", BUDGETS_SCHEMA, ("date",), "period_start")
+TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES, BUDGETS]
 
 _PLURAL: Final = {
     "llm_call": "llm_calls",

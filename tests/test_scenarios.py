@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from functools import cache
 from pathlib import Path
 from typing import cast
@@ -147,6 +147,7 @@ def test_registry_and_list() -> None:
         "retrieval-miss-rise",
         "latency-regression",
         "cost-drift",
+        "budget-burn",
     ]
     assert tuple(names) == scenarios.SCENARIO_NAMES
     assert all(description for _, description in scenarios.list_scenarios())
@@ -225,10 +226,38 @@ def test_ground_truth_is_deterministic_and_round_trips(tmp_path: Path) -> None:
     assert isinstance(scenarios.read_ground_truth(tmp_path / "steady-a.json"), GroundTruth)
 
 
+def test_budget_burn_ground_truth(tmp_path: Path) -> None:
+    config = TrafficConfig(events=N, seed=SEED, scenario="budget-burn")
+    incidents = scenarios.ground_truth(config)
+    assert len(incidents) == 12  # every agent, on tenant-03's tasks only
+    assert {(i.tenant_id, i.measure, i.magnitude, i.starts_at) for i in incidents} == {
+        ("tenant-03", "cost_usd", 6.0, T)
+    }
+    spec, burns = scenarios.budget_truth(config)
+    # 1.5 x the nominal spend from 09:00 to midnight: 50 ev/s x $0.0097 x share x 15 h.
+    assert spec.split(",")[:3] == [
+        "tenant:tenant-01=12146.74/day",
+        "tenant:tenant-02=6976.47/day",
+        "tenant:tenant-03=5043.86/day",
+    ]
+    assert burns == [
+        scenarios.BudgetBurn(
+            budget="tenant:tenant-03/day",
+            starts_at=T,
+            exhausts_at=datetime(2026, 1, 5, 14, 52, 30, tzinfo=UTC),
+        )
+    ]
+    truth = scenarios.write_ground_truth(config, tmp_path / "t.json")
+    assert (truth.budgets, truth.burns) == (spec, burns)
+    assert scenarios.budget_truth(TrafficConfig(events=N)) == ("", [])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"scenario": "nope"}, "unknown scenario 'nope'"),
+        ({"scenario": "budget-burn", "agents": 5}, "calibrated for 12 agents"),
+        ({"scenario": "budget-burn", "rate_per_s": 0.01}, "needs a stream within one UTC day"),
         ({"scenario": "cost-drift", "agents": 2}, "needs agent sql-copilot: use agents >= 3"),
         ({"scenario": "latency-regression", "agents": 4}, "use agents >= 5"),
     ],
