@@ -39,8 +39,9 @@ from pipeline.schema import Rejection
 from sinks.catalog import ANOMALIES, DEAD_LETTERS, EVENTS, METRICS, connect, prepare
 from sinks.parquet import ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
+from streams.budgets import BudgetTracker, land_budgets, load_budgets
 from streams.dedupe import Deduplicator
-from streams.detect import DriftDetector, anomaly_records
+from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
@@ -55,14 +56,16 @@ EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
 # copy that cannot be sent would stop every later commit behind it.
 DLQ_VALUE_LIMIT = 900 * 1024
 DLQ_KEY_LIMIT = 16 * 1024
+BUDGET_STATUS_EVERY_S = 10.0
 
 
 class WorkerState(msgspec.Struct, frozen=True):
-    """What a snapshot holds: open windows, remembered event ids, drift detectors."""
+    """What a snapshot holds: open windows, remembered event ids, drift detectors, spend."""
 
     windows: bytes
     dedupe: bytes
     detector: bytes
+    budgets: bytes = b""
 
 
 class _Stopwatch:
@@ -159,6 +162,8 @@ class EventConsumer(Service):
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
         self.dedupe = Deduplicator(settings.dedupe_horizon_s)
         self.detector = DriftDetector()
+        self.budgets = self._budget_tracker()
+        self._budgets_landed = 0.0
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
@@ -309,11 +314,18 @@ class EventConsumer(Service):
         )
         self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
         self.detector = DriftDetector()
+        self.budgets = self._budget_tracker()
         self._saved = self._state()
+
+    def _budget_tracker(self) -> BudgetTracker:
+        return BudgetTracker(load_budgets(self.settings.budgets))
 
     def _state(self) -> WorkerState:
         return WorkerState(
-            self.windows.snapshot(), self.dedupe.snapshot(), self.detector.snapshot()
+            self.windows.snapshot(),
+            self.dedupe.snapshot(),
+            self.detector.snapshot(),
+            self.budgets.snapshot(),
         )
 
     def _rewind(self) -> None:
@@ -321,6 +333,9 @@ class EventConsumer(Service):
         self.windows = WindowAggregator.restore(self._saved.windows)
         self.dedupe = Deduplicator.restore(self._saved.dedupe)
         self.detector = DriftDetector.restore(self._saved.detector)
+        self.budgets = self._budget_tracker()
+        if self._saved.budgets:
+            self.budgets.restore(self._saved.budgets)
 
     def _drop_repeats(
         self, events: pa.Table, pending: Sequence[Processed]
@@ -488,16 +503,18 @@ class EventConsumer(Service):
         loop = asyncio.get_running_loop()
         behind = self._behind({**self._offsets, **{p: hi + 1 for p, (_, hi) in ranges.items()}})
         steps = _Stopwatch()
-        events, repeats, metrics, anomalies = await loop.run_in_executor(
+        events, repeats, metrics, anomalies, burns = await loop.run_in_executor(
             None, self._aggregate, events, pending, behind, emit_open
         )
         steps.lap("aggregate")
-        if not pending and metrics.num_rows == 0:
+        if not pending and metrics.num_rows == 0 and burns.num_rows == 0:
             return
         rejected = [bad for p in pending for bad in p.rejected] + repeats
         if repeats:
             dead = pa.concat_tables([dead, dead_letter_table(repeats)])
-        await loop.run_in_executor(None, self._land, events, dead, metrics, anomalies, ranges)
+        await loop.run_in_executor(
+            None, self._land, events, dead, metrics, anomalies, burns, ranges
+        )
         steps.lap("land")
         sends = []
         for record, rejection in rejected:
@@ -507,7 +524,7 @@ class EventConsumer(Service):
             )
         for metric_id, value in metric_records(metrics):
             sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
-        for anomaly_id, value in anomaly_records(anomalies):
+        for anomaly_id, value in anomaly_records(pa.concat_tables([anomalies, burns])):
             sends.append(await self._producer.send(s.anomalies_topic, value=value, key=anomaly_id))
         if sends:
             await asyncio.gather(*sends)
@@ -585,11 +602,12 @@ class EventConsumer(Service):
         pending: Sequence[Processed],
         behind: set[int],
         emit_open: bool = False,
-    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table]:
-        """Fold ``events`` into the windows and detectors.
+    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table, pa.Table]:
+        """Fold ``events`` into the windows, detectors and budgets.
 
         Returns the events to land (repeats taken out, ``late`` set), the repeats as dead
-        letters, the rows of the windows that closed, and the anomalies found in them.
+        letters, the rows of the windows that closed, the anomalies found in them, and the
+        ``budget_burn`` anomalies.
         """
         events, repeats = self._drop_repeats(events, pending)
         reached = self._event_time(events, behind)
@@ -607,7 +625,13 @@ class EventConsumer(Service):
         if anomalies.num_rows:
             anomalies = self._with_examples(anomalies, events)
             self.telemetry.anomalies.inc(anomalies.num_rows)
-        return events, repeats, metrics, anomalies
+        burns = ANOMALIES_SCHEMA.empty_table()
+        if self.budgets.budgets:
+            # Event time, like the windows: a replay forecasts and alerts exactly as before.
+            self.budgets.update(events)
+            burns = self.budgets.check(now, datetime.now(UTC))
+            self.telemetry.anomalies.inc(burns.num_rows)
+        return events, repeats, metrics, anomalies, burns
 
     def _with_examples(self, anomalies: pa.Table, events: pa.Table) -> pa.Table:
         """Fill ``example_event_ids`` with a few events of each anomaly's window and key.
@@ -631,8 +655,8 @@ class EventConsumer(Service):
             examples.append([r[0] for r in got.fetchall()])
         index = anomalies.schema.get_field_index("example_event_ids")
         return anomalies.set_column(
-            index, "example_event_ids", pa.array(examples, pa.list_(pa.string()))
-        )
+            index, anomalies.schema.field(index), pa.array(examples, pa.list_(pa.string()))
+        ).cast(anomalies.schema)
 
     def _land(
         self,
@@ -640,6 +664,7 @@ class EventConsumer(Service):
         dead: pa.Table,
         metrics: pa.Table,
         anomalies: pa.Table,
+        burns: pa.Table,
         ranges: dict[int, tuple[int, int]],
     ) -> None:
         # Derived rows are named by their window and the state that emitted them: a replay
@@ -651,6 +676,13 @@ class EventConsumer(Service):
                 if self.windows.source:
                     name += f"~{self.windows.source}"
                 self.lake.write_named(table, mine, name + ".parquet")
+        # The budgets' status is a running figure: landed every few seconds, and with alerts.
+        if self.budgets.budgets and (
+            burns.num_rows or time.monotonic() - self._budgets_landed >= BUDGET_STATUS_EVERY_S
+        ):
+            owner = f"{self.settings.group_id}~{self.windows.source}"
+            land_budgets(self.lake, owner, burns, self.budgets.status())
+            self._budgets_landed = time.monotonic()
         topic = self.settings.events_topic
         for part, (lo, hi) in ranges.items():
             for table, rows, column in (
