@@ -38,6 +38,7 @@ _PLURAL: Final = {
     "task": "tasks",
     "feedback": "feedback",
     "guardrail": "guardrails",
+    "release": "releases",
 }
 
 

@@ -80,5 +80,3 @@ def test_worker_metrics_equal_duckdb_over_landed_events(bootstrap: str, tmp_path
     assert topic_ids == sorted(got.column("metric_id").to_pylist())
     first = msgspec.json.decode(records[0].value)
     assert set(first) == set(got.schema.names)
-
-
