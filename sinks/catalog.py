@@ -18,6 +18,7 @@ from pipeline import schema
 from sinks.parquet import LakeTable, ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.detect import ANOMALIES_SCHEMA
+from streams.releases import VERDICTS_SCHEMA
 from streams.windows import METRICS_SCHEMA
 
 DB_FILE: Final = "agentstream.duckdb"
@@ -28,7 +29,8 @@ DEAD_LETTERS: Final = LakeTable(
 )
 METRICS: Final = LakeTable("metrics", METRICS_SCHEMA, ("date",), "window_start")
 ANOMALIES: Final = LakeTable("anomalies", ANOMALIES_SCHEMA, ("date",), "window_start")
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES]
+RELEASE_VERDICTS: Final = LakeTable("release_verdicts", VERDICTS_SCHEMA, ("date",), "window_start")
+TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES, RELEASE_VERDICTS]
 
 _PLURAL: Final = {
     "llm_call": "llm_calls",

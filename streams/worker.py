@@ -35,12 +35,21 @@ from mode import Service
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs, start_producer
 from pipeline.schema import Rejection
-from sinks.catalog import ANOMALIES, DEAD_LETTERS, EVENTS, METRICS, connect, prepare
+from sinks.catalog import (
+    ANOMALIES,
+    DEAD_LETTERS,
+    EVENTS,
+    METRICS,
+    RELEASE_VERDICTS,
+    connect,
+    prepare,
+)
 from sinks.parquet import ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.dedupe import Deduplicator
 from streams.detect import DriftDetector, anomaly_records
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
+from streams.releases import ReleaseJudge, verdict_records
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.windows import DIMENSIONS, WindowAggregator, metric_records
@@ -52,11 +61,15 @@ EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
 
 
 class WorkerState(msgspec.Struct, frozen=True):
-    """What a snapshot holds: open windows, remembered event ids, drift detectors."""
+    """What a snapshot holds: open windows, remembered event ids, drift detectors, releases.
+
+    ``releases`` defaults to empty so a snapshot from before releases existed still loads.
+    """
 
     windows: bytes
     dedupe: bytes
     detector: bytes
+    releases: bytes = b""
 
 
 class _Stopwatch:
@@ -144,6 +157,7 @@ class EventConsumer(Service):
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
         self.dedupe = Deduplicator(settings.dedupe_horizon_s)
         self.detector = DriftDetector()
+        self.judge = ReleaseJudge()
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
@@ -238,11 +252,15 @@ class EventConsumer(Service):
         )
         self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
         self.detector = DriftDetector()
+        self.judge = ReleaseJudge()
         self._saved = self._state()
 
     def _state(self) -> WorkerState:
         return WorkerState(
-            self.windows.snapshot(), self.dedupe.snapshot(), self.detector.snapshot()
+            self.windows.snapshot(),
+            self.dedupe.snapshot(),
+            self.detector.snapshot(),
+            self.judge.snapshot(),
         )
 
     def _rewind(self) -> None:
@@ -250,6 +268,7 @@ class EventConsumer(Service):
         self.windows = WindowAggregator.restore(self._saved.windows)
         self.dedupe = Deduplicator.restore(self._saved.dedupe)
         self.detector = DriftDetector.restore(self._saved.detector)
+        self.judge = ReleaseJudge.restore(self._saved.releases)
 
     def _drop_repeats(
         self, events: pa.Table, pending: Sequence[Processed]
@@ -362,7 +381,7 @@ class EventConsumer(Service):
         loop = asyncio.get_running_loop()
         behind = self._behind({**self._offsets, **{p: hi + 1 for p, (_, hi) in ranges.items()}})
         steps = _Stopwatch()
-        events, repeats, metrics, anomalies = await loop.run_in_executor(
+        events, repeats, metrics, anomalies, verdicts = await loop.run_in_executor(
             None, self._aggregate, events, pending, behind
         )
         steps.lap("aggregate")
@@ -371,7 +390,9 @@ class EventConsumer(Service):
         rejected = [bad for p in pending for bad in p.rejected] + repeats
         if repeats:
             dead = pa.concat_tables([dead, dead_letter_table(repeats)])
-        await loop.run_in_executor(None, self._land, events, dead, metrics, anomalies, ranges)
+        await loop.run_in_executor(
+            None, self._land, events, dead, metrics, anomalies, verdicts, ranges
+        )
         steps.lap("land")
         sends = []
         if rejected:
@@ -392,6 +413,8 @@ class EventConsumer(Service):
             sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
         for anomaly_id, value in anomaly_records(anomalies):
             sends.append(await self._producer.send(s.anomalies_topic, value=value, key=anomaly_id))
+        for verdict_id, value in verdict_records(verdicts):
+            sends.append(await self._producer.send(s.verdicts_topic, value=value, key=verdict_id))
         if sends:
             await asyncio.gather(*sends)
         steps.lap("publish")
@@ -460,11 +483,12 @@ class EventConsumer(Service):
 
     def _aggregate(
         self, events: pa.Table, pending: Sequence[Processed], behind: set[int]
-    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table]:
-        """Fold ``events`` into the windows and detectors.
+    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table, pa.Table]:
+        """Fold ``events`` into the windows, detectors and release verdicts.
 
         Returns the events to land (repeats taken out, ``late`` set), the repeats as dead
-        letters, the rows of the windows that closed, and the anomalies found in them.
+        letters, the rows of the windows that closed, the anomalies found in them (release
+        regressions included), and the release verdicts made on them.
         """
         events, repeats = self._drop_repeats(events, pending)
         reached = self._event_time(events, behind)
@@ -476,11 +500,18 @@ class EventConsumer(Service):
             events = events.set_column(events.schema.get_field_index("late"), "late", late)
             self.telemetry.late_events.inc(pc.sum(late).as_py() or 0)
         metrics = self.windows.close_due(now=now)
-        anomalies = self.detector.observe(metrics, detected_at=datetime.now(UTC))
+        detected_at = datetime.now(UTC)
+        anomalies = self.detector.observe(metrics, detected_at=detected_at)
+        # Releases before metrics: a release and the first window it covers may close in
+        # the same flush.
+        self.judge.register(events)
+        verdicts, regressions = self.judge.observe(metrics, detected_at=detected_at)
+        if regressions.num_rows:
+            anomalies = pa.concat_tables([anomalies, regressions])
         if anomalies.num_rows:
             anomalies = self._with_examples(anomalies, events)
             self.telemetry.anomalies.inc(anomalies.num_rows)
-        return events, repeats, metrics, anomalies
+        return events, repeats, metrics, anomalies, verdicts
 
     def _with_examples(self, anomalies: pa.Table, events: pa.Table) -> pa.Table:
         """Fill ``example_event_ids`` with a few events of each anomaly's window and key.
@@ -513,10 +544,15 @@ class EventConsumer(Service):
         dead: pa.Table,
         metrics: pa.Table,
         anomalies: pa.Table,
+        verdicts: pa.Table,
         ranges: dict[int, tuple[int, int]],
     ) -> None:
         # Derived rows are named by their window: a replay rewrites the same files.
-        for table, rows in ((METRICS, metrics), (ANOMALIES, anomalies)):
+        for table, rows in (
+            (METRICS, metrics),
+            (ANOMALIES, anomalies),
+            (RELEASE_VERDICTS, verdicts),
+        ):
             for start in pc.unique(rows["window_start"]).to_pylist():
                 mine = rows.filter(pc.equal(rows["window_start"], start))
                 name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}.parquet"

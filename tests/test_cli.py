@@ -351,6 +351,7 @@ def test_publish_from_stdin(bootstrap: str, tmp_path: Path) -> None:
             AGENTSTREAM_DLQ_TOPIC=settings.dlq_topic,
             AGENTSTREAM_METRICS_TOPIC=settings.metrics_topic,
             AGENTSTREAM_ANOMALIES_TOPIC=settings.anomalies_topic,
+            AGENTSTREAM_VERDICTS_TOPIC=settings.verdicts_topic,
         ),
         cwd=tmp_path,
         capture_output=True,
