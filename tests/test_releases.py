@@ -11,9 +11,13 @@ from typing import Any
 import msgspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipeline import schema
+from pipeline.evaluate import replay_releases, score_rollout
+from pipeline.generate import TrafficConfig, generate
+from pipeline.scenarios import ground_truth
 from sinks.tables import events_to_table
 from streams.releases import (
     MEASURES,
@@ -363,3 +367,87 @@ def test_snapshot_restores_the_same_verdicts() -> None:
     got += [part.observe(t, T0)[0] for t in tables[6:]]
     assert pa.concat_tables(got).equals(pa.concat_tables(expected))
     assert ReleaseJudge.restore(b"").releases() == []
+
+
+# --- the rollout scenarios, replayed in-process ---------------------------------------------
+
+SEEDS = (1, 2, 3, 4, 5)
+ROLLOUT_EVENTS = 120_000  # 20 steady windows, then 20 of rollout
+MAX_DELAY_WINDOWS = 18  # README: measured 9-16 on seeds 1-5 (the 200-sample floor: ~11)
+
+
+def test_rollout_ground_truth_and_release_event_in_the_stream() -> None:
+    config = TrafficConfig(events=20_000, seed=1, scenario="regressing-rollout")
+    (inc,) = ground_truth(config)
+    assert (inc.measure, inc.expected_verdict, inc.baseline, inc.prompt_version) == (
+        "escalation_rate",
+        "regressed",
+        "p12",
+        "p14",
+    )
+    assert inc.traffic_share == 0.5 and inc.release_id == "regressing-rollout-support-bot-p14"
+    (good,) = ground_truth(TrafficConfig(events=20_000, seed=1, scenario="good-rollout"))
+    assert (good.measure, good.direction, good.expected_verdict) == (
+        "tool_error_rate",
+        "down",
+        "never_regressed",
+    )
+    events = list(generate(config))
+    assert len(events) == 20_000
+    releases = [e for e in events if isinstance(e, schema.Release)]
+    assert [(r.ts, r.candidate, r.baseline, r.traffic_share) for r in releases] == [
+        (inc.starts_at, "p14", "p12", 0.5)
+    ]
+    at = events.index(releases[0])
+    assert all(e.ts < inc.starts_at for e in events[:at])
+    assert all(e.ts >= inc.starts_at for e in events[at + 1 :])
+    # half of support-bot's tasks after the start run the candidate, none before
+    started = [e for e in events if isinstance(e, schema.Task) and e.outcome == "started"]
+    bot = [e for e in started if e.agent_id == "support-bot" and e.ts >= inc.starts_at]
+    share = sum(e.prompt_version == "p14" for e in bot) / len(bot)
+    assert 0.4 < share < 0.6
+    assert not any(e.prompt_version == "p14" for e in started if e.ts < inc.starts_at)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_regressing_rollout_is_flagged_on_escalations(seed: int) -> None:
+    config = TrafficConfig(events=ROLLOUT_EVENTS, seed=seed, scenario="regressing-rollout")
+    verdicts, anomalies = replay_releases(config)
+    result = score_rollout("regressing-rollout", seed, ground_truth(config), verdicts)
+    print(f"seed {seed}: regressed after {result.delay_windows} windows; final {result.final}")
+    assert result.found and result.false_regressions == []
+    assert result.delay_windows is not None and result.delay_windows <= MAX_DELAY_WINDOWS
+    (anomaly,) = anomalies.to_pylist()
+    assert (anomaly["kind"], anomaly["measure"], anomaly["prompt_version"]) == (
+        "release_regression",
+        "escalation_rate",
+        "p14",
+    )
+    # independent check of the decisive numbers: the summed counts of the candidate's and
+    # the baseline's windows, straight from the events
+    decided = verdicts.filter(pc.equal(verdicts["verdict"], "regressed")).to_pylist()[0]
+    counts = {"p14": [0, 0], "p12": [0, 0]}
+    for ev in generate(config):
+        if ev.agent_id != "support-bot" or ev.prompt_version not in counts:
+            continue
+        if not decided["started_at"] - W < ev.ts < decided["window_end"]:
+            continue
+        if ev.ts < decided["started_at"].replace(second=0):
+            continue
+        if isinstance(ev, schema.Escalation):
+            counts[ev.prompt_version][0] += 1
+        elif isinstance(ev, schema.Task) and ev.outcome == "started":
+            counts[ev.prompt_version][1] += 1
+    (esc_c, n_c), (esc_b, n_b) = counts["p14"], counts["p12"]
+    assert (decided["candidate_samples"], decided["baseline_samples"]) == (n_c, n_b)
+    assert decided["effect"] == pytest.approx(esc_c / n_c - esc_b / n_b)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_good_rollout_is_never_flagged_regressed(seed: int) -> None:
+    config = TrafficConfig(events=ROLLOUT_EVENTS, seed=seed, scenario="good-rollout")
+    verdicts, anomalies = replay_releases(config)
+    result = score_rollout("good-rollout", seed, ground_truth(config), verdicts)
+    assert result.found and result.false_regressions == [], result
+    assert anomalies.num_rows == 0
+    assert "regressed" not in verdicts["verdict"].to_pylist()

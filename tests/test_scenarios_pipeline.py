@@ -19,7 +19,7 @@ from pipeline.config import Settings
 from pipeline.evaluate import score
 from pipeline.generate import TrafficConfig, generate
 from pipeline.publisher import Publisher
-from pipeline.scenarios import SCENARIO_NAMES, ground_truth
+from pipeline.scenarios import DRIFT_SCENARIOS, ground_truth
 from sinks.catalog import connect
 from tests.helpers import produce_raw, running_worker, unique_settings, wait_committed
 
@@ -42,7 +42,7 @@ def test_every_scenario_on_kafka(bootstrap: str, tmp_path: Path) -> None:
     stream: list[tuple[object, bytes, bytes]] = []
     truth = {}
     newest = None
-    for name in SCENARIO_NAMES:
+    for name in DRIFT_SCENARIOS:
         config = TrafficConfig(events=EVENTS, seed=SEED, scenario=name)
         truth[name] = [
             msgspec.structs.replace(i, agent_id=f"{name}/{i.agent_id}")
@@ -80,7 +80,7 @@ def test_every_scenario_on_kafka(bootstrap: str, tmp_path: Path) -> None:
 
     con = connect(settings.data_dir)
     found = {}
-    for name in SCENARIO_NAMES:
+    for name in DRIFT_SCENARIOS:
         rows = con.sql(
             f"SELECT * EXCLUDE (date) FROM anomalies WHERE starts_with(agent_id, '{name}/')"
         ).to_arrow_table()
@@ -91,7 +91,7 @@ def test_every_scenario_on_kafka(bootstrap: str, tmp_path: Path) -> None:
     print(summary)
 
     assert found["steady"].alerts == 0, summary
-    for name in SCENARIO_NAMES:
+    for name in DRIFT_SCENARIOS:
         r = found[name]
         assert r.false_alerts == [], summary
         assert all(d <= MAX_DELAY for d in r.delays_windows), summary
