@@ -37,12 +37,19 @@ reject, is ``theta +- sqrt(V (V + tau^2) / tau^2 * (2 ln(1/alpha) + ln((V + tau^
   variance by the delta method with windows as clusters (``sum_w (cost_w - R m_w)^2 /
   (sum_w m_w)^2``), so dependence inside a window (one expensive task, many calls) is
   accounted for.
-* Latency p95: quantiles do not add up, so per window each side's ``ln p95`` is the mean of
-  its rows' ``ln latency_p95_ms`` weighted by their steps; ``theta`` is the mean over windows
-  of the difference candidate - baseline, ``V`` its sample variance / windows.
-* The two plug-in variances from ``k`` windows are multiplied by ``(k - 1) / (k - 3)`` (the
-  variance of a Student t with ``k - 1`` degrees of freedom), which keeps the early looks,
-  when the variance itself is uncertain, from over-rejecting.
+* Latency p95: quantiles of metrics rows do not add up (and a p95 of a row with few steps is
+  biased low: of 5 values it is their maximum, on average the 83rd percentile, so the side
+  with less traffic would look faster). So ``register`` also folds each side's step
+  latencies (llm, tool and retrieval events of the release's agent) into a log-bucket
+  histogram per window (``streams.sketch``, 1 % accuracy), and ``observe`` reads each side's
+  exact pooled p95 of the window from it, with a standard error from the order-statistic
+  interval (the values at ranks ``n p -+ sqrt(n p (1 - p))``). ``theta`` is the mean over
+  windows of ``ln p95_c - ln p95_b``, ``V`` the sum of their variances over ``k^2``; a
+  window counts when both sides have ``min_window_steps`` steps. Late
+  events (``late`` set) are left out, as in the windows.
+* The cost variance from ``k`` windows is multiplied by ``(k - 1) / (k - 3)`` (the variance
+  of a Student t with ``k - 1`` degrees of freedom), which keeps the early looks, when the
+  variance itself is uncertain, from over-rejecting.
 
 A verdict is ``running`` until both sides have ``min_samples`` samples of the measure and
 ``min_windows`` windows with data on both sides; then ``regressed`` or ``better`` as soon as
@@ -68,10 +75,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
 import msgspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from streams import sketch
 from streams.detect import ANOMALIES_SCHEMA
+
+_VERSION_DIMS: Final = ("agent_version", "prompt_version", "model")
 
 __all__ = [
     "MEASURES",
@@ -148,8 +159,8 @@ class ReleaseMeasure:
     """One measure a release is judged on.
 
     ``statistic`` is 'rate' (``numerator / sum(denominator)`` of counts), 'ratio' (a ratio
-    of sums, relative effect) or 'paired_log' (per-window ``ln`` of ``numerator``, a
-    quantile, weighted by ``sum(denominator)``). ``worse`` is the bad direction; ``margin``
+    of sums, relative effect) or 'paired_log' (per-window ``ln`` p95 of the events'
+    ``numerator``, from the judge's own histograms). ``worse`` is the bad direction; ``margin``
     the equivalence margin (rate points, or ``ln`` of a factor); ``tau`` the standard
     deviation of the mSPRT's normal mixture over effects (on the same scale), best about
     the size of effect one cares to find quickly.
@@ -191,8 +202,8 @@ MEASURES: Final[tuple[ReleaseMeasure, ...]] = (
     ReleaseMeasure(
         "latency_p95_ms",
         "paired_log",
-        "latency_p95_ms",
-        ("llm_calls", "tool_calls", "retrievals"),
+        "latency_ms",
+        (),
         "up",
         math.log(1.10),
         0.2,
@@ -210,13 +221,15 @@ class JudgeConfig:
     verdict, over all measures and looks (split evenly over the measures).
     ``min_samples`` per side and ``min_windows`` with both sides present come before any
     decision; ``min_window_steps`` is the steps a side needs in a window for its latency p95
-    to count in the paired comparison.
+    to count in the paired comparison. ``window_s`` is the metrics' window length (the
+    latency histograms are kept per window).
     """
 
     alpha: float = 0.05
     min_samples: int = 200
     min_windows: int = 5
-    min_window_steps: int = 20
+    min_window_steps: int = 50
+    window_s: int = 60
     measures: tuple[ReleaseMeasure, ...] = MEASURES
 
     def __post_init__(self) -> None:
@@ -289,10 +302,17 @@ class _Acc(msgspec.Struct):
     base: _Sums
     windows: int = 0  # windows with samples on both sides
     d_k: int = 0  # paired windows (latency)
-    d_sum: float = 0.0
-    d_sq: float = 0.0
+    d_sum: float = 0.0  # sum of the differences
+    d_sq: float = 0.0  # sum of their variances
     min_p: float = 1.0
     verdict: str = "running"
+
+
+class _Hist(msgspec.Struct):
+    """One window's latency histograms (``streams.sketch`` bucket -> count) of both sides."""
+
+    cand: dict[int, int]
+    base: dict[int, int]
 
 
 class _Release(msgspec.Struct):
@@ -306,6 +326,8 @@ class _Release(msgspec.Struct):
     started_us: int
     ended_us: int | None
     accs: dict[str, _Acc]
+    hists: dict[int, _Hist] = {}
+    judged_us: int | None = None  # start of the newest window observed
 
 
 class _Snapshot(msgspec.Struct):
@@ -313,7 +335,7 @@ class _Snapshot(msgspec.Struct):
     releases: list[_Release]
 
 
-_SNAPSHOT_VERSION: Final = 1
+_SNAPSHOT_VERSION: Final = 2
 
 
 @dataclass(frozen=True)
@@ -353,8 +375,12 @@ class ReleaseJudge:
         if events.num_rows == 0:
             return 0
         rows = events.filter(pc.equal(events["type"], "release"))
-        if rows.num_rows == 0:
-            return 0
+        count = self._register_releases(rows) if rows.num_rows else 0
+        if self._releases:
+            self._add_latencies(events)
+        return count
+
+    def _register_releases(self, rows: pa.Table) -> int:
         cols = [
             "ts",
             "release_id",
@@ -391,6 +417,51 @@ class ReleaseJudge:
             )
         return len(records)
 
+    def _add_latencies(self, events: pa.Table) -> None:
+        """Fold the step latencies of active releases' sides into per-window histograms."""
+        agents = sorted({r.agent_id for r in self._releases.values()})
+        wanted = pc.and_(
+            pc.and_(
+                pc.is_in(events["agent_id"], value_set=pa.array(agents, pa.string())),
+                pc.is_valid(events["latency_ms"]),
+            ),
+            pc.invert(pc.fill_null(events["late"], False)),
+        )
+        steps = events.filter(wanted)
+        if steps.num_rows == 0:
+            return
+        frame = pl.from_arrow(
+            steps.select(["ts", "agent_id", "tenant_id", *_VERSION_DIMS, "latency_ms"])
+        )
+        assert isinstance(frame, pl.DataFrame)
+        w = self.config.window_s * 1_000_000
+        frame = frame.with_columns(
+            ((pl.col("ts").dt.epoch("us") // w) * w).alias("_w"),
+            sketch.bucket_expr(pl.col("latency_ms")).alias("_b"),
+        )
+        for rel in self._releases.values():
+            mine = frame.filter(pl.col("agent_id") == rel.agent_id)
+            if rel.tenant_id is not None:
+                mine = mine.filter(pl.col("tenant_id") == rel.tenant_id)
+            first = (rel.started_us // w) * w
+            mine = mine.filter(pl.col("_w") >= first)
+            if rel.judged_us is not None:  # windows already judged are closed
+                mine = mine.filter(pl.col("_w") > rel.judged_us)
+            if rel.ended_us is not None:
+                mine = mine.filter(pl.col("_w") < rel.ended_us)
+            side = pl.col(rel.dimension)
+            counts = (
+                mine.filter(side.is_in([rel.candidate, rel.baseline]))
+                .group_by("_w", side.alias("_side"), "_b")
+                .agg(pl.len().alias("_n"))
+            )
+            for window, version, bucket, n in counts.iter_rows():
+                hist = rel.hists.get(window)
+                if hist is None:
+                    hist = rel.hists[window] = _Hist({}, {})
+                into = hist.cand if version == rel.candidate else hist.base
+                into[bucket] = into.get(bucket, 0) + n
+
     def observe(self, metrics: pa.Table, detected_at: datetime) -> tuple[pa.Table, pa.Table]:
         """Feed closed-window ``METRICS_SCHEMA`` rows; return (verdict rows, anomaly rows).
 
@@ -415,8 +486,9 @@ class ReleaseJudge:
             "tenant_id",
         }
         for m in self.config.measures:
-            needed.add(m.numerator)
-            needed.update(m.denominator)
+            if m.statistic != "paired_log":  # latency comes from the judge's histograms
+                needed.add(m.numerator)
+                needed.update(m.denominator)
         by_window: dict[int, list[dict[str, Any]]] = {}
         ends: dict[int, int] = {}
         for row in keyed.select(sorted(needed)).to_pylist():
@@ -455,6 +527,10 @@ class ReleaseJudge:
         ]
         cand = [r for r in mine if r[rel.dimension] == rel.candidate]
         base = [r for r in mine if r[rel.dimension] == rel.baseline]
+        hist = rel.hists.pop(start, None)
+        for old in [w for w in rel.hists if w < start]:
+            del rel.hists[old]  # a window that closed without metrics of this agent
+        rel.judged_us = start if rel.judged_us is None else max(rel.judged_us, start)
         if not cand and not base:
             return
         cfg = self.config
@@ -462,7 +538,10 @@ class ReleaseJudge:
             acc = rel.accs[m.name]
             if acc.verdict != "running":
                 continue
-            _add(m, acc, cand, base, cfg.min_window_steps)
+            if m.statistic == "paired_log":
+                _add_paired(acc, hist, cfg.min_window_steps)
+            else:
+                _add(m, acc, cand, base)
             result = _judge(m, acc, cfg)
             acc.verdict = result.verdict
             samples_c, samples_b = int(acc.cand.den), int(acc.base.den)
@@ -518,33 +597,87 @@ class ReleaseJudge:
         return judge
 
 
+_P95: Final = 0.95
+
+
+# Half the width of a 1 % bucket in ln: the sketch cannot resolve a p95 more finely.
+_MIN_SE: Final = sketch.LOG_GAMMA / 2
+
+
+def _ln_quantile(hist: dict[int, int], n: int, ranks: Sequence[int]) -> list[float]:
+    """``ln`` of the histogram's values at the given 1-based ranks (ascending)."""
+    out: list[float] = []
+    seen = 0
+    todo = list(ranks)
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        while todo and seen >= todo[0]:
+            value = float(sketch.bucket_values([bucket])[0])
+            out.append(math.log(max(value, sketch.MIN_VALUE)))
+            todo.pop(0)
+    return out
+
+
+def _ln_p95(hist: dict[int, int]) -> tuple[float, float, int] | None:
+    """``ln`` p95 of a histogram (rank ``ceil(0.95 n)``, as the windows), its standard
+    error, and ``n``; None when empty.
+
+    The standard error is half the distance between the values at ranks ``n p -+ sqrt(n p
+    (1 - p))``: the sample quantile's rank is binomial, so that interval is about one
+    standard error either side (the order-statistic interval of Woodruff).
+    """
+    n = sum(hist.values())
+    if n == 0:
+        return None
+    spread = math.sqrt(n * _P95 * (1 - _P95))
+    ranks = [
+        max(math.ceil(_P95 * n - spread), 1),
+        max(math.ceil(_P95 * n), 1),
+        min(math.ceil(_P95 * n + spread), n),
+    ]
+    low, mid, high = _ln_quantile(hist, n, ranks)
+    return mid, max((high - low) / 2, _MIN_SE), n
+
+
+def _add_paired(acc: _Acc, hist: _Hist | None, min_steps: int) -> None:
+    """Add one window's latency p95 of each side, and their difference, to the sums.
+
+    ``d_sum`` is the sum of the differences and ``d_sq`` the sum of their variances, so
+    ``theta = d_sum / k`` and ``V = d_sq / k^2``. Equal weights, not inverse-variance ones: a
+    window whose (noisy) standard error came out small would otherwise weigh too much and the
+    test would over-reject.
+    """
+    if hist is None:
+        return
+    sides: list[tuple[float, float] | None] = []
+    for h, sums in ((hist.cand, acc.cand), (hist.base, acc.base)):
+        got = _ln_p95(h)
+        if got is None or got[2] < min_steps:
+            sides.append(None)
+            continue
+        value, se, n = got
+        sums.num += value * n  # step-weighted ln p95, for the side's level
+        sums.den += n
+        sums.k += 1
+        sides.append((value, se))
+    c, b = sides
+    if c is not None and b is not None:
+        acc.windows += 1
+        acc.d_k += 1
+        acc.d_sum += c[0] - b[0]
+        acc.d_sq += c[1] ** 2 + b[1] ** 2
+
+
 def _add(
     m: ReleaseMeasure,
     acc: _Acc,
     cand: Sequence[dict[str, Any]],
     base: Sequence[dict[str, Any]],
-    min_steps: int,
 ) -> None:
-    """Add one window's rows of each side to the measure's sums."""
-    sides = []
+    """Add one window's metrics rows of each side to a rate's or ratio's sums."""
+    sides: list[float | None] = []
     for rows, sums in ((cand, acc.cand), (base, acc.base)):
         den = float(sum(r[c] or 0 for r in rows for c in m.denominator))
-        if m.statistic == "paired_log":
-            weighted = [
-                (sum(r[c] or 0 for c in m.denominator), r[m.numerator])
-                for r in rows
-                if r[m.numerator] is not None and r[m.numerator] > 0
-            ]
-            steps = sum(n for n, _ in weighted)
-            value = (
-                sum(n * math.log(q) for n, q in weighted) / steps if steps >= min_steps else None
-            )
-            if value is not None:
-                sums.num += value * steps  # steps-weighted ln p95, for the side's level
-                sums.den += steps
-                sums.k += 1
-            sides.append(value)
-            continue
         num = float(sum(r[m.numerator] or 0 for r in rows))
         if den <= 0:
             sides.append(None)
@@ -556,14 +689,8 @@ def _add(
         sums.nd += num * den
         sums.dd += den * den
         sides.append(num / den)
-    c, b = sides
-    if c is not None and b is not None:
+    if sides[0] is not None and sides[1] is not None:
         acc.windows += 1
-        if m.statistic == "paired_log":
-            d = c - b
-            acc.d_k += 1
-            acc.d_sum += d
-            acc.d_sq += d * d
 
 
 def _ratio_variance(s: _Sums) -> float:
@@ -595,11 +722,9 @@ def _judge(m: ReleaseMeasure, acc: _Acc, cfg: JudgeConfig) -> _Result:
     else:
         if c.den > 0 and b.den > 0:
             cand_value, base_value = math.exp(c.num / c.den), math.exp(b.num / b.den)
-        k = acc.d_k
-        if k >= 2:
-            theta = acc.d_sum / k
-            s2 = max(acc.d_sq - k * theta * theta, 0.0) / (k - 1)
-            variance = s2 / k * _t_inflation(k)
+        if acc.d_k >= 1:
+            theta = acc.d_sum / acc.d_k
+            variance = acc.d_sq / acc.d_k**2
     if theta is None or variance is None or not variance > 0 or math.isinf(variance):
         return _Result("running", _scaled(m, theta), None, None, acc.min_p, cand_value, base_value)
     half = always_valid_halfwidth(variance, m.tau, alpha)
@@ -644,7 +769,7 @@ def _regression(
     else:
         rel_change = abs(r.effect or 0.0)
         change = f"x{1 + (r.effect or 0.0):.2f}"
-    dims: dict[str, str | None] = dict.fromkeys(("agent_version", "prompt_version", "model"))
+    dims: dict[str, str | None] = dict.fromkeys(_VERSION_DIMS)
     dims[rel.dimension] = rel.candidate
     return {
         "anomaly_id": _hash([condition, "release_regression", start]),
