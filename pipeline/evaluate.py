@@ -33,7 +33,7 @@ from pipeline.scenarios import DRIFT_SCENARIOS, Incident, ground_truth
 from sinks.tables import events_to_table
 from streams.detect import DriftDetector
 from streams.enrich import CostEstimator
-from streams.releases import ReleaseJudge
+from streams.releases import JudgeConfig, ReleaseJudge
 from streams.windows import WindowAggregator
 
 DEFAULT_EVENTS: Final = 200_000
@@ -164,7 +164,7 @@ def replay_releases(
     windows that closed.
     """
     windows = WindowAggregator(window_s, lateness_s)
-    judge = ReleaseJudge()
+    judge = ReleaseJudge(JudgeConfig(window_s=window_s))
     verdicts, anomalies = [], []
     for table, newest in _batches(config):
         windows.update(table, now=newest)

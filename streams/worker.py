@@ -9,7 +9,7 @@ Fetching and validating go on while the previous flush runs (in a thread: polars
 the file system release the GIL), one flush at a time. Order of a flush, which is what makes
 landing exactly-once: (1) repeated event ids dropped, windows updated, due windows closed
 and judged by the detectors, (2) Parquet files durable (events, dead letters, metrics,
-anomalies), (3) dead letters, metrics and anomalies acknowledged by the broker, (4) state
+anomalies, release verdicts), (3) dead letters, metrics and anomalies acknowledged by the broker, (4) state
 snapshot saved, (5) offsets committed. A crash anywhere before (5) replays the same offsets; the files from the first
 attempt are removed on reassignment (``ParquetLake.discard_uncommitted``), metrics files are
 named by window so they are rewritten, and the window state is restored from the snapshot
@@ -49,7 +49,7 @@ from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.dedupe import Deduplicator
 from streams.detect import DriftDetector, anomaly_records
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
-from streams.releases import ReleaseJudge, verdict_records
+from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.windows import DIMENSIONS, WindowAggregator, metric_records
@@ -157,7 +157,7 @@ class EventConsumer(Service):
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
         self.dedupe = Deduplicator(settings.dedupe_horizon_s)
         self.detector = DriftDetector()
-        self.judge = ReleaseJudge()
+        self.judge = ReleaseJudge(self._judge_config())
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
@@ -252,7 +252,7 @@ class EventConsumer(Service):
         )
         self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
         self.detector = DriftDetector()
-        self.judge = ReleaseJudge()
+        self.judge = ReleaseJudge(self._judge_config())
         self._saved = self._state()
 
     def _state(self) -> WorkerState:
@@ -268,7 +268,11 @@ class EventConsumer(Service):
         self.windows = WindowAggregator.restore(self._saved.windows)
         self.dedupe = Deduplicator.restore(self._saved.dedupe)
         self.detector = DriftDetector.restore(self._saved.detector)
-        self.judge = ReleaseJudge.restore(self._saved.releases)
+        self.judge = ReleaseJudge.restore(self._saved.releases, self._judge_config())
+
+    def _judge_config(self) -> JudgeConfig:
+        # The judge keeps latency histograms per window: they must be the metrics' windows.
+        return JudgeConfig(window_s=self.settings.window_seconds)
 
     def _drop_repeats(
         self, events: pa.Table, pending: Sequence[Processed]
