@@ -169,6 +169,7 @@ def _settings(
         "dlq_topic": f"bench-{tag}-dlq",
         "metrics_topic": f"bench-{tag}-metrics",
         "anomalies_topic": f"bench-{tag}-anomalies",
+        "verdicts_topic": f"bench-{tag}-verdicts",
         "group_id": f"bench-{tag}",
         "web_port": free_port(),
         "partitions": PARTITIONS,
@@ -186,6 +187,7 @@ def _topics(settings: Settings) -> dict[str, int]:
             settings.dlq_topic,
             settings.metrics_topic,
             settings.anomalies_topic,
+            settings.verdicts_topic,
         )
     }
 

@@ -380,6 +380,7 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
     from pipeline.evaluate import evaluate as run
     from pipeline.scenarios import DRIFT_SCENARIOS
 
+    # Rollout scenarios are judged by release verdicts, not drift detection.
     unknown = [s for s in scenarios if s not in DRIFT_SCENARIOS]
     if unknown:
         raise ConfigError(
@@ -416,9 +417,95 @@ def bench(args: tuple[str, ...]) -> None:
     sys.exit(run_bench(list(args)))
 
 
+@main.command()
+@broker_option
+@click.argument("stage", type=click.Choice(["start", "end"]))
+@click.option("--agent", "agent_id", required=True, help="The agent_id the release is for")
+@click.option("--tenant", "tenant_id", default=None, help="Only this tenant's traffic")
+@click.option(
+    "--dimension",
+    type=click.Choice(["agent_version", "prompt_version", "model"]),
+    required=True,
+    help="Which version changes",
+)
+@click.option("--candidate", required=True, help="The new version")
+@click.option("--baseline", required=True, help="The version it replaces")
+@click.option(
+    "--share",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Share of the agent's traffic the candidate serves, 0 < share <= 1",
+)
+@click.option("--id", "release_id", default=None, help="Release id [default: from the above]")
+@click.option(
+    "--at",
+    "at",
+    default=None,
+    metavar="TIME",
+    help="When the stage begins, RFC 3339 with an offset [default: now]",
+)
+@friendly
+def release(
+    broker: str | None,
+    stage: str,
+    agent_id: str,
+    tenant_id: str | None,
+    dimension: str,
+    candidate: str,
+    baseline: str,
+    share: float,
+    release_id: str | None,
+    at: str | None,
+) -> None:
+    """Announce that a version starts (or stops) serving part of an agent's traffic.
+
+    The worker then compares the candidate with the baseline on every closed window and
+    publishes verdicts (view release_verdicts, `agentstream tail verdicts`).
+    """
+    from datetime import datetime
+
+    from pipeline.publisher import Publisher, release_event
+
+    when = None
+    if at is not None:
+        try:
+            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(
+                f"bad --at {at!r}: expected RFC 3339, e.g. 2026-11-26T14:00:00Z"
+            ) from None
+        if when.tzinfo is None:
+            raise ConfigError(f"bad --at {at!r}: give a UTC offset, e.g. {at}Z")
+    event = release_event(
+        agent_id=agent_id,
+        dimension=dimension,
+        candidate=candidate,
+        baseline=baseline,
+        traffic_share=share,
+        stage="started" if stage == "start" else "ended",
+        release_id=release_id,
+        tenant_id=tenant_id,
+        ts=when,
+    )
+    settings = Settings.load(broker=broker)
+    ensure_pipeline_topics(settings)
+
+    async def send() -> None:
+        async with Publisher(settings) as pub:
+            await pub.publish(event)
+
+    asyncio.run(send())
+    click.echo(
+        f"release {event.release_id} {event.stage} at {event.ts.isoformat()}: {agent_id} "
+        f"{dimension} {candidate} (baseline {baseline}) on {share:.0%} of its traffic"
+    )
+
+
 TAIL_TOPICS = {
     "metrics": "metrics_topic",
     "anomalies": "anomalies_topic",
+    "verdicts": "verdicts_topic",
     "dead-letters": "dlq_topic",
 }
 
@@ -439,7 +526,7 @@ TAIL_TOPICS = {
 def tail(
     broker: str | None, stream: str, from_beginning: bool, as_json: bool, max_records: int | None
 ) -> None:
-    """Follow the metrics, anomalies or dead-letters topic and print each record.
+    """Follow the metrics, anomalies, release verdicts or dead-letters topic; print each record.
 
     Records are JSON; any Kafka client can read the same topics (for example
     `kcat -C -b 127.0.0.1:9092 -t agent-metrics`).
@@ -505,6 +592,17 @@ def describe(stream: str, record: Any) -> str:
         raw = (record.value or b"")[:80].decode("utf-8", "replace")
         return f"p{record.partition}@{record.offset}  {reason}  {raw!r}"
     data = msgspec.json.decode(record.value)
+    if stream == "verdicts":
+        effect = data.get("effect")
+        shown = "-" if effect is None else f"{effect:+.3f}"
+        if effect is not None and data.get("effect_scale") == "relative":
+            shown = f"{effect:+.1%}"
+        return (
+            f"{data['window_end']} {data['verdict'].upper():<13} {data['release_id']} "
+            f"{data['measure']}: {data['candidate_version']} vs {data['baseline_version']} "
+            f"effect={shown} confidence={data['confidence']:.3f} "
+            f"n={data['candidate_samples']}/{data['baseline_samples']}"
+        )
     key = "/".join(
         str(data.get(k) or "*")
         for k in ("agent_id", "agent_version", "prompt_version", "model", "tenant_id")

@@ -92,6 +92,7 @@ class Settings:
     dlq_topic: str = "agent-events-dlq"
     metrics_topic: str = "agent-metrics"
     anomalies_topic: str = "agent-anomalies"
+    verdicts_topic: str = "agent-release-verdicts"
     partitions: int = 4
     group_id: str = "agentstream"
     # Hot path: a flush lands, publishes and commits everything fetched since the last one.
@@ -152,7 +153,7 @@ class Settings:
         """Raise ``ConfigError`` on the first unusable value."""
         object.__setattr__(self, "broker", parse_brokers(self.broker))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        for what in ("events", "dlq", "metrics", "anomalies"):
+        for what in ("events", "dlq", "metrics", "anomalies", "verdicts"):
             check_topic(getattr(self, f"{what}_topic"), what)
         if self.window not in WINDOW_SIZES:
             raise ConfigError(

@@ -21,7 +21,7 @@ first matching anomaly.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -33,6 +33,7 @@ from pipeline.scenarios import DRIFT_SCENARIOS, Incident, ground_truth
 from sinks.tables import events_to_table
 from streams.detect import DriftDetector
 from streams.enrich import CostEstimator
+from streams.releases import JudgeConfig, ReleaseJudge
 from streams.windows import WindowAggregator
 
 DEFAULT_EVENTS: Final = 200_000
@@ -115,12 +116,9 @@ def score(
     return result
 
 
-def replay(config: TrafficConfig, window_s: int = 60, lateness_s: float = 60.0) -> pa.Table:
-    """Anomalies the worker's windows and detectors raise on ``config``'s traffic."""
-    windows = WindowAggregator(window_s, lateness_s)
-    detector = DriftDetector()
+def _batches(config: TrafficConfig) -> Iterator[tuple[pa.Table, datetime]]:
+    """``config``'s events as the worker lands them, ``BATCH`` at a time, with the newest ts."""
     costs = CostEstimator()
-    found = []
     batch: list[Any] = []
     for ev in _then_flush(generate(config)):
         if ev is not None:
@@ -140,13 +138,80 @@ def replay(config: TrafficConfig, window_s: int = 60, lateness_s: float = 60.0) 
                 "kafka_offset": list(range(n)),
             },
         )
-        newest: datetime = max(e.ts for e in batch)
+        yield table, max(e.ts for e in batch)
+        batch = []
+
+
+def replay(config: TrafficConfig, window_s: int = 60, lateness_s: float = 60.0) -> pa.Table:
+    """Anomalies the worker's windows and detectors raise on ``config``'s traffic."""
+    windows = WindowAggregator(window_s, lateness_s)
+    detector = DriftDetector()
+    found = []
+    for table, newest in _batches(config):
         windows.update(table, now=newest)
         closed = windows.close_due(now=newest)
         found.append(detector.observe(closed, detected_at=newest))
-        batch = []
     found.append(detector.observe(windows.flush_all(), detected_at=newest))
     return pa.concat_tables(found)
+
+
+def replay_releases(
+    config: TrafficConfig, window_s: int = 60, lateness_s: float = 60.0
+) -> tuple[pa.Table, pa.Table]:
+    """Release verdicts and ``release_regression`` anomalies the worker makes on ``config``.
+
+    The same steps as the worker's flush: register the batch's releases, then judge the
+    windows that closed.
+    """
+    windows = WindowAggregator(window_s, lateness_s)
+    judge = ReleaseJudge(JudgeConfig(window_s=window_s))
+    verdicts, anomalies = [], []
+    for table, newest in _batches(config):
+        windows.update(table, now=newest)
+        judge.register(table)
+        v, a = judge.observe(windows.close_due(now=newest), detected_at=newest)
+        verdicts.append(v)
+        anomalies.append(a)
+    v, a = judge.observe(windows.flush_all(), detected_at=newest)
+    return pa.concat_tables([*verdicts, v]), pa.concat_tables([*anomalies, a])
+
+
+@dataclass
+class RolloutScore:
+    """Release verdicts of one rollout scenario run against its ground truth.
+
+    ``found`` is whether the expected verdict came, on the expected measure (for a
+    ``never_regressed`` rollout: True unless something regressed); ``delay_windows`` the
+    windows from the rollout's start to the end of the window of that verdict;
+    ``false_regressions`` the measures judged ``regressed`` that the truth does not expect.
+    """
+
+    scenario: str
+    seed: int
+    found: bool
+    delay_windows: float | None
+    false_regressions: list[str]
+    final: dict[str, str]
+
+
+def score_rollout(
+    scenario: str, seed: int, incidents: Sequence[Incident], verdicts: pa.Table, window_s: int = 60
+) -> RolloutScore:
+    """Score ``verdicts`` (VERDICTS_SCHEMA rows) against a rollout scenario's incidents."""
+    rows = verdicts.to_pylist()
+    final = {r["measure"]: r["verdict"] for r in sorted(rows, key=lambda r: r["window_start"])}
+    (inc,) = [i for i in incidents if i.release_id is not None]
+    regressed = [r for r in rows if r["verdict"] == "regressed"]
+    if inc.expected_verdict == "regressed":
+        hits = [r for r in regressed if r["measure"] == inc.measure]
+        false = sorted({r["measure"] for r in regressed if r["measure"] != inc.measure})
+        delay = None
+        if hits:
+            end = min(r["window_end"] for r in hits)
+            delay = (end - inc.starts_at) / timedelta(seconds=window_s)
+        return RolloutScore(scenario, seed, bool(hits), delay, false, final)
+    false = sorted({r["measure"] for r in regressed})
+    return RolloutScore(scenario, seed, not false, None, false, final)
 
 
 def _then_flush(events: Iterable[Any]) -> Iterable[Any]:

@@ -321,6 +321,8 @@ class ScenarioParams:
     the probabilities are per retrieval, per tool call and per task (escalation, drawn when
     the task starts). ``prompt_version`` replaces the prompt version of tasks starting now
     and ``data_source`` the data source of retrievals (a deploy, an index change).
+    ``candidate_share`` below 1 makes that a rollout: only that share of the tasks starting
+    now get these params (the candidate), the others stay ``STEADY``.
     """
 
     cost_multiplier: float = 1.0
@@ -331,6 +333,7 @@ class ScenarioParams:
     llm_latency: tuple[tuple[str | None, float], ...] = ()
     prompt_version: str | None = None
     data_source: str | None = None
+    candidate_share: float = 1.0
 
 
 STEADY: Final = ScenarioParams()
@@ -449,6 +452,19 @@ def tenant_weights(n: int) -> list[tuple[str, float]]:
 
 def _no_draw() -> float:
     return 0.0
+
+
+def _steady_params(agent_id: str, agent_version: str, tenant_id: str, t: float) -> ScenarioParams:
+    return STEADY
+
+
+def on_candidate(task_number: int, share: float) -> bool:
+    """Whether task ``task_number`` of a rollout goes to the candidate.
+
+    A multiplicative hash of the task number, not a random draw: the rng of steady traffic
+    stays aligned, and the split is even over any run of tasks.
+    """
+    return ((task_number * 2654435761) % 4294967296) / 4294967296.0 < share
 
 
 # Standard normal quantiles: z[int(random() * len(z))] is a normal draw at a tenth of the
@@ -606,6 +622,10 @@ class _Traffic:
         version, token_scale = agent.version(rng)
         tenant = self.tenants(rng)
         at_start = params(agent_id, version, tenant, t)
+        if at_start.candidate_share < 1.0 and not on_candidate(
+            self.tasks + 1, at_start.candidate_share
+        ):
+            at_start, params = STEADY, _steady_params  # this task stays on the baseline
         self.tasks += 1
         key = (agent_id, tenant)
         session = self.sessions.get(key)
@@ -855,6 +875,10 @@ def generate(config: TrafficConfig) -> Iterator[AgentEvent]:
     task_rate = config.rate_per_s / _EVENTS_PER_TASK
     late, delay = config.late_fraction, config.late_delay_s
     prefix = f"{traffic.prefix}-"
+    from pipeline.scenarios import release_events
+
+    # Rollout scenarios announce their release in the stream, at the rollout's start.
+    releases = [(r.ts.timestamp() - traffic.base, r) for r in release_events(config)]
 
     planned: list[tuple[float, int, AgentEvent]] = []  # by event time
     held: list[tuple[float, int, AgentEvent]] = []  # late events, by write time
@@ -867,6 +891,13 @@ def generate(config: TrafficConfig) -> Iterator[AgentEvent]:
                 push(planned, (t, seq, event))
                 seq += 1
             next_arrival += rng.expovariate(task_rate)
+            continue
+        if releases and releases[0][0] <= planned[0][0]:
+            release = releases.pop(0)[1]
+            taken += 1
+            release.event_id = f"{prefix}{emitted:09d}"
+            emitted += 1
+            yield release
             continue
         t, n, event = pop(planned)
         taken += 1

@@ -57,6 +57,7 @@ def pipeline_topics(settings: Settings) -> dict[str, int]:
         settings.dlq_topic: settings.partitions,
         settings.metrics_topic: settings.partitions,
         settings.anomalies_topic: settings.partitions,
+        settings.verdicts_topic: settings.partitions,
     }
 
 

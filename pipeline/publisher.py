@@ -19,6 +19,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -36,6 +37,46 @@ Event = schema.AgentEvent | dict[str, Any]
 def event_key(event: schema.AgentEvent) -> bytes:
     """The partitioning key: task, else session, else agent, so related events stay in order."""
     return (event.task_id or event.session_id or event.agent_id).encode()
+
+
+def release_event(
+    *,
+    agent_id: str,
+    dimension: str,
+    candidate: str,
+    baseline: str,
+    traffic_share: float = 1.0,
+    stage: str = "started",
+    release_id: str | None = None,
+    tenant_id: str | None = None,
+    ts: datetime | None = None,
+) -> schema.Release:
+    """A validated ``release`` event; raises ``InvalidEvent`` naming the bad field.
+
+    ``release_id`` defaults to ``agent[/tenant]:dimension:baseline->candidate``, so the
+    ``started`` and ``ended`` records of one rollout share it; ``ts`` defaults to now. The
+    ``event_id`` is derived from the release id, stage and share: a retried announcement
+    is a repeat the worker recognises, a new share (a ramp) is not.
+    """
+    scope = agent_id if tenant_id is None else f"{agent_id}/{tenant_id}"
+    rid = release_id or f"{scope}:{dimension}:{baseline}->{candidate}"
+    data = {
+        "type": "release",
+        "event_id": f"release:{rid}:{stage}:{traffic_share:g}",
+        "schema_version": schema.SCHEMA_VERSION,
+        "ts": (ts or datetime.now(UTC)).isoformat(),
+        "agent_id": agent_id,
+        "tenant_id": tenant_id,
+        "release_id": rid,
+        "dimension": dimension,
+        "candidate": candidate,
+        "baseline": baseline,
+        "traffic_share": traffic_share,
+        "stage": stage,
+    }
+    event = schema.from_dict(data)
+    assert isinstance(event, schema.Release)
+    return event
 
 
 def _validated(event: Event) -> schema.AgentEvent:
@@ -87,6 +128,39 @@ class Publisher:
         """
         encoded = [(event_key(ev), schema.encode(ev)) for ev in map(_validated, events)]
         return await self.publish_raw(encoded)
+
+    async def publish_release(
+        self,
+        *,
+        agent_id: str,
+        dimension: str,
+        candidate: str,
+        baseline: str,
+        traffic_share: float = 1.0,
+        stage: str = "started",
+        release_id: str | None = None,
+        tenant_id: str | None = None,
+        ts: datetime | None = None,
+    ) -> schema.Release:
+        """Announce that ``candidate`` starts (or stops) serving part of an agent's traffic.
+
+        Builds and validates a ``release`` event (see ``release_event``) and publishes it on
+        the events topic, so the worker compares the candidate with ``baseline`` from ``ts``
+        on. Returns the event; raises ``InvalidEvent`` for a bad value.
+        """
+        event = release_event(
+            agent_id=agent_id,
+            dimension=dimension,
+            candidate=candidate,
+            baseline=baseline,
+            traffic_share=traffic_share,
+            stage=stage,
+            release_id=release_id,
+            tenant_id=tenant_id,
+            ts=ts,
+        )
+        await self.publish(event)
+        return event
 
     async def publish_raw(self, records: Sequence[tuple[bytes, bytes]]) -> int:
         """Send already validated ``(key, JSON value)`` pairs in per-partition batches."""
@@ -147,6 +221,10 @@ class SyncPublisher:
     def publish_many(self, events: Iterable[Event]) -> int:
         """Validate and send many events in batches; returns how many were sent."""
         return self._run(self._pub.publish_many(list(events)))
+
+    def publish_release(self, **release: Any) -> schema.Release:
+        """``Publisher.publish_release``, blocking until the broker has acknowledged it."""
+        return self._run(self._pub.publish_release(**release))
 
     def close(self) -> None:
         """Deliver buffered events and stop the background loop."""

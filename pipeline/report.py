@@ -264,12 +264,35 @@ def _sections(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, Callable[[
             ),
         )
 
+    def releases() -> str:
+        return _section(
+            "releases",
+            "Releases",
+            "Each release's candidate against the version it replaces, per measure: the "
+            "latest always-valid verdict (running, no_difference, better, regressed), the "
+            "two versions' values over the same windows, and the effect with its interval "
+            "(rates in points, cost and latency relative).",
+            _table(
+                "release-summary",
+                fetch(
+                    con,
+                    "SELECT agent_id, dimension, candidate_version, baseline_version, "
+                    "traffic_share, measure, verdict, candidate_value, baseline_value, "
+                    "effect, effect_low, effect_high, confidence, windows, "
+                    "decided_window_end FROM release_summary ORDER BY started_at DESC, "
+                    "release_id, measure",
+                    measure_of={"candidate_value": "measure", "baseline_value": "measure"},
+                ),
+            ),
+        )
+
     return [
         ("cost", "Cost", cost),
         ("quality", "Quality", quality),
         ("latency", "Latency", latency),
         ("tool-errors", "Tool errors", tools),
         ("anomalies", "Anomalies", anomalies),
+        ("releases", "Releases", releases),
     ]
 
 

@@ -38,11 +38,29 @@ slower or more escalating task ends later. Everything before ``starts_at`` is by
 byte the steady stream of the seed, and keys no incident names stay exactly the steady
 traffic after it too (all but event ids; without late events, see ``pipeline.generate``).
 
+Rollouts (``ROLLOUT_SCENARIOS``): at ``starts_at`` support-bot starts a release (a
+``release`` event in the stream, ``release_events``): half its tasks (``traffic_share`` 0.5,
+chosen by a hash of the task number) get prompt ``p14``, the candidate; ``p12`` is the
+baseline (about 30 % of its tasks keep it, the rest keep ``p13``). Per window that is about
+31 candidate and 19 baseline tasks at the default rate.
+
+=================== ======================================== ===========================
+scenario            candidate p14 against baseline p12        expected verdict
+=================== ======================================== ===========================
+good-rollout        tool errors 5 % -> 4 % (slightly better)   never ``regressed``
+regressing-rollout  escalation rate 6 % -> 18 % (x3)           ``regressed`` on
+                                                               ``escalation_rate``
+=================== ======================================== ===========================
+
+They are scored by release verdicts (``streams.releases``), not by drift detection, so
+``DRIFT_SCENARIOS`` (what ``agentstream evaluate`` scores) leaves them out.
+
 ``budget-burn`` makes every agent serving tenant-03 use 6x the tokens per model call (a loop
 re-sending its context): that tenant's spend rate rises about 4x, and its ground truth
-carries day budgets for every tenant and when tenant-03's runs out (``budget_truth``).
+carries day budgets for every tenant and when tenant-03's runs out (``budget_truth``); the
+budget tracker scores it, not drift detection either.
 
-``steady`` is the control: no incident. Later scenarios (rollouts, budget burn) add records
+``steady`` is the control: no incident. Later scenarios add records
 with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
 ``ScenarioParams``; the registry and the ground-truth format stay as they are.
 """
@@ -68,9 +86,11 @@ from pipeline.generate import (
     _profiles,
     tenant_weights,
 )
+from pipeline.schema import Release
 
 __all__ = [
     "DRIFT_SCENARIOS",
+    "ROLLOUT_SCENARIOS",
     "SCENARIOS",
     "SCENARIO_NAMES",
     "BudgetBurn",
@@ -85,6 +105,7 @@ __all__ = [
     "nominal_end",
     "params_fn",
     "read_ground_truth",
+    "release_events",
     "write_ground_truth",
 ]
 
@@ -114,6 +135,12 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     ``direction="up"``, divided for ``"down"``. It applies in full from ``starts_at``, or,
     when ``ramp_until`` is set, grows linearly from 1 at ``starts_at`` to ``magnitude`` at
     ``ramp_until`` and stays there.
+
+    A *rollout* sets ``release_id``: the incident then applies to ``traffic_share`` of the
+    key's tasks only, which carry ``prompt_version`` (the candidate); ``baseline`` names the
+    prompt version it is compared with, and ``expected_verdict`` what the release verdict on
+    ``measure`` must be (``regressed``), or that no measure may be judged regressed
+    (``never_regressed``).
     """
 
     kind: str
@@ -128,6 +155,10 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     magnitude: float
     ramp_until: datetime | None = None
     data_source: str | None = None
+    release_id: str | None = None
+    baseline: str | None = None
+    traffic_share: float | None = None
+    expected_verdict: Literal["regressed", "never_regressed"] | None = None
 
 
 class BudgetBurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -376,6 +407,38 @@ def _tenant_budgets(config: TrafficConfig) -> tuple[str, list[BudgetBurn]]:
     return ",".join(specs), burns
 
 
+ROLLOUT_SHARE: Final = 0.5
+
+
+def _rollout(
+    config: TrafficConfig, name: str, measure: Measure, direction: Direction, magnitude: float
+) -> list[Incident]:
+    _require(config, name, "support-bot", None)
+    return [
+        Incident(
+            kind=name,
+            measure=measure,
+            starts_at=incident_start(config),
+            agent_id="support-bot",
+            prompt_version="p14",
+            direction=direction,
+            magnitude=magnitude,
+            release_id=f"{name}-support-bot-p14",
+            baseline="p12",
+            traffic_share=ROLLOUT_SHARE,
+            expected_verdict="regressed" if direction == "up" else "never_regressed",
+        )
+    ]
+
+
+def _good_rollout(config: TrafficConfig) -> list[Incident]:
+    return _rollout(config, "good-rollout", "tool_error_rate", "down", 1.25)
+
+
+def _regressing_rollout(config: TrafficConfig) -> list[Incident]:
+    return _rollout(config, "regressing-rollout", "escalation_rate", "up", 3.0)
+
+
 SCENARIOS: Final[dict[str, Scenario]] = {
     s.name: s
     for s in (
@@ -406,6 +469,16 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             _cost_drift,
         ),
         Scenario(
+            "good-rollout",
+            "support-bot rolls prompt p14 out to half its tasks mid-stream: tool errors 5% -> 4%",
+            _good_rollout,
+        ),
+        Scenario(
+            "regressing-rollout",
+            "support-bot rolls prompt p14 out to half its tasks mid-stream: escalations 6% -> 18%",
+            _regressing_rollout,
+        ),
+        Scenario(
             "budget-burn",
             f"every agent serving {BURN_TENANT} loops from mid-stream ({BURN_TOKENS:g}x the tokens "
             "per model call): the tenant's day budget burns out hours early",
@@ -415,10 +488,12 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     )
 }
 SCENARIO_NAMES: Final[tuple[str, ...]] = tuple(SCENARIOS)
+ROLLOUT_SCENARIOS: Final[tuple[str, ...]] = ("good-rollout", "regressing-rollout")
 DRIFT_SCENARIOS: Final[tuple[str, ...]] = tuple(
-    n for n, s in SCENARIOS.items() if s.budgets is None
+    n for n, s in SCENARIOS.items() if s.budgets is None and n not in ROLLOUT_SCENARIOS
 )
-"""The scenarios drift detection is scored on; budget scenarios are the budget tracker's."""
+"""The scenarios drift detection is scored on: rollouts are judged by release verdicts, budget
+scenarios by the budget tracker."""
 
 
 def list_scenarios() -> list[tuple[str, str]]:
@@ -478,6 +553,30 @@ def read_ground_truth(path: str | Path) -> GroundTruth:
     return msgspec.json.decode(Path(path).read_bytes(), type=GroundTruth)
 
 
+def release_events(config: TrafficConfig) -> list[Release]:
+    """The ``release`` events of the scenario's rollouts, in time order (``event_id`` blank)."""
+    out = []
+    for inc in ground_truth(config):
+        if inc.release_id is None:
+            continue
+        assert inc.prompt_version is not None and inc.baseline is not None
+        out.append(
+            Release(
+                event_id="",
+                schema_version=1,
+                ts=inc.starts_at,
+                agent_id=inc.agent_id,
+                tenant_id=inc.tenant_id,
+                release_id=inc.release_id,
+                dimension="prompt_version",
+                candidate=inc.prompt_version,
+                baseline=inc.baseline,
+                traffic_share=inc.traffic_share or 1.0,
+            )
+        )
+    return sorted(out, key=lambda r: r.ts)
+
+
 # --------------------------------------------------------------------------------------
 # Injection: incidents compiled into the generator's ScenarioParams
 # --------------------------------------------------------------------------------------
@@ -509,6 +608,12 @@ class _Rule:
             raise ValueError(f"incident {incident.kind!r}: {measure} cannot be per model")
         if not incident.magnitude >= 1.0:
             raise ValueError(f"incident {incident.kind!r}: magnitude must be >= 1")
+        share = incident.traffic_share
+        if share is not None and not (0.0 < share <= 1.0 and incident.prompt_version):
+            raise ValueError(
+                f"incident {incident.kind!r}: a rollout needs a prompt_version and a "
+                "traffic_share within (0, 1]"
+            )
         start = incident.starts_at.timestamp() - base
         full = start if incident.ramp_until is None else incident.ramp_until.timestamp() - base
         if full < start:
@@ -542,6 +647,8 @@ class _Rule:
             p = replace(p, prompt_version=inc.prompt_version)
         if inc.data_source is not None:
             p = replace(p, data_source=inc.data_source)
+        if inc.traffic_share is not None:
+            p = replace(p, candidate_share=inc.traffic_share)
         return p
 
 

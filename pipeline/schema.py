@@ -43,6 +43,11 @@ UtcTime = Annotated[datetime, Meta(tz=True)]
 TaskOutcome = Literal["started", "completed", "failed", "abandoned"]
 ToolStatus = Literal["ok", "error"]
 GuardrailAction = Literal["allow", "block", "modify", "flag"]
+# The version dimensions a release can change: exactly the metrics dimensions that name a
+# version of what serves the agent's traffic (``streams.windows.DIMENSIONS``).
+ReleaseDimension = Literal["agent_version", "prompt_version", "model"]
+ReleaseStage = Literal["started", "ended"]
+Share = Annotated[float, Meta(gt=0, le=1)]
 
 
 # gc=False: events hold only scalars and strings, so they cannot be part of a reference cycle,
@@ -162,7 +167,33 @@ class Guardrail(Envelope, tag="guardrail"):
     reason: Text | None = None
 
 
-AgentEvent = LlmCall | ToolCall | Retrieval | Escalation | Task | Feedback | Guardrail
+class Release(Envelope, tag="release"):
+    """A rollout: ``candidate`` starts (or stops) serving ``traffic_share`` of the agent's traffic.
+
+    A control record, not agent activity: it is landed in ``events`` (view ``releases``) but
+    counts in no KPI. The release is scoped by the envelope's ``agent_id`` (and ``tenant_id``
+    when set); ``dimension`` says which version changes, ``baseline`` is the version the
+    candidate replaces, and ``ts`` is when the stage begins. ``release_id`` ties the
+    ``started`` and ``ended`` records of one rollout together.
+    """
+
+    release_id: Id
+    dimension: ReleaseDimension
+    candidate: Name
+    baseline: Name
+    traffic_share: Share = 1.0
+    stage: ReleaseStage = "started"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.candidate == self.baseline:
+            raise ValueError(
+                f"candidate and baseline are both {self.candidate!r}: a release compares two "
+                "versions - at `$.candidate`"
+            )
+
+
+AgentEvent = LlmCall | ToolCall | Retrieval | Escalation | Task | Feedback | Guardrail | Release
 EVENT_CLASSES: Final[tuple[type[Envelope], ...]] = (
     LlmCall,
     ToolCall,
@@ -171,6 +202,7 @@ EVENT_CLASSES: Final[tuple[type[Envelope], ...]] = (
     Task,
     Feedback,
     Guardrail,
+    Release,
 )
 EVENT_TYPES: Final[tuple[str, ...]] = tuple(
     str(msgspec.inspect.type_info(cls).tag)  # type: ignore[attr-defined]
@@ -178,6 +210,10 @@ EVENT_TYPES: Final[tuple[str, ...]] = tuple(
 )
 for _cls, _name in zip(EVENT_CLASSES, EVENT_TYPES, strict=True):
     _cls.type_name = _name
+# Types that describe what agents did: the ones KPIs are computed from. Control records
+# (releases) travel with them, in order, but are not activity.
+CONTROL_TYPES: Final[tuple[str, ...]] = ("release",)
+ACTIVITY_TYPES: Final[tuple[str, ...]] = tuple(t for t in EVENT_TYPES if t not in CONTROL_TYPES)
 
 # What each wire field means in OpenTelemetry GenAI terms; the README's table is this dict.
 OTEL_NAMES: Final[dict[str, str]] = {
@@ -218,6 +254,12 @@ OTEL_NAMES: Final[dict[str, str]] = {
     "correction": "agentstream.feedback.correction",
     "policy_id": "gen_ai.guardrail.policy.id",
     "action": "gen_ai.guardrail.result.type",
+    "release_id": "agentstream.release.id",
+    "dimension": "agentstream.release.dimension (agent_version, prompt_version or model)",
+    "candidate": "agentstream.release.candidate (the new version)",
+    "baseline": "agentstream.release.baseline (the version it replaces)",
+    "traffic_share": "agentstream.release.traffic_share (0 < share <= 1)",
+    "stage": "agentstream.release.stage (started, ended)",
 }
 
 

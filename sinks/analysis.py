@@ -67,6 +67,14 @@ Views and macros, with their columns (``readme_table()`` renders the README's ta
     first alert window), ``recovered_at`` (end of the recovery window, NULL while open),
     ``alerts``, ``detectors``, ``baseline``, ``peak`` (observed value furthest from the
     baseline), ``message`` (of the first alert).
+``release_summary``
+    From ``release_verdicts`` (de-duplicated on ``verdict_id``): one row per ``release_id``
+    and ``measure`` with the release's agent, tenant, dimension, candidate and baseline
+    versions, the latest look's ``verdict``, ``candidate_value``, ``baseline_value``,
+    ``effect``, ``effect_low``, ``effect_high``, ``effect_scale``, ``confidence``,
+    ``candidate_samples``, ``baseline_samples``, ``windows`` and ``traffic_share``, plus
+    ``started_at``, ``last_window_end``, ``decided_window_end`` (NULL while running) and
+    ``looks``. A decided measure gets no later looks, so its row is the decision.
 ``lake_summary``
     One row: ``events``, ``late_events``, ``dead_letters``, ``first_event``, ``last_event``,
     ``agents``, ``models``, ``tenants`` (from ``events``), the KPI totals from the metrics
@@ -574,6 +582,40 @@ ANALYSIS_VIEWS: Final[list[tuple[str, str, str]]] = [
         ),
         "one row per anomaly condition: key, measure, worst severity, opened/recovered, "
         "alerts, baseline, peak",
+    ),
+    (
+        "release_summary",
+        _view(
+            "release_summary",
+            "WITH v AS (SELECT DISTINCT ON (verdict_id) * FROM release_verdicts "
+            "ORDER BY verdict_id, decided_at) "
+            "SELECT release_id, any_value(agent_id) AS agent_id, "
+            "any_value(tenant_id) AS tenant_id, any_value(dimension) AS dimension, "
+            "any_value(candidate_version) AS candidate_version, "
+            "any_value(baseline_version) AS baseline_version, measure, "
+            + ", ".join(
+                f"last({c} ORDER BY window_end) AS {c}"
+                for c in (
+                    "verdict",
+                    "candidate_value",
+                    "baseline_value",
+                    "effect",
+                    "effect_low",
+                    "effect_high",
+                    "effect_scale",
+                    "confidence",
+                    "candidate_samples",
+                    "baseline_samples",
+                    "windows",
+                    "traffic_share",
+                )
+            )
+            + ", min(started_at) AS started_at, max(window_end) AS last_window_end, "
+            "min(window_end) FILTER (WHERE verdict <> 'running') AS decided_window_end, "
+            "count(*) AS looks FROM v GROUP BY release_id, measure ORDER BY release_id, measure",
+        ),
+        "one row per release and measure: the latest verdict (decisions are final), candidate "
+        "and baseline values, effect with its always-valid interval, confidence, samples",
     ),
     (
         "lake_summary",

@@ -19,6 +19,7 @@ from sinks.parquet import LakeTable, ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BUDGETS_SCHEMA
 from streams.detect import ANOMALIES_SCHEMA
+from streams.releases import VERDICTS_SCHEMA
 from streams.windows import METRICS_SCHEMA
 
 DB_FILE: Final = "agentstream.duckdb"
@@ -31,7 +32,8 @@ METRICS: Final = LakeTable("metrics", METRICS_SCHEMA, ("date",), "window_start")
 ANOMALIES: Final = LakeTable("anomalies", ANOMALIES_SCHEMA, ("date",), "window_start")
 # Budget status: one row per budget and period, its file rewritten while the period is current.
 BUDGETS: Final = LakeTable("budgets", BUDGETS_SCHEMA, ("date",), "period_start")
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES, BUDGETS]
+RELEASE_VERDICTS: Final = LakeTable("release_verdicts", VERDICTS_SCHEMA, ("date",), "window_start")
+TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES, BUDGETS, RELEASE_VERDICTS]
 
 _PLURAL: Final = {
     "llm_call": "llm_calls",
@@ -41,6 +43,7 @@ _PLURAL: Final = {
     "task": "tasks",
     "feedback": "feedback",
     "guardrail": "guardrails",
+    "release": "releases",
 }
 
 

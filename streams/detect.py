@@ -101,7 +101,8 @@ __all__ = [
     "anomaly_records",
 ]
 
-Kind = Literal["drift", "outlier", "recovery"]
+Kind = Literal["drift", "outlier", "recovery", "release_regression"]
+"""``release_regression`` rows come from ``streams.releases``, never from ``DriftDetector``."""
 Direction = Literal["up", "down"]
 Severity = Literal["info", "warning", "critical"]
 
@@ -135,7 +136,8 @@ ANOMALIES_SCHEMA: Final = pa.schema(
 ``anomaly_id`` is blake2b of (condition_id, kind, window_start): replaying the same windows
 gives the same ids, so consumers de-duplicate on it. ``condition_id`` is blake2b of (level,
 dimensions, measure, first window_start) of the ongoing condition; its drift, outlier and
-recovery rows share it. ``detected_at`` is the wall-clock time passed to ``observe``;
+recovery rows share it. ``kind`` is one of ``Kind`` (``release_regression``: see
+``streams.releases``). ``detected_at`` is the wall-clock time passed to ``observe``;
 ``window_start``/``window_end`` the window the row is about (for the recovery of an evicted
 key: its last window). ``level`` and the dimensions
 identify the key as in ``METRICS_SCHEMA`` (null where the level does not group by them).

@@ -40,7 +40,7 @@ import msgspec
 import polars as pl
 import pyarrow as pa
 
-from pipeline.schema import EVENT_TYPES
+from pipeline.schema import ACTIVITY_TYPES, CONTROL_TYPES
 from streams import sketch
 
 __all__ = [
@@ -99,7 +99,7 @@ _INPUT_COLUMNS: Final = [
 # Summable measures kept per (window, key); ratios and aliases are derived on emit.
 _COUNTS: Final = [
     "events",
-    *(f"events_{t}" for t in EVENT_TYPES),
+    *(f"events_{t}" for t in ACTIVITY_TYPES),
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
@@ -166,7 +166,7 @@ METRICS_SCHEMA: Final = pa.schema(
         pa.field("window_end", _TS, nullable=False),
         *(pa.field(d, pa.string()) for d in DIMENSIONS),
         pa.field("events", pa.int64()),
-        *(pa.field(f"events_{t}", pa.int64()) for t in EVENT_TYPES),
+        *(pa.field(f"events_{t}", pa.int64()) for t in ACTIVITY_TYPES),
         pa.field("llm_calls", pa.int64()),
         pa.field("input_tokens", pa.int64()),
         pa.field("output_tokens", pa.int64()),
@@ -420,11 +420,19 @@ class WindowAggregator:
         else:
             late = (window + w <= horizon).alias("late")
         frame = frame.with_columns(window.alias(_W))
+        control = frame.get_column("type").is_in(CONTROL_TYPES)
+        if control.any():
+            # Control records (releases) are not agent activity: in no window, never late.
+            late = late & ~control
+            frame = frame.filter(~control)
+            late_kept = late.filter(~control)
+        else:
+            late_kept = late
         n_late = int(late.sum())
         if n_late:
             assert horizon is not None
-            late_rows = frame.filter(late)
-            frame = frame.filter(~late)
+            late_rows = frame.filter(late_kept)
+            frame = frame.filter(~late_kept)
             oldest_open = (horizon // w) * w
             late_part = (
                 late_rows.group_by(DIMENSIONS)
@@ -446,7 +454,7 @@ class WindowAggregator:
 
         part = frame.group_by(_KEY).agg(
             pl.len().cast(pl.Int64).alias("events"),
-            *(count(typ == t, f"events_{t}") for t in EVENT_TYPES),
+            *(count(typ == t, f"events_{t}") for t in ACTIVITY_TYPES),
             pl.col("input_tokens").sum().cast(pl.Int64),
             pl.col("output_tokens").sum().cast(pl.Int64),
             pl.col("cached_input_tokens").sum().cast(pl.Int64),

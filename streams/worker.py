@@ -9,7 +9,7 @@ Fetching and validating go on while the previous flush runs (in a thread: polars
 the file system release the GIL), one flush at a time. Order of a flush, which is what makes
 landing exactly-once: (1) repeated event ids dropped, windows updated, due windows closed
 and judged by the detectors, (2) Parquet files durable (events, dead letters, metrics,
-anomalies), (3) dead letters, metrics and anomalies acknowledged by the broker, (4) state
+anomalies, release verdicts), (3) dead letters, metrics and anomalies acknowledged by the broker, (4) state
 snapshot saved, (5) offsets committed. A crash anywhere before (5) replays the same offsets; the files from the first
 attempt are removed on reassignment (``ParquetLake.discard_uncommitted``), metrics files are
 named by window so they are rewritten, and the window state is restored from the snapshot
@@ -36,13 +36,22 @@ from mode import Service
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs, start_producer
 from pipeline.schema import Rejection
-from sinks.catalog import ANOMALIES, DEAD_LETTERS, EVENTS, METRICS, connect, prepare
+from sinks.catalog import (
+    ANOMALIES,
+    DEAD_LETTERS,
+    EVENTS,
+    METRICS,
+    RELEASE_VERDICTS,
+    connect,
+    prepare,
+)
 from sinks.parquet import ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BudgetTracker, land_budgets, load_budgets
 from streams.dedupe import Deduplicator
 from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
+from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.windows import DIMENSIONS, WindowAggregator, metric_records
@@ -60,12 +69,17 @@ BUDGET_STATUS_EVERY_S = 10.0
 
 
 class WorkerState(msgspec.Struct, frozen=True):
-    """What a snapshot holds: open windows, remembered event ids, drift detectors, spend."""
+    """What a snapshot holds: open windows, remembered event ids, drift detectors, spend,
+    releases.
+
+    ``budgets`` and ``releases`` default to empty so an older snapshot still loads.
+    """
 
     windows: bytes
     dedupe: bytes
     detector: bytes
     budgets: bytes = b""
+    releases: bytes = b""
 
 
 class _Stopwatch:
@@ -164,6 +178,7 @@ class EventConsumer(Service):
         self.detector = DriftDetector()
         self.budgets = self._budget_tracker()
         self._budgets_landed = 0.0
+        self.judge = ReleaseJudge(self._judge_config())
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
@@ -315,6 +330,7 @@ class EventConsumer(Service):
         self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
         self.detector = DriftDetector()
         self.budgets = self._budget_tracker()
+        self.judge = ReleaseJudge(self._judge_config())
         self._saved = self._state()
 
     def _budget_tracker(self) -> BudgetTracker:
@@ -326,6 +342,7 @@ class EventConsumer(Service):
             self.dedupe.snapshot(),
             self.detector.snapshot(),
             self.budgets.snapshot(),
+            self.judge.snapshot(),
         )
 
     def _rewind(self) -> None:
@@ -336,6 +353,11 @@ class EventConsumer(Service):
         self.budgets = self._budget_tracker()
         if self._saved.budgets:
             self.budgets.restore(self._saved.budgets)
+        self.judge = ReleaseJudge.restore(self._saved.releases, self._judge_config())
+
+    def _judge_config(self) -> JudgeConfig:
+        # The judge keeps latency histograms per window: they must be the metrics' windows.
+        return JudgeConfig(window_s=self.settings.window_seconds)
 
     def _drop_repeats(
         self, events: pa.Table, pending: Sequence[Processed]
@@ -503,7 +525,7 @@ class EventConsumer(Service):
         loop = asyncio.get_running_loop()
         behind = self._behind({**self._offsets, **{p: hi + 1 for p, (_, hi) in ranges.items()}})
         steps = _Stopwatch()
-        events, repeats, metrics, anomalies, burns = await loop.run_in_executor(
+        events, repeats, metrics, anomalies, burns, verdicts = await loop.run_in_executor(
             None, self._aggregate, events, pending, behind, emit_open
         )
         steps.lap("aggregate")
@@ -513,7 +535,7 @@ class EventConsumer(Service):
         if repeats:
             dead = pa.concat_tables([dead, dead_letter_table(repeats)])
         await loop.run_in_executor(
-            None, self._land, events, dead, metrics, anomalies, burns, ranges
+            None, self._land, events, dead, metrics, anomalies, burns, verdicts, ranges
         )
         steps.lap("land")
         sends = []
@@ -526,6 +548,8 @@ class EventConsumer(Service):
             sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
         for anomaly_id, value in anomaly_records(pa.concat_tables([anomalies, burns])):
             sends.append(await self._producer.send(s.anomalies_topic, value=value, key=anomaly_id))
+        for verdict_id, value in verdict_records(verdicts):
+            sends.append(await self._producer.send(s.verdicts_topic, value=value, key=verdict_id))
         if sends:
             await asyncio.gather(*sends)
         steps.lap("publish")
@@ -602,12 +626,12 @@ class EventConsumer(Service):
         pending: Sequence[Processed],
         behind: set[int],
         emit_open: bool = False,
-    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table, pa.Table]:
-        """Fold ``events`` into the windows, detectors and budgets.
+    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table, pa.Table, pa.Table]:
+        """Fold ``events`` into the windows, detectors, budgets and release verdicts.
 
         Returns the events to land (repeats taken out, ``late`` set), the repeats as dead
-        letters, the rows of the windows that closed, the anomalies found in them, and the
-        ``budget_burn`` anomalies.
+        letters, the rows of the windows that closed, the anomalies found in them (release
+        regressions included), the ``budget_burn`` anomalies, and the release verdicts.
         """
         events, repeats = self._drop_repeats(events, pending)
         reached = self._event_time(events, behind)
@@ -621,7 +645,14 @@ class EventConsumer(Service):
         metrics = self.windows.close_due(now=now)
         if emit_open:
             metrics = pa.concat_tables([metrics, self.windows.flush_all()])
-        anomalies = self.detector.observe(metrics, detected_at=datetime.now(UTC))
+        detected_at = datetime.now(UTC)
+        anomalies = self.detector.observe(metrics, detected_at=detected_at)
+        # Releases before metrics: a release and the first window it covers may close in
+        # the same flush.
+        self.judge.register(events)
+        verdicts, regressions = self.judge.observe(metrics, detected_at=detected_at)
+        if regressions.num_rows:
+            anomalies = pa.concat_tables([anomalies, regressions])
         if anomalies.num_rows:
             anomalies = self._with_examples(anomalies, events)
             self.telemetry.anomalies.inc(anomalies.num_rows)
@@ -629,9 +660,9 @@ class EventConsumer(Service):
         if self.budgets.budgets:
             # Event time, like the windows: a replay forecasts and alerts exactly as before.
             self.budgets.update(events)
-            burns = self.budgets.check(now, datetime.now(UTC))
+            burns = self.budgets.check(now, detected_at)
             self.telemetry.anomalies.inc(burns.num_rows)
-        return events, repeats, metrics, anomalies, burns
+        return events, repeats, metrics, anomalies, burns, verdicts
 
     def _with_examples(self, anomalies: pa.Table, events: pa.Table) -> pa.Table:
         """Fill ``example_event_ids`` with a few events of each anomaly's window and key.
@@ -665,11 +696,16 @@ class EventConsumer(Service):
         metrics: pa.Table,
         anomalies: pa.Table,
         burns: pa.Table,
+        verdicts: pa.Table,
         ranges: dict[int, tuple[int, int]],
     ) -> None:
         # Derived rows are named by their window and the state that emitted them: a replay
         # rewrites the same files, and two workers of a group do not overwrite each other's.
-        for table, rows in ((METRICS, metrics), (ANOMALIES, anomalies)):
+        for table, rows in (
+            (METRICS, metrics),
+            (ANOMALIES, anomalies),
+            (RELEASE_VERDICTS, verdicts),
+        ):
             for start in pc.unique(rows["window_start"]).to_pylist():
                 mine = rows.filter(pc.equal(rows["window_start"], start))
                 name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}"

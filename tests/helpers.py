@@ -36,6 +36,7 @@ def unique_settings(bootstrap: str, data_dir: Path, **changes: Any) -> Settings:
         "dlq_topic": f"ev-{tag}-dlq",
         "metrics_topic": f"metrics-{tag}",
         "anomalies_topic": f"anomalies-{tag}",
+        "verdicts_topic": f"verdicts-{tag}",
         "group_id": f"g-{tag}",
         "web_port": free_port(),
         "flush_interval_s": 0.3,

@@ -25,11 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.generate import TrafficConfig, generate
+from pipeline.generate import DEFAULT_START, TrafficConfig, generate
+from pipeline.publisher import release_event
 from sinks import analysis, catalog
 from sinks.catalog import EVENTS, METRICS, prepare
 from sinks.tables import events_to_table
 from streams.enrich import CostEstimator
+from streams.releases import ReleaseJudge
 from streams.windows import DIMENSIONS, WindowAggregator
 
 SCENARIO = "cost-spike"  # support-bot v4: cost per task x3 from mid-stream
@@ -140,7 +142,43 @@ def build_lake(
         if found is None or pc.sum(pc.not_equal(found["kind"], "recovery")).as_py() in (None, 0):
             found = hand_written_anomalies(metrics)
         write_anomalies(root, found)
+    write_verdicts(root, metrics)
     return root
+
+
+RELEASE_AT = DEFAULT_START + timedelta(minutes=5)
+
+
+def write_verdicts(root: Path, metrics: pa.Table) -> pa.Table:
+    """Release verdicts as the worker would land them: support-bot prompt p13 judged against
+    p12 (identical behaviour) from minute 5, one file per window. Returns the rows."""
+    judge = ReleaseJudge()
+    judge.register(
+        events_to_table(
+            [
+                release_event(
+                    agent_id="support-bot",
+                    dimension="prompt_version",
+                    candidate="p13",
+                    baseline="p12",
+                    traffic_share=0.4,
+                    ts=RELEASE_AT,
+                )
+            ],
+            {
+                "cost_estimated": [False],
+                "late": [False],
+                "kafka_partition": [0],
+                "kafka_offset": [0],
+            },
+        )
+    )
+    verdicts, _ = judge.observe(metrics, RELEASE_AT)
+    lake = prepare(root)
+    for start in pc.unique(verdicts["window_start"]).to_pylist():
+        rows = verdicts.filter(pc.equal(verdicts["window_start"], start))
+        lake.write_named(catalog.RELEASE_VERDICTS, rows, f"test~{start:%Y%m%dT%H%M%S}.parquet")
+    return verdicts
 
 
 def land(root: Path, evs: list[Any]) -> pa.Table:
@@ -232,6 +270,32 @@ def test_every_view_answers(con: duckdb.DuckDBPyConnection) -> None:
         comments["task_funnel"]
         == dict((n, d) for n, _, d in analysis.ANALYSIS_VIEWS)["task_funnel"]
     )
+
+
+def test_release_summary_is_the_latest_look_of_each_measure(
+    con: duckdb.DuckDBPyConnection, lake: Path
+) -> None:
+    """Recomputed in Python from the verdict files, read without any view."""
+    raw = pa.concat_tables(
+        pq.read_table(p) for p in sorted((lake / "release_verdicts").glob("*/test~*.parquet"))
+    ).to_pylist()
+    assert raw, "the shared lake has verdicts"
+    expected: dict[tuple[str, str], dict[str, Any]] = {}
+    looks: dict[tuple[str, str], int] = {}
+    for r in sorted(raw, key=lambda r: r["window_end"]):
+        key = (r["release_id"], r["measure"])
+        expected[key] = r
+        looks[key] = looks.get(key, 0) + 1
+    got = rows(con, "SELECT * FROM release_summary")
+    assert [(g["release_id"], g["measure"]) for g in got] == sorted(expected)
+    for g in got:
+        want = expected[(g["release_id"], g["measure"])]
+        for column in ("verdict", "effect", "effect_low", "confidence", "candidate_value"):
+            assert g[column] == want[column], column
+        assert g["candidate_version"] == "p13" and g["baseline_version"] == "p12"
+        assert g["last_window_end"] == want["window_end"]
+        assert g["looks"] == looks[(g["release_id"], g["measure"])]
+        assert (g["decided_window_end"] is None) == (want["verdict"] == "running")
 
 
 def test_ratios_are_the_windows_ratios(con: duckdb.DuckDBPyConnection) -> None:

@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pipeline import schema
 from pipeline.broker import free_port
+from pipeline.cli import describe
 from pipeline.config import Settings
 from pipeline.kafka import committed_lag
+from pipeline.publisher import SyncPublisher
 from pipeline.schema import LlmCall, Task, ToolCall
 from sinks.catalog import EVENTS, prepare
 from sinks.tables import events_to_table
@@ -120,6 +123,9 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- user errors ---------------------------------------------------------------------------
 
+RELEASE = ["release", "start", "--broker", "127.0.0.1:9", "--agent", "bot"]
+RELEASE += ["--dimension", "prompt_version"]
+
 USER_ERRORS = {
     "bad broker syntax": (
         ["worker", "--broker", "nonsense"],
@@ -165,6 +171,23 @@ USER_ERRORS = {
         {},
         "error: bad events topic name 'bad topic': use 1-249 characters of letters, digits, "
         "'.', '_', '-'",
+    ),
+    "release share out of range": (
+        [*RELEASE, "--candidate", "p2", "--baseline", "p1", "--share", "1.5"],
+        {},
+        "error: invalid event: event 'release:bot:prompt_version:p1->p2:started:1.5': "
+        "Expected `float` <= 1.0 - at `$.traffic_share`",
+    ),
+    "release without a change": (
+        [*RELEASE, "--candidate", "p1", "--baseline", "p1"],
+        {},
+        "error: invalid event: event 'release:bot:prompt_version:p1->p1:started:1': candidate "
+        "and baseline are both 'p1': a release compares two versions - at `$.candidate`",
+    ),
+    "release time without offset": (
+        [*RELEASE, "--candidate", "p2", "--baseline", "p1", "--at", "2026-11-26T10:00:00"],
+        {},
+        "error: bad --at '2026-11-26T10:00:00': give a UTC offset, e.g. 2026-11-26T10:00:00Z",
     ),
     "missing publish file": (
         ["publish", "--broker", "127.0.0.1:9", "/nonexistent/events.jsonl"],
@@ -310,7 +333,7 @@ def test_publish_reports_invalid_lines_and_sends_the_rest(bootstrap: str, tmp_pa
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    known = "llm_call, tool_call, retrieval, escalation, task, feedback, guardrail"
+    known = "llm_call, tool_call, retrieval, escalation, task, feedback, guardrail, release"
     # aiokafka's own warnings (e.g. NotLeaderForPartition retries on a topic created a moment
     # ago) also reach stderr; see test_unreachable_broker_on_publish_prints_only_the_error_line.
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith(("line ", "published", "error"))]
@@ -351,6 +374,7 @@ def test_publish_from_stdin(bootstrap: str, tmp_path: Path) -> None:
             AGENTSTREAM_DLQ_TOPIC=settings.dlq_topic,
             AGENTSTREAM_METRICS_TOPIC=settings.metrics_topic,
             AGENTSTREAM_ANOMALIES_TOPIC=settings.anomalies_topic,
+            AGENTSTREAM_VERDICTS_TOPIC=settings.verdicts_topic,
         ),
         cwd=tmp_path,
         capture_output=True,
@@ -362,6 +386,100 @@ def test_publish_from_stdin(bootstrap: str, tmp_path: Path) -> None:
     assert ours == [f"published 7 events to {settings.events_topic}"]
     records = consume_all(settings, settings.events_topic, 7)
     assert sorted(r.value for r in records) == sorted(lines)
+
+
+def test_release_start_and_end_are_published(bootstrap: str, tmp_path: Path) -> None:
+    """`agentstream release` and ``SyncPublisher.publish_release`` send validated releases."""
+    settings = unique_settings(bootstrap, tmp_path)
+    env = cli_env(AGENTSTREAM_EVENTS_TOPIC=settings.events_topic)
+    common = ["--broker", bootstrap, "--agent", "support-bot", "--dimension", "prompt_version"]
+    common += ["--candidate", "p14", "--baseline", "p12"]
+    outs = []
+    for stage, extra in (
+        ("start", ["--share", "0.2", "--at", "2026-11-25T14:00:00Z"]),
+        ("end", ["--at", "2026-11-25T15:00:00+00:00"]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "release", stage, *common, *extra],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout.strip())
+    assert outs[0] == (
+        "release support-bot:prompt_version:p12->p14 started at 2026-11-25T14:00:00+00:00: "
+        "support-bot prompt_version p14 (baseline p12) on 20% of its traffic"
+    )
+    with SyncPublisher(settings) as pub:
+        sent = pub.publish_release(
+            agent_id="billing-agent",
+            tenant_id="acme",
+            dimension="model",
+            candidate="gpt-4o",
+            baseline="gpt-4o-mini",
+            traffic_share=0.1,
+        )
+    assert sent.release_id == "billing-agent/acme:model:gpt-4o-mini->gpt-4o"
+    records = consume_all(settings, settings.events_topic, 3)
+    got = sorted(
+        (
+            (e := schema.decode(r.value)).release_id,  # type: ignore[union-attr]
+            e.stage,  # type: ignore[union-attr]
+            e.traffic_share,  # type: ignore[union-attr]
+            e.ts.isoformat(),
+            r.key.decode(),
+        )
+        for r in records
+    )
+    assert got[1:] == [
+        (
+            "support-bot:prompt_version:p12->p14",
+            "ended",
+            1.0,
+            "2026-11-25T15:00:00+00:00",
+            "support-bot",
+        ),
+        (
+            "support-bot:prompt_version:p12->p14",
+            "started",
+            0.2,
+            "2026-11-25T14:00:00+00:00",
+            "support-bot",
+        ),
+    ]
+    assert got[0][:3] == ("billing-agent/acme:model:gpt-4o-mini->gpt-4o", "started", 0.1)
+    assert got[0][4] == "billing-agent"
+
+
+def test_tail_describes_a_verdict() -> None:
+    record = type(
+        "R",
+        (),
+        {
+            "value": msgspec.json.encode(
+                {
+                    "window_end": "2026-01-05T09:30:00Z",
+                    "verdict": "regressed",
+                    "release_id": "r1",
+                    "measure": "latency_p95_ms",
+                    "candidate_version": "p14",
+                    "baseline_version": "p12",
+                    "effect": 0.25,
+                    "effect_scale": "relative",
+                    "confidence": 0.9991,
+                    "candidate_samples": 1200,
+                    "baseline_samples": 800,
+                }
+            )
+        },
+    )()
+    assert describe("verdicts", record) == (
+        "2026-01-05T09:30:00Z REGRESSED     r1 latency_p95_ms: p14 vs p12 effect=+25.0% "
+        "confidence=0.999 n=1200/800"
+    )
 
 
 # --- sql -----------------------------------------------------------------------------------

@@ -154,6 +154,14 @@ def _type_fields(draw: st.DrawFn, kind: str) -> dict[str, Any]:
         return {"reason": draw(text)}
     if kind == "task":
         return {"outcome": draw(st.sampled_from(["started", "completed", "failed", "abandoned"]))}
+    if kind == "release":
+        return {
+            "release_id": draw(names),
+            "dimension": draw(st.sampled_from(["agent_version", "prompt_version", "model", "x"])),
+            "candidate": draw(names),
+            "baseline": draw(names),
+            "traffic_share": draw(st.floats(-1, 2)),
+        }
     if kind == "feedback":
         return {"rating": draw(st.floats(-1e9, 1e9)), "correction": draw(text)}
     return {

@@ -352,6 +352,16 @@ def all_types() -> list[schema.AgentEvent]:
     out.append(Feedback(**env_("fb0"), rating=1.0))
     for i in range(2):
         out.append(Guardrail(**env_(f"gr{i}"), policy_id="pii", action="block", reason="ssn"))
+    out.append(
+        schema.Release(
+            **env_("rel0"),
+            release_id="r-1",
+            dimension="model",
+            candidate="gpt-4o",
+            baseline="gpt-4o-mini",
+            traffic_share=0.25,
+        )
+    )
     return out
 
 
@@ -363,6 +373,7 @@ PER_TYPE = {
     "tasks": ("task", ["task0", "task1", "task2", "task3"]),
     "feedback": ("feedback", ["fb0"]),
     "guardrails": ("guardrail", ["gr0", "gr1"]),
+    "releases": ("release", ["rel0"]),
 }
 
 
@@ -391,6 +402,10 @@ def test_per_type_views_return_only_their_type(tmp_path: Path) -> None:
         ("pii", "block", "ssn"),
         ("pii", "block", "ssn"),
     ]
+    assert con.sql(
+        "SELECT release_id, dimension, candidate, baseline, traffic_share, stage FROM releases"
+    ).fetchall() == [("r-1", "model", "gpt-4o", "gpt-4o-mini", 0.25, "started")]
+    assert "tool_name" not in con.sql("SELECT * FROM releases").columns
     assert con.sql("SELECT event_id, miss FROM retrievals ORDER BY 1").fetchall() == [
         ("ret0", True),
         ("ret1", False),

@@ -147,9 +147,13 @@ def test_registry_and_list() -> None:
         "retrieval-miss-rise",
         "latency-regression",
         "cost-drift",
+        "good-rollout",
+        "regressing-rollout",
         "budget-burn",
     ]
     assert tuple(names) == scenarios.SCENARIO_NAMES
+    assert tuple(names[:6]) == scenarios.DRIFT_SCENARIOS
+    assert tuple(names[6:8]) == scenarios.ROLLOUT_SCENARIOS
     assert all(description for _, description in scenarios.list_scenarios())
 
 

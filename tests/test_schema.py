@@ -19,6 +19,7 @@ from pipeline.schema import (
     InvalidEvent,
     LlmCall,
     Rejection,
+    Release,
     Retrieval,
     Task,
     ToolCall,
@@ -29,7 +30,7 @@ from pipeline.schema import (
 )
 
 TS = datetime(2026, 1, 5, 9, 30, 15, 123456, tzinfo=UTC)
-KNOWN = "llm_call, tool_call, retrieval, escalation, task, feedback, guardrail"
+KNOWN = "llm_call, tool_call, retrieval, escalation, task, feedback, guardrail, release"
 
 ENVELOPE: dict[str, Any] = {
     "schema_version": 1,
@@ -85,6 +86,16 @@ def full_events() -> list[schema.AgentEvent]:
         Feedback(event_id="e-fb", **ENVELOPE, rating=-0.5, correction="wrong order number"),
         Guardrail(
             event_id="e-guard", **ENVELOPE, policy_id="pii-filter", action="modify", reason="email"
+        ),
+        Release(
+            event_id="e-rel",
+            **ENVELOPE,
+            release_id="rel-1",
+            dimension="prompt_version",
+            candidate="p13",
+            baseline="p12",
+            traffic_share=0.2,
+            stage="ended",
         ),
     ]
 
@@ -172,14 +183,14 @@ def test_str_input_decodes_like_bytes() -> None:
 
 def test_otel_names_cover_every_wire_field_and_type() -> None:
     fields = {name for name, _ in schema.iter_fields()}
-    assert len(fields) == 36
+    assert len(fields) == 42  # 36 + the 6 fields of release
     assert set(OTEL_NAMES) == fields | {"type"}
     assert all(isinstance(v, str) and v for v in OTEL_NAMES.values())
 
 
 def test_iter_fields_has_no_repeats() -> None:
     names = [name for name, _ in schema.iter_fields()]
-    assert len(names) == len(set(names)) == 36
+    assert len(names) == len(set(names)) == 42
     types = dict(schema.iter_fields())
     assert isinstance(types["ts"], msgspec.inspect.DateTimeType)
     assert isinstance(types["input_tokens"], msgspec.inspect.IntType)
@@ -213,7 +224,10 @@ def test_event_types() -> None:
         "task",
         "feedback",
         "guardrail",
+        "release",
     )
+    assert EVENT_TYPES[:-1] == schema.ACTIVITY_TYPES
+    assert schema.CONTROL_TYPES == ("release",)
 
 
 # --- rejections ----------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def _expected_late(
 
 _COUNT_SQL = {
     "events": "count(*)",
-    **{f"events_{t}": f"count(*) FILTER (type = '{t}')" for t in schema.EVENT_TYPES},
+    **{f"events_{t}": f"count(*) FILTER (type = '{t}')" for t in schema.ACTIVITY_TYPES},
     "llm_calls": "count(*) FILTER (type = 'llm_call')",
     "input_tokens": "coalesce(sum(input_tokens), 0)",
     "output_tokens": "coalesce(sum(output_tokens), 0)",
@@ -591,7 +591,7 @@ def test_metrics_schema_has_the_documented_columns() -> None:
         *DIMENSIONS,
         "events",
         "llm_calls",
-        *(f"events_{t}" for t in schema.EVENT_TYPES),
+        *(f"events_{t}" for t in schema.ACTIVITY_TYPES),
         "input_tokens",
         "output_tokens",
         "cached_input_tokens",
@@ -695,3 +695,38 @@ def test_sketch_rank_is_quantile_disc_rank() -> None:
             )
             have = sketch.quantiles(frame, "g", {"x": q})["x"][0]
             assert have == pytest.approx(exact[0], rel=sketch.RELATIVE_ACCURACY)
+
+
+def _release(at: datetime) -> schema.Release:
+    return schema.Release(
+        event_id=f"rel-{at.timestamp()}",
+        schema_version=1,
+        ts=at,
+        agent_id="a1",
+        release_id="r1",
+        dimension="prompt_version",
+        candidate="p2",
+        baseline="p1",
+        traffic_share=0.5,
+    )
+
+
+def test_release_events_count_in_no_kpi_and_are_never_late() -> None:
+    """A release is a control record: the same windows with or without it, never late."""
+    with_release, without = WindowAggregator(60, 10.0), WindowAggregator(60, 10.0)
+    calls = [_llm(T0 + timedelta(seconds=5)), _llm(T0 + timedelta(seconds=30))]
+    late = with_release.update(
+        _batch(calls[0], _release(T0 + timedelta(seconds=6)), calls[1]), now=T0
+    )
+    without.update(_batch(*calls), now=T0)
+    assert late.to_pylist() == [False, False, False]
+    # a release for a window already closed is still not late (and still not counted)
+    for agg in (with_release, without):
+        agg.update(_batch(_llm(T0 + timedelta(seconds=200))), now=T0)
+    late = with_release.update(_batch(_release(T0), _llm(T0 + timedelta(seconds=1))), now=T0)
+    without.update(_batch(_llm(T0 + timedelta(seconds=1))), now=T0)
+    assert late.to_pylist() == [False, True]
+    got, want = with_release.flush_all(), without.flush_all()
+    assert got.equals(want)
+    assert "events_release" not in got.column_names
+    assert sum(got.filter(pc.equal(got["level"], "key"))["events"].to_pylist()) == 3
