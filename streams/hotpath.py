@@ -6,11 +6,14 @@ I/O, so it is tested without a broker and profiled on its own.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 from pipeline import schema
@@ -66,25 +69,43 @@ class BatchProcessor:
         self, records: Sequence[Record], *, late: Sequence[bool] | None = None
     ) -> Processed:
         """Validate ``records``; valid ones become ``events`` rows, the rest dead letters."""
+        n = len(records)
         events, ok_at, rejections, bad_at = schema.decode_batch(
-            [r.value for r in records], max_bytes=self.max_message_bytes
+            list(map(_VALUE, records)), max_bytes=self.max_message_bytes
         )
         estimated = self.costs.fill(events)
         self.redactor.events(events)
-        ok_records = [records[i] for i in ok_at]
-        extras: dict[str, Sequence[Any]] = {
+        partitions = np.fromiter(map(_PARTITION, records), dtype=np.int32, count=n)
+        offsets = np.fromiter(map(_OFFSET, records), dtype=np.int64, count=n)
+        ok = np.asarray(ok_at, dtype=np.int64) if bad_at else slice(None)
+        extras: dict[str, Sequence[Any] | pa.Array] = {
             "cost_estimated": estimated,
-            "late": [False] * len(events) if late is None else late,
-            "kafka_partition": [r.partition for r in ok_records],
-            "kafka_offset": [r.offset for r in ok_records],
+            "late": pa.repeat(pa.scalar(False), len(events)) if late is None else late,
+            "kafka_partition": pa.array(partitions[ok]),
+            "kafka_offset": pa.array(offsets[ok]),
         }
         table = events_to_table(events, extras)
         bad = [(records[i], rej) for i, rej in zip(bad_at, rejections, strict=True)]
-        ranges: dict[int, tuple[int, int]] = {}
-        for r in records:
-            lo, hi = ranges.get(r.partition, (r.offset, r.offset))
-            ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
-        return Processed(table, dead_letter_table(bad), bad, ranges, records)
+        return Processed(table, dead_letter_table(bad), bad, _ranges(partitions, offsets), records)
+
+
+_VALUE: Final = operator.attrgetter("value")
+_PARTITION: Final = operator.attrgetter("partition")
+_OFFSET: Final = operator.attrgetter("offset")
+
+
+def _ranges(
+    partitions: npt.NDArray[np.int32], offsets: npt.NDArray[np.int64]
+) -> dict[int, tuple[int, int]]:
+    """partition -> (first offset, last offset), partitions in order of first appearance."""
+    if len(partitions) == 0:
+        return {}
+    seen, first = np.unique(partitions, return_index=True)
+    ranges: dict[int, tuple[int, int]] = {}
+    for part in seen[np.argsort(first)].tolist():
+        mine = offsets[partitions == part]
+        ranges[part] = (int(mine.min()), int(mine.max()))
+    return ranges
 
 
 def dead_letter_table(bad: Sequence[tuple[Record, schema.Rejection]]) -> pa.Table:
