@@ -393,12 +393,13 @@ def _decode_one(raw: bytes | str | None, max_bytes: int) -> AgentEvent | Rejecti
     if size > max_bytes:
         return Rejection(f"oversized message: {size} bytes exceeds the {max_bytes}-byte limit")
     try:
-        return _decoder.decode(raw)
+        event: AgentEvent = _decoder.decode(raw)
     except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
         return Rejection(reason := _reason_of(exc, raw), _field_of(reason))
     except RecursionError:
         # msgspec recurses per nesting level: a hostile message must not stop the worker.
         return Rejection("malformed JSON: nested too deeply")
+    return event
 
 
 def _decode_each(
