@@ -522,10 +522,8 @@ class EventConsumer(Service):
                 name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}.parquet"
                 self.lake.write_named(table, mine, name)
         topic = self.settings.events_topic
-        for part, (lo, hi) in ranges.items():
-            for table, rows, column in (
-                (EVENTS, events, "kafka_partition"),
-                (DEAD_LETTERS, dead, "partition"),
-            ):
-                mine = rows.filter(pc.equal(rows[column], part))
-                self.lake.land(table, mine, topic=topic, partition=part, first=lo, last=hi)
+        for table, rows, column in (
+            (EVENTS, events, "kafka_partition"),
+            (DEAD_LETTERS, dead, "partition"),
+        ):
+            self.lake.land_partitions(table, rows, topic=topic, column=column, ranges=ranges)
