@@ -10,7 +10,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -42,7 +42,8 @@ class Processed:
     rejected: list[tuple[Record, schema.Rejection]]
     # partition -> (first offset, last offset) of every record read, valid or not
     ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
-    # The records themselves, for dead-lettering a valid event later (a repeated event_id).
+    # The records themselves, for dead-lettering a valid event later (a repeated event_id);
+    # ``RecordColumns`` from ``BatchProcessor.process``.
     records: Sequence[Record] = ()
 
 
@@ -70,8 +71,9 @@ class BatchProcessor:
     ) -> Processed:
         """Validate ``records``; valid ones become ``events`` rows, the rest dead letters."""
         n = len(records)
+        values = list(map(_VALUE, records))
         events, ok_at, rejections, bad_at = schema.decode_batch(
-            list(map(_VALUE, records)), max_bytes=self.max_message_bytes
+            values, max_bytes=self.max_message_bytes
         )
         estimated = self.costs.fill(events)
         self.redactor.events(events)
@@ -86,10 +88,88 @@ class BatchProcessor:
         }
         table = events_to_table(events, extras)
         bad = [(records[i], rej) for i, rej in zip(bad_at, rejections, strict=True)]
-        return Processed(table, dead_letter_table(bad), bad, _ranges(partitions, offsets), records)
+        kept = RecordColumns(records, values, partitions, offsets)
+        return Processed(table, dead_letter_table(bad), bad, _ranges(partitions, offsets), kept)
+
+
+@dataclass(slots=True)
+class KeptRecord:
+    """A record as ``RecordColumns`` gives it back."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+
+
+class RecordColumns(Sequence[Record]):
+    """The records of a fetch, kept as columns until their flush.
+
+    A pending fetch is kept only to dead-letter a repeated event later, which is rare. An
+    aiokafka ``ConsumerRecord`` costs ~290 bytes besides its key and value (an instance
+    dict of eleven fields); as columns the fetch holds its keys and values (the same bytes
+    objects, not copies) and 36 bytes a record, so the record objects are freed with the
+    fetch. Rows come back as ``KeptRecord``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        values: list[bytes | None],
+        partitions: npt.NDArray[np.int32],
+        offsets: npt.NDArray[np.int64],
+    ) -> None:
+        n = len(records)
+        topics = list(dict.fromkeys(map(_TOPIC, records)))
+        self._topics = topics
+        self._topic_at = (
+            None
+            if len(topics) <= 1
+            else np.fromiter(
+                map({t: i for i, t in enumerate(topics)}.__getitem__, map(_TOPIC, records)),
+                dtype=np.int32,
+                count=n,
+            )
+        )
+        self._partitions = partitions
+        self._offsets = offsets
+        self._timestamps = np.fromiter(map(_TIMESTAMP, records), dtype=np.int64, count=n)
+        self._keys = list(map(_KEY, records))
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._partitions)
+
+    @overload
+    def __getitem__(self, at: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, at: slice) -> Sequence[Record]: ...
+
+    def __getitem__(self, at: int | slice) -> Record | Sequence[Record]:
+        if isinstance(at, slice):
+            return [self[i] for i in range(*at.indices(len(self)))]
+        if at < 0:
+            at += len(self)
+        if not 0 <= at < len(self):
+            raise IndexError(at)
+        topic = self._topics[0 if self._topic_at is None else int(self._topic_at[at])]
+        return KeptRecord(
+            topic,
+            int(self._partitions[at]),
+            int(self._offsets[at]),
+            self._keys[at],
+            self._values[at],
+            int(self._timestamps[at]),
+        )
 
 
 _VALUE: Final = operator.attrgetter("value")
+_KEY: Final = operator.attrgetter("key")
+_TOPIC: Final = operator.attrgetter("topic")
+_TIMESTAMP: Final = operator.attrgetter("timestamp")
 _PARTITION: Final = operator.attrgetter("partition")
 _OFFSET: Final = operator.attrgetter("offset")
 
