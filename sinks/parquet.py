@@ -146,8 +146,10 @@ class ParquetLake:
 
         ``column`` holds each row's Kafka partition; every partition of ``ranges`` lands as
         ``land(..., partition=p, first=lo, last=hi)`` would land its rows (None: all rows
-        are of the one partition in ``ranges``). Files are written in parallel and each folder
-        is fsynced once, after every file in it is renamed into place.
+        are of the one partition in ``ranges``). Rows of a partition not in ``ranges`` are not
+        landed, as the per-partition filter this replaces did not land them. Files are written
+        in parallel and each folder is fsynced once, after every file in it is renamed into
+        place.
         """
         names = {
             part: f"{topic}~{part}~{first:019d}~{last:019d}.parquet"
@@ -156,7 +158,7 @@ class ParquetLake:
         if column is None:
             (name,) = names.values()
             return self._write_parts(table, rows, [], lambda _key: name)
-        return self._write_parts(table, rows, [column], lambda key: names[key[0]])
+        return self._write_parts(table, rows, [column], lambda key: names.get(key[0]))
 
     def write_named(self, table: LakeTable, rows: pa.Table, name: str) -> list[LandedFile]:
         """Write ``rows`` split by the table's partition columns, each part as ``name``.
@@ -170,7 +172,7 @@ class ParquetLake:
         table: LakeTable,
         rows: pa.Table,
         by: list[str],
-        name_of: Callable[[tuple[Any, ...]], str],
+        name_of: Callable[[tuple[Any, ...]], str | None],
     ) -> list[LandedFile]:
         """Split ``rows`` by ``by`` + the table's partition columns; write each part durably.
 
@@ -208,7 +210,9 @@ class ParquetLake:
             )
             part = data.slice(start, size)
             start += size
-            parts.append((folder / name_of(tuple(key)), part.cast(file_schema)))
+            name = name_of(tuple(key))
+            if name is not None:  # None: rows not to land
+                parts.append((folder / name, part.cast(file_schema)))
         write_all(parts)
         return [LandedFile(path, part.num_rows) for path, part in parts]
 
