@@ -169,8 +169,16 @@ class Publisher:
         parts = sorted(await self._producer.partitions_for(self.topic))
         batches: dict[int, Any] = {}
         pending: list[Awaitable[Any]] = []
+        # aiokafka's murmur2 is pure Python (~3.5 us a key); one task's events share a key,
+        # so each distinct key of the call is hashed once.
+        # (A None key stays a random choice per record.)
+        partition_of: dict[bytes, int] = {}
         for key, value in records:
-            p = self._partitioner(key, parts, parts)
+            p = partition_of.get(key, -1) if key is not None else -1
+            if p < 0:
+                p = self._partitioner(key, parts, parts)
+                if key is not None:
+                    partition_of[key] = p
             batch = batches.get(p)
             if batch is None:
                 batch = batches[p] = self._producer.create_batch()

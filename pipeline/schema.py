@@ -12,6 +12,7 @@ and the problem, for example ``Expected `int`, got `str` - at `$.input_tokens```
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -344,40 +345,123 @@ def decode_batch(
 
     Returns ``(events, event_positions, rejections, rejection_positions)`` where positions
     index into ``raws``, so callers keep each outcome tied to its Kafka offset.
+
+    A batch of ``bytes`` messages (or None) within the size limit, every fetch normally, is
+    decoded by one C-level ``map`` of the decoder; a message it cannot decode is judged by
+    ``_decode_one``, the per-message path every other batch takes, so the outcome and the
+    reason of every message are the same on both paths. The clock check is one ``max`` over
+    the batch, and per event only when some event is too far ahead.
     """
+    horizon = _horizon()
+    present = raws
+    try:
+        total = len(b"".join(raws))  # type: ignore[arg-type]  # TypeError: a None or a str
+    except TypeError:
+        present = [raw for raw in raws if raw is not None]
+        try:
+            total = len(b"".join(present))  # type: ignore[arg-type]  # TypeError: a str
+        except TypeError:
+            return _decode_each(raws, max_bytes, horizon)
+    if total > max_bytes and max(map(len, present)) > max_bytes:  # type: ignore[arg-type]
+        return _decode_each(raws, max_bytes, horizon)
+    events: list[AgentEvent] = []
+    rejected: list[Rejection] = []
+    bad_at: list[int] = []
+    rest = iter(raws)
+    while True:
+        try:
+            events.extend(map(_decoder.decode, rest))  # type: ignore[arg-type]
+            break
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError, TypeError):
+            # A None (TypeError) or a message that does not decode. extend keeps what it
+            # decoded before the failing message, so that message is the next position;
+            # ``rest`` resumes after it.
+            at = len(events) + len(bad_at)
+            outcome = _decode_one(raws[at], max_bytes)
+            if isinstance(outcome, Rejection):
+                rejected.append(outcome)
+                bad_at.append(at)
+            else:
+                events.append(outcome)
+    ok_at = _positions(len(raws), bad_at)
+    if events and max(map(_TS, events)).timestamp() > horizon:
+        return _check_clock_each(events, ok_at, rejected, bad_at, horizon)
+    return events, ok_at, rejected, bad_at
+
+
+_TS: Final = operator.attrgetter("ts")
+
+
+def _positions(n: int, skip: list[int]) -> list[int]:
+    """``0..n-1`` without the ascending positions ``skip``."""
+    if not skip:
+        return list(range(n))
+    out: list[int] = []
+    lo = 0
+    for at in skip:
+        out.extend(range(lo, at))
+        lo = at + 1
+    out.extend(range(lo, n))
+    return out
+
+
+def _check_clock_each(
+    events: list[AgentEvent],
+    ok_at: list[int],
+    rejected: list[Rejection],
+    bad_at: list[int],
+    horizon: float,
+) -> tuple[list[AgentEvent], list[int], list[Rejection], list[int]]:
+    """Move the events too far ahead of ``horizon`` to the rejections, positions in order."""
+    kept: list[AgentEvent] = []
+    kept_at: list[int] = []
+    late: list[tuple[int, Rejection]] = []
+    for at, event in zip(ok_at, events, strict=True):
+        ahead = _too_far_ahead(event, horizon)
+        if ahead is None:
+            kept.append(event)
+            kept_at.append(at)
+        else:
+            late.append((at, ahead))
+    merged = sorted([*zip(bad_at, rejected, strict=True), *late], key=operator.itemgetter(0))
+    return kept, kept_at, [r for _, r in merged], [at for at, _ in merged]
+
+
+def _decode_one(raw: bytes | str | None, max_bytes: int) -> AgentEvent | Rejection:
+    """One message's event, or why it is rejected (everything but the clock check)."""
+    if raw is None:
+        return Rejection("empty message: Kafka record has no value")
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
+    if size > max_bytes:
+        return Rejection(f"oversized message: {size} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        event: AgentEvent = _decoder.decode(raw)
+    except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
+        return Rejection(reason := _reason_of(exc, raw), _field_of(reason))
+    except RecursionError:
+        # msgspec recurses per nesting level: a hostile message must not stop the worker.
+        return Rejection("malformed JSON: nested too deeply")
+    return event
+
+
+def _decode_each(
+    raws: Sequence[bytes | str | None], max_bytes: int, horizon: float
+) -> tuple[list[AgentEvent], list[int], list[Rejection], list[int]]:
+    """``decode_batch`` one message at a time (batches with a None, a str or an oversized one)."""
     events: list[AgentEvent] = []
     ok_at: list[int] = []
     rejected: list[Rejection] = []
     bad_at: list[int] = []
-    dec = _decoder.decode
-    horizon = _horizon()
     for i, raw in enumerate(raws):
-        if raw is None:
-            rejected.append(Rejection("empty message: Kafka record has no value"))
-            bad_at.append(i)
-            continue
-        size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
-        if size > max_bytes:
-            rejected.append(
-                Rejection(f"oversized message: {size} bytes exceeds the {max_bytes}-byte limit")
-            )
-            bad_at.append(i)
-            continue
-        try:
-            event = dec(raw)
-        except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-            rejection = Rejection(reason := _reason_of(exc, raw), _field_of(reason))
-        except RecursionError:
-            # msgspec recurses per nesting level: a hostile message must not stop the worker.
-            rejection = Rejection("malformed JSON: nested too deeply")
-        else:
-            late = _too_far_ahead(event, horizon)
+        outcome = _decode_one(raw, max_bytes)
+        if not isinstance(outcome, Rejection):
+            late = _too_far_ahead(outcome, horizon)
             if late is None:
-                events.append(event)
+                events.append(outcome)
                 ok_at.append(i)
                 continue
-            rejection = late
-        rejected.append(rejection)
+            outcome = late
+        rejected.append(outcome)
         bad_at.append(i)
     return events, ok_at, rejected, bad_at
 

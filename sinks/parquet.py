@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import polars as pl
 import pyarrow as pa
@@ -59,16 +60,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, table: pa.Table) -> None:
-    """Write ``table`` to ``path`` so readers see the whole file or nothing, and it is durable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_temp(path: Path, table: pa.Table) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
+        # No dictionary pages: with zstd the files come out ~11% smaller and ~20% cheaper to
+        # write (events of 100k generated events: 5.9 -> 5.3 MB, 180 -> 150 ms CPU).
+        pq.write_table(
+            table, fh, compression="zstd", use_dictionary=False, row_group_size=128 * 1024
+        )
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    return tmp
+
+
+def write_atomic(path: Path, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` so readers see the whole file or nothing, and it is durable."""
+    write_all([(path, table)])
+
+
+# Landing threads: Parquet encoding, compression and fsync release the GIL, so the files of
+# one flush are written side by side (and the fsyncs' waits overlap).
+_WRITERS: Final = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lake-writer")
+
+
+def write_all(files: Sequence[tuple[Path, pa.Table]]) -> None:
+    """``write_atomic`` for many files: written and fsynced in parallel, each renamed into
+    place once all are durable, then each folder fsynced once. Readers see a whole file or
+    none; when this returns every file is durable."""
+    for folder in {path.parent for path, _ in files}:
+        folder.mkdir(parents=True, exist_ok=True)
+    if len(files) == 1:
+        temps = [_write_temp(*files[0])]
+    else:
+        temps = list(_WRITERS.map(lambda f: _write_temp(*f), files))
+    for tmp, (path, _) in zip(temps, files, strict=True):
+        os.replace(tmp, path)
+    folders = list({path.parent: None for path, _ in files})
+    if len(folders) == 1:
+        fsync_dir(folders[0])
+    else:
+        list(_WRITERS.map(fsync_dir, folders))
 
 
 class ParquetLake:
@@ -98,31 +129,92 @@ class ParquetLake:
         Rows are split by the table's partition columns; every part gets the same offset-range
         name, so landing the same range again overwrites instead of duplicating.
         """
-        if rows.num_rows == 0:
-            return []
-        return self.write_named(
-            table, rows, f"{topic}~{partition}~{first:019d}~{last:019d}.parquet"
+        return self.land_partitions(
+            table, rows, topic=topic, column=None, ranges={partition: (first, last)}
         )
+
+    def land_partitions(
+        self,
+        table: LakeTable,
+        rows: pa.Table,
+        *,
+        topic: str,
+        column: str | None,
+        ranges: dict[int, tuple[int, int]],
+    ) -> list[LandedFile]:
+        """``land`` for several Kafka partitions at once: the files of one flush in one go.
+
+        ``column`` holds each row's Kafka partition; every partition of ``ranges`` lands as
+        ``land(..., partition=p, first=lo, last=hi)`` would land its rows (None: all rows
+        are of the one partition in ``ranges``). Rows of a partition not in ``ranges`` are not
+        landed, as the per-partition filter this replaces did not land them. Files are written
+        in parallel and each folder is fsynced once, after every file in it is renamed into
+        place.
+        """
+        names = {
+            part: f"{topic}~{part}~{first:019d}~{last:019d}.parquet"
+            for part, (first, last) in ranges.items()
+        }
+        if column is None:
+            (name,) = names.values()
+            return self._write_parts(table, rows, [], lambda _key: name)
+        return self._write_parts(table, rows, [column], lambda key: names.get(key[0]))
 
     def write_named(self, table: LakeTable, rows: pa.Table, name: str) -> list[LandedFile]:
         """Write ``rows`` split by the table's partition columns, each part as ``name``.
 
         Writing the same name again replaces the file, which is what makes landing idempotent.
         """
-        frame = pl.from_arrow(rows)
+        return self._write_parts(table, rows, [], lambda _key: name)
+
+    def _write_parts(
+        self,
+        table: LakeTable,
+        rows: pa.Table,
+        by: list[str],
+        name_of: Callable[[tuple[Any, ...]], str | None],
+    ) -> list[LandedFile]:
+        """Split ``rows`` by ``by`` + the table's partition columns; write each part durably.
+
+        Parts keep the rows' order and come in order of first appearance (as polars'
+        ``partition_by``); each is written to a temporary file and fsynced (in parallel),
+        then renamed into place, then each folder is fsynced once.
+        """
+        if rows.num_rows == 0:
+            return []
+        keys = [*by, *table.partition_by]
+        # Only the key columns go to polars; "date" is the time column's UTC date.
+        frame = pl.from_arrow(
+            pa.table({c: rows[table.time_column if c == "date" else c] for c in keys})
+        )
         assert isinstance(frame, pl.DataFrame)
         if "date" in table.partition_by:
-            frame = frame.with_columns(pl.col(table.time_column).dt.date().alias("date"))
-        landed = []
+            frame = frame.with_columns(pl.col("date").dt.date())
+        groups = (
+            frame.with_row_index("_row")
+            .group_by(keys, maintain_order=True)
+            .agg(pl.col("_row"), pl.len().alias("_rows"))
+        )
         file_schema = table.file_schema()
-        for key, part in frame.partition_by(list(table.partition_by), as_dict=True).items():
+        data = rows.drop_columns([c for c in table.partition_by if c in rows.column_names])
+        if groups.height > 1:
+            # One gather puts every part's rows side by side; the parts are then slices (a
+            # take per part would concatenate the chunks of every column each time).
+            data = data.take(groups.get_column("_row").explode().to_arrow())
+        parts: list[tuple[Path, pa.Table]] = []
+        start = 0
+        for *key, _, size in groups.iter_rows():
+            hive = key[len(by) :]
             folder = self.table_dir(table).joinpath(
-                *(f"{c}={v}" for c, v in zip(table.partition_by, key, strict=True))
+                *(f"{c}={v}" for c, v in zip(table.partition_by, hive, strict=True))
             )
-            data = part.drop(list(table.partition_by)).to_arrow().cast(file_schema)
-            write_atomic(folder / name, data)
-            landed.append(LandedFile(folder / name, data.num_rows))
-        return landed
+            part = data.slice(start, size)
+            start += size
+            name = name_of(tuple(key))
+            if name is not None:  # None: rows not to land
+                parts.append((folder / name, part.cast(file_schema)))
+        write_all(parts)
+        return [LandedFile(path, part.num_rows) for path, part in parts]
 
     def files(self, table: LakeTable) -> Iterator[Path]:
         """Every landed data file of ``table`` (not the seed, not temporaries)."""

@@ -6,11 +6,14 @@ I/O, so it is tested without a broker and profiled on its own.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, overload
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 from pipeline import schema
@@ -39,7 +42,8 @@ class Processed:
     rejected: list[tuple[Record, schema.Rejection]]
     # partition -> (first offset, last offset) of every record read, valid or not
     ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
-    # The records themselves, for dead-lettering a valid event later (a repeated event_id).
+    # The records themselves, for dead-lettering a valid event later (a repeated event_id);
+    # ``RecordColumns`` from ``BatchProcessor.process``.
     records: Sequence[Record] = ()
 
 
@@ -66,25 +70,122 @@ class BatchProcessor:
         self, records: Sequence[Record], *, late: Sequence[bool] | None = None
     ) -> Processed:
         """Validate ``records``; valid ones become ``events`` rows, the rest dead letters."""
+        n = len(records)
+        values = list(map(_VALUE, records))
         events, ok_at, rejections, bad_at = schema.decode_batch(
-            [r.value for r in records], max_bytes=self.max_message_bytes
+            values, max_bytes=self.max_message_bytes
         )
         estimated = self.costs.fill(events)
         self.redactor.events(events)
-        ok_records = [records[i] for i in ok_at]
-        extras: dict[str, Sequence[Any]] = {
+        partitions = np.fromiter(map(_PARTITION, records), dtype=np.int32, count=n)
+        offsets = np.fromiter(map(_OFFSET, records), dtype=np.int64, count=n)
+        ok = np.asarray(ok_at, dtype=np.int64) if bad_at else slice(None)
+        extras: dict[str, Sequence[Any] | pa.Array] = {
             "cost_estimated": estimated,
-            "late": [False] * len(events) if late is None else late,
-            "kafka_partition": [r.partition for r in ok_records],
-            "kafka_offset": [r.offset for r in ok_records],
+            "late": pa.repeat(pa.scalar(False), len(events)) if late is None else late,
+            "kafka_partition": pa.array(partitions[ok]),
+            "kafka_offset": pa.array(offsets[ok]),
         }
         table = events_to_table(events, extras)
         bad = [(records[i], rej) for i, rej in zip(bad_at, rejections, strict=True)]
-        ranges: dict[int, tuple[int, int]] = {}
-        for r in records:
-            lo, hi = ranges.get(r.partition, (r.offset, r.offset))
-            ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
-        return Processed(table, dead_letter_table(bad), bad, ranges, records)
+        kept = RecordColumns(records, values, partitions, offsets)
+        return Processed(table, dead_letter_table(bad), bad, _ranges(partitions, offsets), kept)
+
+
+@dataclass(slots=True)
+class KeptRecord:
+    """A record as ``RecordColumns`` gives it back."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+
+
+class RecordColumns(Sequence[Record]):
+    """The records of a fetch, kept as columns until their flush.
+
+    A pending fetch is kept only to dead-letter a repeated event later, which is rare. An
+    aiokafka ``ConsumerRecord`` costs ~290 bytes besides its key and value (an instance
+    dict of eleven fields); as columns the fetch holds its keys and values (the same bytes
+    objects, not copies) and 36 bytes a record, so the record objects are freed with the
+    fetch. Rows come back as ``KeptRecord``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        values: list[bytes | None],
+        partitions: npt.NDArray[np.int32],
+        offsets: npt.NDArray[np.int64],
+    ) -> None:
+        n = len(records)
+        topics = list(dict.fromkeys(map(_TOPIC, records)))
+        self._topics = topics
+        self._topic_at = (
+            None
+            if len(topics) <= 1
+            else np.fromiter(
+                map({t: i for i, t in enumerate(topics)}.__getitem__, map(_TOPIC, records)),
+                dtype=np.int32,
+                count=n,
+            )
+        )
+        self._partitions = partitions
+        self._offsets = offsets
+        self._timestamps = np.fromiter(map(_TIMESTAMP, records), dtype=np.int64, count=n)
+        self._keys = list(map(_KEY, records))
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._partitions)
+
+    @overload
+    def __getitem__(self, at: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, at: slice) -> Sequence[Record]: ...
+
+    def __getitem__(self, at: int | slice) -> Record | Sequence[Record]:
+        if isinstance(at, slice):
+            return [self[i] for i in range(*at.indices(len(self)))]
+        if at < 0:
+            at += len(self)
+        if not 0 <= at < len(self):
+            raise IndexError(at)
+        topic = self._topics[0 if self._topic_at is None else int(self._topic_at[at])]
+        return KeptRecord(
+            topic,
+            int(self._partitions[at]),
+            int(self._offsets[at]),
+            self._keys[at],
+            self._values[at],
+            int(self._timestamps[at]),
+        )
+
+
+_VALUE: Final = operator.attrgetter("value")
+_KEY: Final = operator.attrgetter("key")
+_TOPIC: Final = operator.attrgetter("topic")
+_TIMESTAMP: Final = operator.attrgetter("timestamp")
+_PARTITION: Final = operator.attrgetter("partition")
+_OFFSET: Final = operator.attrgetter("offset")
+
+
+def _ranges(
+    partitions: npt.NDArray[np.int32], offsets: npt.NDArray[np.int64]
+) -> dict[int, tuple[int, int]]:
+    """partition -> (first offset, last offset), partitions in order of first appearance."""
+    if len(partitions) == 0:
+        return {}
+    seen, first = np.unique(partitions, return_index=True)
+    ranges: dict[int, tuple[int, int]] = {}
+    for part in seen[np.argsort(first)].tolist():
+        mine = offsets[partitions == part]
+        ranges[part] = (int(mine.min()), int(mine.max()))
+    return ranges
 
 
 def dead_letter_table(bad: Sequence[tuple[Record, schema.Rejection]]) -> pa.Table:

@@ -720,13 +720,11 @@ class EventConsumer(Service):
             land_budgets(self.lake, owner, burns, self.budgets.status())
             self._budgets_landed = time.monotonic()
         topic = self.settings.events_topic
-        for part, (lo, hi) in ranges.items():
-            for table, rows, column in (
-                (EVENTS, events, "kafka_partition"),
-                (DEAD_LETTERS, dead, "partition"),
-            ):
-                mine = rows.filter(pc.equal(rows[column], part))
-                self.lake.land(table, mine, topic=topic, partition=part, first=lo, last=hi)
+        for table, rows, column in (
+            (EVENTS, events, "kafka_partition"),
+            (DEAD_LETTERS, dead, "partition"),
+        ):
+            self.lake.land_partitions(table, rows, topic=topic, column=column, ranges=ranges)
 
 
 def _lineage(group: str, offsets: dict[int, int]) -> str:
