@@ -20,6 +20,7 @@ from tests.test_budgets import LATE_START
 pytestmark = pytest.mark.timeout(600)
 
 EVENTS = 150_000
+CHUNK = 5_000  # ~30 s of event time
 
 
 def test_budget_burn_alerts_before_the_budget_is_spent(bootstrap: str, tmp_path: Path) -> None:
@@ -34,13 +35,17 @@ def test_budget_burn_alerts_before_the_budget_is_spent(bootstrap: str, tmp_path:
         flush_max_events=4_000,
         fetch_max_records=2_000,
     )
-    produce_raw(
-        settings,
-        [schema.encode(ev) for ev in events],
-        [(ev.task_id or ev.agent_id).encode() for ev in events],
-    )
+    # Published as a live stream is: in event-time order, a chunk at a time, the worker
+    # keeping up, so its partitions advance together. (Read from a backlog, one partition can
+    # run far ahead of the event clock, which is the slowest partition's: the spend counted
+    # can pass the budget before the clock gives a forecast, and only the exhaustion alert
+    # is raised. That is right for a replay, but not what this test is about.)
+    values = [schema.encode(ev) for ev in events]
+    keys = [(ev.task_id or ev.agent_id).encode() for ev in events]
     with running_worker(settings) as proc:
-        wait_committed(settings, EVENTS, proc, timeout=300)
+        for lo in range(0, EVENTS, CHUNK):
+            produce_raw(settings, values[lo : lo + CHUNK], keys[lo : lo + CHUNK])
+            wait_committed(settings, min(lo + CHUNK, EVENTS), proc, timeout=120)
 
     con = connect(settings.data_dir)
     rows = con.execute(
@@ -79,7 +84,7 @@ def test_budget_burn_alerts_before_the_budget_is_spent(bootstrap: str, tmp_path:
     print(f"burn from {burn.starts_at:%H:%M}, alert as of {as_of:%H:%M:%S} (spent "
           f"{spent_then:.2f} of {amount:.2f}), budget spent at {exhausted[0]:%H:%M:%S} by "
           f"event time")  # fmt: skip
-    assert lead > timedelta(0)
+    assert burn.starts_at < as_of and lead > timedelta(0)
 
     # Subscribers get both alerts on the anomalies topic, by id.
     landed = con.execute("SELECT count(*) FROM anomalies").fetchone()

@@ -709,14 +709,17 @@ def _run_default_worker(
     if topic_max_bytes is not None:
         asyncio.run(_topic_max_bytes(s, topic_max_bytes))
     deadline = time.monotonic() + 30
-    while True:  # a topic config change reaches the partition leader a moment later
-        try:
-            produce_raw(s, values, keys=[b"k"] * len(values))
-            break
-        except MessageSizeTooLargeError:
-            if topic_max_bytes is None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    # One at a time: a topic config change reaches the partition leader a moment later, and
+    # retrying a whole batch would publish the messages that did get through twice.
+    for value in values:
+        while True:
+            try:
+                produce_raw(s, [value], keys=[b"k"])
+                break
+            except MessageSizeTooLargeError:
+                if topic_max_bytes is None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     worker = WorkerProcess(s, tmp / "worker.log").start()
     wait_until("worker ready", lambda: "consuming" in worker.log_text(), 120, alive=[worker])
     try:
