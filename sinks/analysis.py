@@ -107,6 +107,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
+from sinks.parquet import glob_of
 from streams.windows import DIMENSIONS, METRICS_SCHEMA
 
 if TYPE_CHECKING:  # matplotlib is imported by the plotting functions only: the views are
@@ -672,7 +673,7 @@ def anomalies_stand_in(data_dir: Path | None) -> str:
     cols = ", ".join(f"CAST({c} AS {t}) AS {c}" for c, t in ANOMALY_COLUMNS)
     folder = None if data_dir is None else Path(data_dir).absolute() / "anomalies"
     if folder is not None and any(folder.glob("**/*.parquet")):
-        glob = _quote(str(folder / "**" / "*.parquet"))
+        glob = _quote(glob_of(folder, "**/*.parquet"))
         return _view(
             "anomalies",
             f"SELECT {cols} FROM read_parquet({glob}, hive_partitioning = true, "

@@ -15,7 +15,7 @@ from typing import Any, Final
 import duckdb
 
 from pipeline import schema
-from sinks.parquet import LakeTable, ParquetLake
+from sinks.parquet import LakeTable, ParquetLake, glob_of
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BUDGETS_SCHEMA
 from streams.detect import ANOMALIES_SCHEMA
@@ -57,13 +57,13 @@ def register(table: LakeTable) -> None:
         TABLES.append(table)
 
 
-def _quote(path: Path) -> str:
+def _quote(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
 def _table_view(lake: ParquetLake, table: LakeTable) -> str:
     depth = "/".join("*" for _ in table.partition_by)
-    glob = lake.table_dir(table) / depth / "*.parquet"
+    glob = glob_of(lake.table_dir(table), f"{depth}/*.parquet")
     types = ", ".join(f"'{c}': {'DATE' if c == 'date' else 'VARCHAR'}" for c in table.partition_by)
     names = [f'"{n}"' for n in table.schema.names]
     if "date" in table.partition_by and "date" not in table.schema.names:
@@ -169,8 +169,10 @@ def read_only_query(data_dir: Path, sql: str) -> duckdb.DuckDBPyRelation | None:
                 f"{stmt.query.strip()[:60]!r} (the lake is opened read-only)"
             )
     con = connect(data_dir, analysis=sql)
-    root = str(Path(data_dir).absolute()).replace("'", "''")
-    con.execute(f"SET allowed_directories = ['{root}/']")
+    root = Path(data_dir).absolute()
+    # The views read globs: a folder name with wildcard characters appears escaped in them.
+    allowed = sorted({f"{root}/", glob_of(root, "")})
+    con.execute(f"SET allowed_directories = [{', '.join(_quote(a) for a in allowed)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     try:

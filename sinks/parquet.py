@@ -52,6 +52,16 @@ class LandedFile:
     rows: int
 
 
+def glob_of(folder: Path, pattern: str) -> str:
+    """A DuckDB glob matching ``pattern`` under ``folder``, taken literally.
+
+    ``*``, ``?`` and ``[`` in a folder's name would otherwise be wildcards (a data dir named
+    ``lake [1]`` matched no file); each becomes a one-character class.
+    """
+    literal = re.sub(r"([*?\[])", r"[\1]", str(folder))
+    return f"{literal}/{pattern}"
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -25,7 +25,15 @@ from pipeline.schema import (
     Task,
     ToolCall,
 )
-from sinks.catalog import DB_FILE, DEAD_LETTERS, EVENTS, connect, prepare, write_database
+from sinks.catalog import (
+    DB_FILE,
+    DEAD_LETTERS,
+    EVENTS,
+    connect,
+    prepare,
+    read_only_query,
+    write_database,
+)
 from sinks.parquet import ParquetLake
 from sinks.tables import DEAD_LETTERS_SCHEMA, events_to_table
 from tests.helpers import REPO
@@ -491,14 +499,17 @@ def test_write_database_gives_way_to_another_writer(tmp_path: Path) -> None:
     assert write_database(data_dir) == path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sinks/catalog.py _table_view: the lake path is put into read_parquet's glob "
-    "unescaped, so '[1]' in the data dir is read as a character class: 'No files found' "
-    "(and connect raises a raw duckdb.IOException, a traceback in `agentstream sql`)",
-)
-def test_views_bind_when_the_data_dir_has_glob_characters(tmp_path: Path) -> None:
-    data_dir = tmp_path / "lake [1]"
+@pytest.mark.parametrize(("name", "lookalike"), [("lake [1]", "lake 1"), ("lake*?", "lake-x")])
+def test_views_bind_when_the_data_dir_has_glob_characters(
+    tmp_path: Path, name: str, lookalike: str
+) -> None:
+    data_dir = tmp_path / name
     lake = prepare(data_dir)
     land_range(lake, "t", 0, 0, 4)
+    # A folder the name would match as a wildcard pattern must not be read.
+    land_range(prepare(tmp_path / lookalike), "t", 0, 0, 2)
     assert rows(data_dir, "SELECT count(*) FROM events") == [(5,)]
+    assert rows(data_dir, "SELECT count(*) FROM metrics") == [(0,)]
+    # `agentstream sql` reads only under the data dir: its escaped globs included.
+    got = read_only_query(data_dir, "SELECT count(*) FROM events")
+    assert got is not None and got.fetchall() == [(5,)]
