@@ -67,11 +67,10 @@ of (release, measure, window), so a replay gives the same ids.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Final, Literal
 
 import msgspec
@@ -80,7 +79,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams import sketch
-from streams.detect import ANOMALIES_SCHEMA
+from streams.detect import ANOMALIES_SCHEMA, _from_us, _hash, _to_us
 
 _VERSION_DIMS: Final = ("agent_version", "prompt_version", "model")
 
@@ -101,8 +100,6 @@ VERDICTS: Final[tuple[Verdict, ...]] = ("running", "no_difference", "better", "r
 Statistic = Literal["rate", "ratio", "paired_log"]
 
 _TS: Final = pa.timestamp("us", tz="UTC")
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_US: Final = timedelta(microseconds=1)
 
 VERDICTS_SCHEMA: Final = pa.schema(
     [
@@ -795,23 +792,6 @@ def _regression(
             f"regressed {m.name} against {rel.baseline} ({change}, p = {r.p_value:.2g})"
         ),
     }
-
-
-def _to_us(when: datetime) -> int:
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError(f"naive datetime {when!r}: pass a timezone-aware datetime")
-    return (when - _EPOCH) // _US
-
-
-def _from_us(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
-
-
-_encode: Final = msgspec.json.Encoder().encode
-
-
-def _hash(parts: list[Any]) -> str:
-    return hashlib.blake2b(_encode(parts), digest_size=16).hexdigest()
 
 
 _json: Final = msgspec.json.Encoder()
