@@ -792,12 +792,11 @@ def status(data_dir: Path | None) -> None:
 @friendly
 def import_(data_dir: Path | None, old_dir: Path) -> None:
     """Bring a lake of Parquet folders (older agentstream) into the lake, exactly once."""
-    from sinks.catalog import TABLES, type_views
-    from sinks.lake import LakeWriter
+    from sinks.catalog import TABLES, prepare
     from sinks.migrate import import_lake
 
     settings = Settings.load(data_dir=data_dir)
-    writer = LakeWriter(settings.data_dir, TABLES, type_views(), settings.catalog)
+    writer = prepare(settings.data_dir, settings.catalog)
     try:
         done = import_lake(writer, old_dir, TABLES)
     finally:
@@ -808,8 +807,6 @@ def import_(data_dir: Path | None, old_dir: Path) -> None:
     )
 
 
-_UNCOUNTED = """
-    SELECT (SELECT count(*) FROM events)
 # Control records (a release announcement) are landed but count in no window.
 _UNCOUNTED = f"""
     SELECT (SELECT count(*) FROM events

@@ -17,7 +17,7 @@ from typing import Any, Final
 import duckdb
 
 from pipeline import schema
-from sinks.lake import LakeError, LakeTable, attach, data_path
+from sinks.lake import LakeError, LakeTable, LakeWriter, attach, data_path, lake_connection
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BUDGETS_SCHEMA
 from streams.detect import ANOMALIES_SCHEMA
@@ -117,6 +117,11 @@ def _envelope_names() -> set[str]:
     return {f.name for f in _fields(schema.Envelope)} | {"type"}
 
 
+def prepare(data_dir: Path, catalog: str = "") -> LakeWriter:
+    """A writer of the lake of ``data_dir``, with every table and view (created if missing)."""
+    return LakeWriter(data_dir, TABLES, type_views(), catalog)
+
+
 def connect(data_dir: Path, *, analysis: bool | str = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the lake of ``data_dir`` attached read-only as
     ``lake`` and every view over it.
@@ -131,7 +136,7 @@ def connect(data_dir: Path, *, analysis: bool | str = False) -> duckdb.DuckDBPyC
         )
     from sinks.analysis import install_views
 
-    con = duckdb.connect(":memory:")
+    con = lake_connection()
     try:
         attach(con, Path(data_dir), read_only=True)
         for stmt in view_statements(con):

@@ -114,6 +114,17 @@ def data_path(data_dir: Path) -> Path:
 _INSTALL_LOCK = threading.Lock()
 
 
+def lake_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection that can load the lake's extensions quickly.
+
+    Checking an extension's signature costs ~0.4 s a file and a connection, at every
+    ``connect()``. The files come from the pinned ``duckdb-extension-*`` packages (installed
+    by the package manager, hashes in uv.lock), so the check is skipped; no user statement
+    can load an extension (``agentstream sql`` accepts queries only).
+    """
+    return duckdb.connect(":memory:", config={"allow_unsigned_extensions": True})
+
+
 def load_extensions(con: duckdb.DuckDBPyConnection, kind: str) -> None:
     """Load DuckLake and the catalog's extension from their Python packages (no download).
 
@@ -174,7 +185,9 @@ def attach(
         )
         raise LakeError(f"{root} is not an agentstream lake (no {CATALOG_FILE}): {hint}")
     load_extensions(con, kind)
-    options = [f"DATA_PATH '{_sql_text(str(data_path(root)))}/'"]
+    # The data path is always the data directory's own folder, so a lake can be moved or
+    # copied as a whole (DuckLake keeps file paths relative to it).
+    options = [f"DATA_PATH '{_sql_text(str(data_path(root)))}/'", "OVERRIDE_DATA_PATH true"]
     if read_only:
         options.append("READ_ONLY")
     if not create:
@@ -254,7 +267,7 @@ class LakeWriter:
         self.tables = {t.name: t for t in tables}
         self.root.mkdir(parents=True, exist_ok=True)
         data_path(self.root).mkdir(exist_ok=True)
-        self.con = duckdb.connect(":memory:")
+        self.con = lake_connection()
         # Dates of the partitions are UTC dates, whatever the machine's zone.
         self.con.execute("SET TimeZone = 'UTC'")
         self.spec = attach(self.con, self.root, catalog, read_only=False, create=True)
@@ -378,6 +391,10 @@ class LakeWriter:
                         f"INSERT INTO {ALIAS}.{CHECKPOINTS} VALUES (?, ?, ?, now())",
                         [lineage, seq, flush.group_id],
                     )
+
+    def append(self, name: str, rows: pa.Table) -> None:
+        """Land ``rows`` in table ``name``, in a transaction of their own."""
+        self.commit(Flush(rows={name: rows}))
 
     def insert(self, table: LakeTable, rows: pa.Table) -> None:
         con = self.con

@@ -27,7 +27,16 @@ from typing import Any
 
 import duckdb
 
-from sinks.lake import ALIAS, CHECKPOINTS, INFO, POSITIONS, LakeError, attach, commit_lock
+from sinks.lake import (
+    ALIAS,
+    CHECKPOINTS,
+    INFO,
+    POSITIONS,
+    LakeError,
+    attach,
+    commit_lock,
+    lake_connection,
+)
 
 
 @dataclass
@@ -56,7 +65,7 @@ class Pass:
 def _open(
     data_dir: Path, catalog: str, *, read_only: bool
 ) -> tuple[duckdb.DuckDBPyConnection, str]:
-    con = duckdb.connect(":memory:")
+    con = lake_connection()
     con.execute("SET TimeZone = 'UTC'")
     try:
         spec = attach(con, data_dir, catalog, read_only=read_only)

@@ -46,11 +46,10 @@ from sinks.catalog import (
     EVENTS,
     METRICS,
     RELEASE_VERDICTS,
-    TABLES,
     connect,
-    type_views,
+    prepare,
 )
-from sinks.lake import Fenced, Flush, LakeWriter
+from sinks.lake import Fenced, Flush
 from sinks.maintenance import maintain
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BudgetTracker, load_budgets
@@ -151,7 +150,7 @@ class EventConsumer(Service):
         super().__init__(**kwargs)
         self.settings = settings
         self.telemetry = telemetry
-        self.lake = LakeWriter(settings.data_dir, TABLES, type_views(), settings.catalog)
+        self.lake = prepare(settings.data_dir, settings.catalog)
         self.processor = BatchProcessor(
             max_message_bytes=settings.max_message_bytes, redact=settings.redact_kinds
         )
