@@ -24,6 +24,7 @@ import importlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -79,6 +80,11 @@ class Flush:
     # (lineage, sequence number) of the window-state snapshot saved for this flush
     checkpoint: tuple[str, int] | None = None
     group_id: str = ""
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is DuckLake refusing a commit because another one came first."""
+    return isinstance(exc, duckdb.Error) and "Transaction conflict" in str(exc)
 
 
 def catalog_spec(data_dir: Path, catalog: str = "") -> str:
@@ -270,7 +276,15 @@ class LakeWriter:
         self.con = lake_connection()
         # Dates of the partitions are UTC dates, whatever the machine's zone.
         self.con.execute("SET TimeZone = 'UTC'")
-        self.spec = attach(self.con, self.root, catalog, read_only=False, create=True)
+        for attempt in range(5):
+            try:
+                self.spec = attach(self.con, self.root, catalog, read_only=False, create=True)
+                break
+            except LakeError:
+                # Two writers creating a new catalog at once: the loser retries and finds it.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
         if self.spec.startswith("sqlite:"):
             _wal(Path(self.spec.split(":", 1)[1]))
         else:
@@ -283,6 +297,16 @@ class LakeWriter:
             try:
                 with transaction(self.con, self.spec):
                     self._create(views)
+                with transaction(self.con, self.spec):
+                    for name in (POSITIONS, CHECKPOINTS):
+                        # Rows in files, not inlined in the catalog: DuckLake finds update
+                        # conflicts per data file, but per table for inlined rows. Each
+                        # writer's rows then sit in files of their own, so writers of other
+                        # partitions do not conflict.
+                        self.con.execute(
+                            f"CALL {ALIAS}.set_option('data_inlining_row_limit', 0, "
+                            f"table_name => '{name}')"
+                        )
                 return
             except duckdb.Error as exc:
                 # Two writers starting at once race to create the tables: the loser retries.
@@ -322,6 +346,7 @@ class LakeWriter:
                 f"CREATE TABLE {ALIAS}.{CHECKPOINTS} (lineage VARCHAR, seq BIGINT, "
                 "group_id VARCHAR, updated_at TIMESTAMPTZ)"
             )
+
         for name, sql in views:
             con.execute(f"CREATE OR REPLACE VIEW {ALIAS}.{name} AS {sql}")
         if INFO not in existing:
@@ -339,17 +364,19 @@ class LakeWriter:
         return {int(p): int(o) for p, o in rows}
 
     def claim(self, topic: str, partitions: dict[int, int], group_id: str) -> None:
-        """Store a first position for partitions that have none (so flushes only update)."""
-        if not partitions:
-            return
-        with transaction(self.con, self.spec):
-            known = set(self.positions(topic))
-            for part, offset in partitions.items():
-                if part not in known:
-                    self.con.execute(
-                        f"INSERT INTO {ALIAS}.{POSITIONS} VALUES (?, ?, ?, ?, now())",
-                        [topic, part, offset, group_id],
-                    )
+        """Store a first position for partitions that have none (so flushes only update).
+
+        One transaction a partition: each row in a file of its own (see ``_create``).
+        """
+        known = set(self.positions(topic))
+        for part, offset in sorted(partitions.items()):
+            if part in known:
+                continue
+            with transaction(self.con, self.spec):
+                self.con.execute(
+                    f"INSERT INTO {ALIAS}.{POSITIONS} VALUES (?, ?, ?, ?, now())",
+                    [topic, part, offset, group_id],
+                )
 
     def checkpoints(self) -> dict[str, int]:
         """The window-state snapshot each lineage committed last."""

@@ -102,6 +102,8 @@ def maintain(
 
     try:
         done.files_before = data_files(con)
+        # Positions and checkpoints are left unmerged: one file per writer's row keeps the
+        # writers of other partitions from conflicting (sinks.lake); their old files expire.
         tables = [
             r[0]
             for r in con.execute(

@@ -30,6 +30,8 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
 STALE_AFTER_S = 7 * 86_400
 
 

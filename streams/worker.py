@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,7 @@ from sinks.catalog import (
     connect,
     prepare,
 )
-from sinks.lake import Fenced, Flush
+from sinks.lake import Fenced, Flush, is_conflict
 from sinks.maintenance import maintain
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BudgetTracker, load_budgets
@@ -577,6 +578,13 @@ class EventConsumer(Service):
             self._retry_published = self._published
             self._retry = batch
             self._rewind()
+            if is_conflict(exc):
+                # Another writer of the lake committed first (several workers on a
+                # PostgreSQL catalog): not an error, the retry lands on top of its commit.
+                self.telemetry.lake_conflicts.inc()
+                log.info("lake commit conflicted with another writer's; retrying")
+                await asyncio.sleep(random.uniform(0.05, 0.3))
+                return False
             self.telemetry.landing_errors.inc()
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
