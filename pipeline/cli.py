@@ -786,6 +786,19 @@ def status(data_dir: Path | None) -> None:
     click.echo(lake_status(settings.data_dir, settings.catalog))
 
 
+@lake.command(
+    name="bench",
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lake_bench(args: tuple[str, ...]) -> None:
+    """Build a lake through the real worker and time the dashboard queries (--help)."""
+    from bench.lake import main as bench_main
+
+    sys.exit(bench_main(list(args)))
+
+
 @lake.command(name="import")
 @data_dir_option
 @click.argument("old_dir", type=click.Path(path_type=Path))
