@@ -107,7 +107,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
-from streams.windows import DIMENSIONS, METRICS_SCHEMA
+from sinks.contracts import DIMENSIONS, METRICS_SCHEMA
 
 if TYPE_CHECKING:  # matplotlib is imported by the plotting functions only: the views are
     # installed on every `agentstream sql` and at worker start-up, which draw nothing.

@@ -17,22 +17,32 @@ from typing import Any, Final
 import duckdb
 
 from pipeline import schema
+from sinks.contracts import (
+    ANOMALIES,
+    BUDGETS,
+    DEAD_LETTERS,
+    EVENTS,
+    METRICS,
+    RELEASE_VERDICTS,
+    TABLES,
+)
 from sinks.lake import LakeError, LakeTable, LakeWriter, attach, data_path, lake_connection
-from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
-from streams.budgets import BUDGETS_SCHEMA
-from streams.detect import ANOMALIES_SCHEMA
-from streams.releases import VERDICTS_SCHEMA
-from streams.windows import METRICS_SCHEMA
+from sinks.tables import EVENTS_SCHEMA
 
-# Every table is partitioned by the UTC date of its time column (the ``date`` column).
-EVENTS: Final = LakeTable("events", EVENTS_SCHEMA, "ts")
-DEAD_LETTERS: Final = LakeTable("dead_letters", DEAD_LETTERS_SCHEMA, "received_at")
-METRICS: Final = LakeTable("metrics", METRICS_SCHEMA, "window_start")
-ANOMALIES: Final = LakeTable("anomalies", ANOMALIES_SCHEMA, "window_start")
-# Budget status: one row per budget and period, replaced while the period is current.
-BUDGETS: Final = LakeTable("budgets", BUDGETS_SCHEMA, "period_start", ("budget", "period_start"))
-RELEASE_VERDICTS: Final = LakeTable("release_verdicts", VERDICTS_SCHEMA, "window_start")
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES, BUDGETS, RELEASE_VERDICTS]
+__all__ = [
+    "ANOMALIES",
+    "BUDGETS",
+    "DEAD_LETTERS",
+    "EVENTS",
+    "METRICS",
+    "RELEASE_VERDICTS",
+    "TABLES",
+    "QueryError",
+    "connect",
+    "prepare",
+    "read_only_query",
+    "type_views",
+]
 
 _PLURAL: Final = {
     "llm_call": "llm_calls",

@@ -60,6 +60,7 @@ import msgspec
 import polars as pl
 import pyarrow as pa
 
+from sinks.contracts import BUDGETS_SCHEMA
 from streams.detect import ANOMALIES_SCHEMA, _hash, _iso
 from streams.windows import DIMENSIONS, _from_ipc, _ipc, _merge, _to_us
 
@@ -200,36 +201,6 @@ def _unique(budgets: list[Budget]) -> list[Budget]:
 # the budgets table
 # --------------------------------------------------------------------------------------
 
-BUDGETS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("budget", pa.string(), nullable=False),
-        pa.field("scope", pa.string(), nullable=False),
-        pa.field("scope_id", pa.string(), nullable=False),
-        pa.field("period", pa.string(), nullable=False),
-        pa.field("period_start", _TS, nullable=False),
-        pa.field("period_end", _TS, nullable=False),
-        pa.field("amount_usd", pa.float64(), nullable=False),
-        pa.field("spent_usd", pa.float64(), nullable=False),
-        pa.field("burn_rate_usd_per_h", pa.float64()),
-        pa.field("burn_rate_low_usd_per_h", pa.float64()),
-        pa.field("projected_usd", pa.float64()),
-        pa.field("projected_exhausted_at", _TS),
-        pa.field("alerted_at", _TS),
-        pa.field("exhausted_at", _TS),
-        pa.field("as_of", _TS, nullable=False),
-    ]
-)
-"""One row per budget and period the tracker holds, as of the last ``check``.
-
-``budget`` is the inline spec (``tenant:acme=50/day``); ``spent_usd`` the cost of the
-scope's events in ``[period_start, period_end)``; ``burn_rate_usd_per_h`` the trailing-window
-rate and ``burn_rate_low_usd_per_h`` its lower bound, ``projected_usd`` spent + low rate x
-time left, and ``projected_exhausted_at`` when that forecast reaches the amount (within the
-period) -- all null until the budget has the minimum evidence (module docstring) and once
-the period is over.
-``alerted_at`` / ``exhausted_at`` are the event times of the forecast alert and of the check
-that found the budget spent; ``as_of`` the event time of the check.
-"""
 
 _BUCKETS: Final = pl.Schema(
     {

@@ -445,6 +445,11 @@ class EventConsumer(Service):
                     # consumer reads those partitions again from the position.
                     stale = {p for p in processed.ranges if self._seeks.get(p) != seeks.get(p)}
                     processed = _without(processed, set(processed.ranges) - assigned | stale)
+                    for part in stale & assigned:
+                        # The fetcher may have moved past the dropped records: back to where
+                        # this worker reads on.
+                        consumer.seek(TopicPartition(s.events_topic, part), self._next_offset[part])
+                        self._seeks[part] = self._seeks.get(part, 0) + 1
                     if not self._pending:
                         self._pending_since = time.monotonic()
                     if processed.records:
