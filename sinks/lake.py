@@ -293,6 +293,8 @@ class LakeWriter:
 
     def _prepare(self, views: Sequence[tuple[str, str]]) -> None:
         """Create missing tables and columns, the position tables, and the views."""
+        if self._up_to_date(views):
+            return  # a restart: nothing to create (DDL commits would cost the start-up)
         for attempt in range(3):
             try:
                 with transaction(self.con, self.spec):
@@ -312,6 +314,20 @@ class LakeWriter:
                 # Two writers starting at once race to create the tables: the loser retries.
                 if attempt == 2:
                     raise LakeError(f"cannot create the lake tables: {_one_line(exc)}") from None
+
+    def _up_to_date(self, views: Sequence[tuple[str, str]]) -> bool:
+        """Whether every table, column and view is there already."""
+        columns = {
+            (r[0], r[1])
+            for r in self.con.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?",
+                [ALIAS],
+            ).fetchall()
+        }
+        wanted = {(t.name, f.name) for t in self.tables.values() for f in t.schema}
+        wanted |= {(POSITIONS, "next_offset"), (CHECKPOINTS, "seq"), (INFO, "layout")}
+        wanted |= {(name, "event_id") for name, _ in views}
+        return wanted <= columns
 
     def _create(self, views: Sequence[tuple[str, str]]) -> None:
         con = self.con
@@ -364,15 +380,13 @@ class LakeWriter:
         return {int(p): int(o) for p, o in rows}
 
     def claim(self, topic: str, partitions: dict[int, int], group_id: str) -> None:
-        """Store a first position for partitions that have none (so flushes only update).
-
-        One transaction a partition: each row in a file of its own (see ``_create``).
-        """
+        """Store a first position for partitions that have none (so flushes only update)."""
         known = set(self.positions(topic))
-        for part, offset in sorted(partitions.items()):
-            if part in known:
-                continue
-            with transaction(self.con, self.spec):
+        new = {p: o for p, o in partitions.items() if p not in known}
+        if not new:
+            return
+        with transaction(self.con, self.spec):
+            for part, offset in sorted(new.items()):
                 self.con.execute(
                     f"INSERT INTO {ALIAS}.{POSITIONS} VALUES (?, ?, ?, ?, now())",
                     [topic, part, offset, group_id],

@@ -286,20 +286,19 @@ class EventConsumer(Service):
         topic = self.settings.events_topic
         stored = await loop.run_in_executor(None, self.lake.positions, topic)
         self._offsets = {}
+        # Partitions new to the lake start where Kafka's group stands (a topic read before),
+        # else at their beginning.
+        new = [tp for tp in assigned if tp.partition not in stored]
         first: dict[int, int] = {}
-        behind: dict[TopicPartition, int] = {}
+        if new:
+            committed = await asyncio.gather(*(self._consumer.committed(tp) for tp in new))
+            beginning = await self._consumer.beginning_offsets(new)
+            first = {
+                tp.partition: beginning[tp] if c is None else c
+                for tp, c in zip(new, committed, strict=True)
+            }
         for tp in assigned:
-            position = stored.get(tp.partition)
-            committed = await self._consumer.committed(tp)
-            if position is None:
-                # A partition new to the lake: where Kafka's group stands (a topic read
-                # before), else its beginning.
-                position = committed
-                if position is None:
-                    position = (await self._consumer.beginning_offsets([tp]))[tp]
-                first[tp.partition] = position
-            elif committed != position:
-                behind[tp] = position
+            position = stored.get(tp.partition, first.get(tp.partition, 0))
             self._offsets[tp.partition] = position
         async with self._lock:
             # Records fetched before the seek are dropped with it (no await in between), and
@@ -311,12 +310,6 @@ class EventConsumer(Service):
                 self._next_offset[tp.partition] = self._offsets[tp.partition]
                 self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
         await loop.run_in_executor(None, self.lake.claim, topic, first, self.settings.group_id)
-        if behind:
-            # The group's offsets in Kafka (for lag monitoring) follow the lake's.
-            try:
-                await self._consumer.commit(behind)
-            except Exception as exc:
-                log.warning("could not align the group's Kafka offsets with the lake: %s", exc)
         self._resumed = bool(stored)
         if stored:
             log.info(

@@ -165,7 +165,9 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         log = worker.log_text()
 
     # Every kill hit a worker in the middle of the stream, not one that had finished.
-    assert all(0 < before < len(records) for _, _, before in kills), kills
+    # (A "random" kill may hit the recovery, before the worker's first commit.)
+    assert all(before < len(records) for _, _, before in kills), kills
+    assert any(before > 0 for _, _, before in kills), kills
     replays = len(re.findall(r"resuming from the lake's positions", log))
     orphans = orphaned_files(settings.data_dir)
     restored = len(re.findall(r"(?:window )?state restored", log))
