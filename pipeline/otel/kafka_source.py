@@ -1,0 +1,115 @@
+"""The Collector's way in: read the topic its Kafka exporter writes, publish events.
+
+The OpenTelemetry Collector's Kafka exporter writes one ``TracesData`` per message to
+``otlp_spans`` by default, as protobuf (``otlp_proto``) or JSON (``otlp_json``); messages
+carry no content type, so each is sniffed. Delivery is at least once, like the exporter's:
+offsets are committed only after Kafka acknowledged the events (and dead letters) of a
+fetch, and a repeated message yields the same event ids, which the worker lands once.
+
+What cannot be decoded goes to the dead-letter topic, in the worker's format (the original
+bytes, header ``agentstream.reason``, header ``agentstream.source`` = topic/partition/offset);
+an event that fails validation goes there too, as its JSON, with the validation's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+
+from pipeline.config import Settings
+from pipeline.kafka import BrokerUnavailable, client_kwargs, dead_letter_copy, start_producer
+from pipeline.otel.decode import OtlpDecodeError, sniff
+from pipeline.otel.ingest import convert
+from pipeline.publisher import Publisher
+
+log = logging.getLogger("agentstream.otlp")
+DEFAULT_TOPIC: Final = "otlp_spans"
+_RETRY_S: Final = 2.0
+
+
+class KafkaSource:
+    """Consumes ``topic`` in group ``<group_id>-otlp`` and publishes through ``publisher``."""
+
+    def __init__(
+        self, settings: Settings, publisher: Publisher, topic: str = DEFAULT_TOPIC
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.topic = topic
+        self.group = f"{settings.group_id}-otlp"
+        self.messages = 0
+        self.dead_letters = 0
+        self._consumer: Any = None
+        self._producer: Any = None
+
+    async def start(self) -> None:
+        self._producer = await start_producer(self.settings)
+        self._consumer = AIOKafkaConsumer(
+            self.topic,
+            **client_kwargs(self.settings),
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=32 << 20,
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def run(self) -> None:
+        """Fetch, convert, publish, dead-letter, commit; until cancelled."""
+        while True:
+            fetched = await self._consumer.getmany(timeout_ms=500, max_records=2000)
+            if not fetched:
+                continue
+            try:
+                await self._handle([r for records in fetched.values() for r in records])
+                await self._consumer.commit()
+            except (BrokerUnavailable, KafkaError) as exc:
+                # Nothing of this fetch is committed: read it again once Kafka is back.
+                log.warning("OTLP topic %s: %s; retrying in %.0f s", self.topic, exc, _RETRY_S)
+                await asyncio.sleep(_RETRY_S)
+                for tp in fetched:
+                    committed = await self._consumer.committed(tp)
+                    if committed is None:
+                        await self._consumer.seek_to_beginning(tp)
+                    else:
+                        self._consumer.seek(tp, committed)
+
+    async def _handle(self, records: list[Any]) -> None:
+        out: list[tuple[bytes, bytes]] = []
+        dead: list[tuple[bytes | None, bytes | None, str, str]] = []
+        for r in records:
+            source = f"{r.topic}/{r.partition}/{r.offset}"
+            if not r.value:
+                dead.append((r.value, r.key, "empty message: Kafka record has no value", source))
+                continue
+            try:
+                result = convert(r.value, sniff(r.value), "traces")
+            except OtlpDecodeError as exc:
+                dead.append((r.value, r.key, f"not OTLP traces: {exc}", source))
+                continue
+            out.extend(result.records)
+            dead.extend((value, r.key, reason, source) for value, reason in result.invalid)
+        await self.publisher.publish_raw(out)
+        if dead:
+            futures = []
+            for value, key, reason, source in dead:
+                v, k, headers = dead_letter_copy(value, key, reason, source)
+                futures.append(
+                    await self._producer.send(
+                        self.settings.dlq_topic, value=v, key=k, headers=headers
+                    )
+                )
+            await asyncio.gather(*futures)
+        self.messages += len(records)
+        self.dead_letters += len(dead)
