@@ -135,7 +135,7 @@ def _request(spans: list[Span]) -> bytes:
 async def _run(settings: Settings, payloads: list[bytes], concurrency: int) -> dict[str, Any]:
     async with Publisher(settings) as publisher:
         receiver = OtlpReceiver(publisher, max_pending=concurrency + 1)
-        runner = web.AppRunner(receiver.app(), access_log=None)
+        runner = receiver.runner()
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()

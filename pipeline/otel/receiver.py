@@ -112,6 +112,11 @@ class OtlpReceiver:
         app.router.add_get("/metrics", self._metrics)
         return app
 
+    def runner(self, **kwargs: Any) -> web.AppRunner:
+        """An ``AppRunner`` for ``app()`` that leaves gzip to the receiver, which bounds the
+        inflated size and answers a truncated stream with 400."""
+        return web.AppRunner(self.app(), auto_decompress=False, access_log=None, **kwargs)
+
     async def _traces(self, request: web.Request) -> web.Response:
         return await self._export(request, "traces")
 

@@ -30,7 +30,7 @@ async def serve(
     SIGTERM or SIGINT; then stop taking requests, finish the ones in flight, disconnect."""
     async with Publisher(settings) as publisher:
         receiver = OtlpReceiver(publisher, max_body_bytes=max_body_bytes)
-        runner = web.AppRunner(receiver.app(), access_log=None, shutdown_timeout=15)
+        runner = receiver.runner(shutdown_timeout=15)
         await runner.setup()
         source: KafkaSource | None = None
         task: asyncio.Task[None] | None = None
