@@ -202,7 +202,7 @@ class _JValue(msgspec.Struct, rename="camel"):
 
 
 class _JKeyValue(msgspec.Struct):
-    key: str
+    key: str = ""  # proto3 JSON leaves out default values, the empty key included
     value: _JValue | None = None
 
 
