@@ -134,15 +134,18 @@ def _proto_id(raw: bytes, size: int) -> str:
 
 
 def _proto_spans(request: Any) -> Iterator[Span]:
+    # Ids inlined (no _proto_id call): three per span, on the receiver's hot path.
+    no_trace, no_span = _NO_ID[16], _NO_ID[8]
     for rs in request.resource_spans:
         resource = _proto_attrs(rs.resource.attributes)
         for ss in rs.scope_spans:
             for s in ss.spans:
                 error = s.status.code == STATUS_ERROR
+                tid, sid, pid = s.trace_id, s.span_id, s.parent_span_id
                 yield Span(
-                    _proto_id(s.trace_id, 16),
-                    _proto_id(s.span_id, 8),
-                    _proto_id(s.parent_span_id, 8),
+                    tid.hex() if len(tid) == 16 and tid != no_trace else "",
+                    sid.hex() if len(sid) == 8 and sid != no_span else "",
+                    pid.hex() if len(pid) == 8 and pid != no_span else "",
                     s.name,
                     s.start_time_unix_nano,
                     s.end_time_unix_nano,

@@ -126,9 +126,8 @@ FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "top_score": ("agentstream.retrieval.top_score",),
     "miss": ("agentstream.retrieval.miss",),
     "query": ("gen_ai.retrieval.query.text", "agentstream.retrieval.query", "input.value"),
-    "documents": ("gen_ai.retrieval.documents",),
     "outcome": ("agentstream.task.outcome",),
-    "escalation_reason": ("agentstream.escalation.reason",),
+    "reason (escalation)": ("agentstream.escalation.reason",),
     "target": ("agentstream.escalation.target",),
     "policy_id": (
         "gen_ai.guardrail.policy.id",
@@ -136,13 +135,13 @@ FIELDS: Final[dict[str, tuple[str, ...]]] = {
         "agentstream.guardrail.policy.id",
     ),
     "action": ("gen_ai.guardrail.result.type", "agentstream.guardrail.action"),
-    "guardrail_reason": ("gen_ai.guardrail.result.reason",),
+    "reason (guardrail)": ("gen_ai.guardrail.result.reason",),
 }
 # Evaluation results (log records named gen_ai.evaluation.result) -> feedback for now.
 EVALUATION_EVENT: Final = "gen_ai.evaluation.result"
 EVALUATION: Final[dict[str, tuple[str, ...]]] = {
     "rating": ("gen_ai.evaluation.score.value",),
-    "name": ("gen_ai.evaluation.name",),
+    "name (in its event_id)": ("gen_ai.evaluation.name",),
     "correction": ("agentstream.feedback.correction",),
 }
 # gen_ai.guardrail.result.type values (and common synonyms) -> the schema's actions.
@@ -160,8 +159,8 @@ DERIVED: Final[dict[str, str]] = {
     "trace_id, span_id": "the span's ids, hex",
     "latency_ms": "span end - span start",
     "status": "`error` when the span's status is ERROR or `error.type` is set, else `ok`",
-    "outcome": "`agentstream.task.outcome`, else `failed` when the span's status is ERROR, else `completed`",
-    "hits, top_score": "`agentstream.retrieval.hits`/`top_score`, else count and best score of `gen_ai.retrieval.documents` or `retrieval.documents.N.document.score`",
+    "outcome (fallback)": "`failed` when the span's status is ERROR, else `completed`",
+    "hits, top_score (fallback)": "count and best score of `gen_ai.retrieval.documents` (a list or its JSON) or OpenInference's `retrieval.documents.N.document.score`",
     "task_id (fallback)": "the trace id: the trace's root span is the task",
     "cost_usd (fallback)": "priced by the worker from model and tokens (genai-prices)",
 }
@@ -250,6 +249,8 @@ def _text(value: Any) -> str | None:
 
 
 def _name(value: Any) -> Any:
+    if type(value) is str:
+        return value
     if isinstance(value, list):
         value = value[0] if value else None
     return value if value is None or isinstance(value, str) else str(value)
@@ -267,20 +268,29 @@ _CONTEXT_FIELDS: Final = frozenset(CONTEXT)
 def pick(attrs: dict[str, Any]) -> dict[str, Any]:
     """``{field: value}`` of every field ``attrs`` names, the first listed name winning."""
     found: dict[str, Any] = {}
-    ranks: dict[str, int] = {}
+    ranks: dict[str, int] = {}  # only fields found under a name other than the first
     for key, value in attrs.items():
         hit = _INDEX.get(key)
         if hit is None or value is None:
             continue
         field, rank = hit
-        if rank < ranks.get(field, 1 << 30):
+        if field not in found:
+            found[field] = value
+            if rank:
+                ranks[field] = rank
+        elif rank < ranks.get(field, 0):
             found[field] = value
             ranks[field] = rank
     return found
 
 
 def _own(found: dict[str, Any]) -> dict[str, Any]:
+    if found.keys().isdisjoint(_CONTEXT_FIELDS):
+        return _NOTHING
     return {k: v for k, v in found.items() if k in _CONTEXT_FIELDS}
+
+
+_NOTHING: Final[dict[str, Any]] = {}
 
 
 class _Context:
@@ -451,11 +461,11 @@ def _guardrail(span: Span, f: dict[str, Any], event: dict[str, Any]) -> None:
         action = "block" if span.error else "allow"
     event["policy_id"] = _name(f.get("policy_id")) or span.name or "unknown"
     event["action"] = GUARDRAIL_ACTIONS.get(str(action).lower(), action)
-    _put(event, "reason", _text(f.get("guardrail_reason")))
+    _put(event, "reason", _text(f.get("reason (guardrail)")))
 
 
 def _escalation(span: Span, f: dict[str, Any], event: dict[str, Any]) -> None:
-    _put(event, "reason", _text(f.get("escalation_reason")))
+    _put(event, "reason", _text(f.get("reason (escalation)")))
     event["target"] = _name(f.get("target")) or "human"
 
 
@@ -531,7 +541,9 @@ def evaluation_event(record: LogRecord, base: dict[str, Any]) -> dict[str, Any]:
 
 def _record_id(record: LogRecord, found: dict[str, Any]) -> str:
     if record.trace_id and record.span_id:
-        name = _name(_first(record.attrs, EVALUATION["name"]) or found.get("policy_id"))
+        name = _name(
+            _first(record.attrs, EVALUATION["name (in its event_id)"]) or found.get("policy_id")
+        )
         return f"otel:{record.trace_id}:{record.span_id}:{record.event_name}:{name or ''}"
     # No ids: the record's content names it, so a resent record is still a repeat.
     digest = hashlib.blake2b(
@@ -603,7 +615,7 @@ def readme_tables() -> str:
     for field, names in {
         **CONTEXT,
         **FIELDS,
-        **{f"feedback {k}": v for k, v in EVALUATION.items()},
+        **{f"evaluation {k}": v for k, v in EVALUATION.items()},
     }.items():
         out.append(f"| `{field}` | {', '.join(f'`{n}`' for n in names)} |")
     return "\n".join(out) + "\n"
