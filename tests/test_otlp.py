@@ -523,3 +523,63 @@ def test_collector_kafka_topic_protobuf_and_json(stack: Stack) -> None:
     headers = dict(dead[0].headers)
     assert headers["agentstream.reason"].decode().startswith("not OTLP traces: malformed protobuf")
     assert headers["agentstream.source"].decode().startswith(f"{stack.kafka_topic}/")
+
+
+def test_kafka_down_answers_503_with_retry_after_then_recovers(tmp_path: Path) -> None:
+    """A broker of its own (embedded Tansu) stopped under a running `agentstream otlp`:
+    503 with Retry-After and /health 503; once the broker is back, the retry is accepted."""
+    from pipeline.broker import LocalBroker
+    from pipeline.kafka import ensure_pipeline_topics
+
+    memory = InMemorySpanExporter()
+    tp = _provider("down", memory)
+    _agent_run(tp)
+    assert tp.force_flush()
+    body = encode_spans(memory.get_finished_spans()).SerializeToString()
+    broker = LocalBroker("tansu")
+    settings = Settings.load(env={}, broker=broker.start(), data_dir=tmp_path)
+    ensure_pipeline_topics(settings)
+    port = free_port()
+    log = tmp_path / "otlp.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "otlp", "--port", str(port), "--no-kafka"],
+            env=worker_env(settings), stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+            start_new_session=True,
+        )  # fmt: skip
+    stack = Stack(settings, port, "", log)
+
+    def post_until(expected: int, timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status, answer, headers = stack.post("/v1/traces", body, "application/x-protobuf")
+            except OSError:
+                status, answer, headers = 0, b"", {}
+            if status == expected:
+                return headers
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, (status, answer, log.read_text())
+            time.sleep(0.5)
+
+    def health() -> int:
+        try:
+            with urllib.request.urlopen(stack.url + "/health", timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        post_until(200, 60)
+        broker.stop()
+        assert post_until(503, 60)["Retry-After"] == "2"
+        assert health() == 503
+        broker.start()  # same port, empty (Tansu keeps nothing)
+        ensure_pipeline_topics(settings)
+        post_until(200, 90)
+        assert health() == 200
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        broker.stop()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
+import sys
 
 from aiohttp import web
 
@@ -13,8 +13,6 @@ from pipeline.config import ConfigError, Settings
 from pipeline.otel.kafka_source import KafkaSource
 from pipeline.otel.receiver import OtlpReceiver
 from pipeline.publisher import Publisher
-
-log = logging.getLogger("agentstream.otlp")
 
 
 async def serve(
@@ -46,7 +44,7 @@ async def serve(
                 await source.start()
                 task = asyncio.create_task(source.run())
             where = f", reading Kafka topic {kafka_topic}" if kafka_topic else ""
-            log.warning("OTLP/HTTP on http://%s:%d (/v1/traces, /v1/logs)%s", host, port, where)
+            print(f"OTLP/HTTP on http://{host}:{port} (/v1/traces, /v1/logs){where}", file=sys.stderr)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
