@@ -21,7 +21,13 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from pipeline.config import Settings
-from pipeline.kafka import BrokerUnavailable, client_kwargs, dead_letter_copy, start_producer
+from pipeline.kafka import (
+    BrokerUnavailable,
+    client_kwargs,
+    dead_letter_copy,
+    send_batches,
+    start_producer,
+)
 from pipeline.otel.decode import OtlpDecodeError, sniff
 from pipeline.otel.ingest import convert
 from pipeline.publisher import Publisher
@@ -102,14 +108,9 @@ class KafkaSource:
             dead.extend((value, r.key, reason, source) for value, reason in result.invalid)
         await self.publisher.publish_raw(out)
         if dead:
-            futures = []
-            for value, key, reason, source in dead:
-                v, k, headers = dead_letter_copy(value, key, reason, source)
-                futures.append(
-                    await self._producer.send(
-                        self.settings.dlq_topic, value=v, key=k, headers=headers
-                    )
-                )
-            await asyncio.gather(*futures)
+            copies = (dead_letter_copy(*letter) for letter in dead)
+            letters = ((key, value, headers) for value, key, headers in copies)
+            dlq = self.settings.dlq_topic
+            await asyncio.gather(*await send_batches(self._producer, dlq, letters))
         self.messages += len(records)
         self.dead_letters += len(dead)

@@ -44,7 +44,9 @@ async def serve(
                 await source.start()
                 task = asyncio.create_task(source.run())
             where = f", reading Kafka topic {kafka_topic}" if kafka_topic else ""
-            print(f"OTLP/HTTP on http://{host}:{port} (/v1/traces, /v1/logs){where}", file=sys.stderr)
+            print(
+                f"OTLP/HTTP on http://{host}:{port} (/v1/traces, /v1/logs){where}", file=sys.stderr
+            )
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
