@@ -452,6 +452,20 @@ def _get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, what: str) -> None:
+    """Until ``url`` answers 200 (45 s at most); fails if the process exits first."""
+    deadline = time.monotonic() + 45
+    status = 0
+    while status != 200:
+        assert proc.poll() is None, f"{what} exited {proc.returncode}:\n{_tail(log)}"
+        assert time.monotonic() < deadline, f"no healthy {what}:\n{_tail(log)}"
+        time.sleep(0.3)
+        try:
+            status, _ = _get(url)
+        except OSError:
+            status = 0
+
+
 def _count(env: Mapping[str, str], data_dir: Path) -> int | None:
     out = subprocess.run(
         [
@@ -504,16 +518,7 @@ def test_worker_and_demo_traffic_run_as_composed(
         )
     try:
         health = f"http://127.0.0.1:{web_port}/health"
-        deadline = time.monotonic() + 45
-        status = 0
-        while status != 200:
-            assert proc.poll() is None, f"worker exited {proc.returncode}:\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"no healthy worker:\n{_tail(log)}"
-            time.sleep(0.3)
-            try:
-                status, _ = _get(health)
-            except OSError:
-                status = 0
+        _wait_healthy(proc, health, log, "worker")
 
         # The demo-traffic one-shot, as composed (its shell pipeline included).
         demo_argv = _full_command(demo_svc)
@@ -739,16 +744,7 @@ def test_otlp_service_runs_as_composed(
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 45
-        status = 0
-        while status != 200:
-            assert proc.poll() is None, f"otlp exited {proc.returncode}:\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"no healthy receiver:\n{_tail(log)}"
-            time.sleep(0.3)
-            try:
-                status, _ = _get(f"http://127.0.0.1:{port}/health")
-            except OSError:
-                status = 0
+        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log, "otlp")
         tp = TracerProvider(resource=Resource.create({"service.name": "composed-agent"}))
         tp.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))

@@ -70,25 +70,22 @@ def sniff(body: bytes) -> Encoding:
 def decode_traces(body: bytes, encoding: Encoding) -> list[Span]:
     """Every span of an ``ExportTraceServiceRequest`` (or the Collector's ``TracesData``)."""
     if encoding == "json":
-        doc = _json(body, _JsonTraces)
-        return list(_json_spans(doc))
-    try:
-        request = ExportTraceServiceRequest.FromString(body)
-    except (DecodeError, RecursionError) as exc:
-        raise OtlpDecodeError(f"malformed protobuf: {exc or 'cannot parse'}") from None
-    return list(_proto_spans(request))
+        return list(_json_spans(_json(body, _JsonTraces)))
+    return list(_proto_spans(_proto(body, ExportTraceServiceRequest)))
 
 
 def decode_logs(body: bytes, encoding: Encoding) -> list[LogRecord]:
     """Every record of an ``ExportLogsServiceRequest`` (or the Collector's ``LogsData``)."""
     if encoding == "json":
-        doc = _json(body, _JsonLogs)
-        return list(_json_logs(doc))
+        return list(_json_logs(_json(body, _JsonLogs)))
+    return list(_proto_logs(_proto(body, ExportLogsServiceRequest)))
+
+
+def _proto(body: bytes, message: Any) -> Any:
     try:
-        request = ExportLogsServiceRequest.FromString(body)
+        return message.FromString(body)
     except (DecodeError, RecursionError) as exc:
         raise OtlpDecodeError(f"malformed protobuf: {exc or 'cannot parse'}") from None
-    return list(_proto_logs(request))
 
 
 # --- protobuf ------------------------------------------------------------------------------
