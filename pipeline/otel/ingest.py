@@ -13,7 +13,7 @@ import msgspec
 
 from pipeline import schema
 from pipeline.otel.decode import Encoding, decode_logs, decode_traces
-from pipeline.otel.mapping import Mapped, map_logs, map_spans
+from pipeline.otel.mapping import SPAN_ATTRIBUTES, Mapped, map_logs, map_spans
 from pipeline.publisher import event_key
 
 Signal = Literal["traces", "logs"]
@@ -47,7 +47,7 @@ class Converted(msgspec.Struct):
 def convert(body: bytes, encoding: Encoding, signal: Signal) -> Converted:
     """Decode, map and validate one OTLP body; raises ``OtlpDecodeError`` if it is not OTLP."""
     if signal == "traces":
-        mapped = map_spans(decode_traces(body, encoding))
+        mapped = map_spans(decode_traces(body, encoding, SPAN_ATTRIBUTES))
     else:
         mapped = map_logs(decode_logs(body, encoding))
     return validate(mapped)

@@ -27,7 +27,7 @@ from typing import Any, Final
 import msgspec
 
 from pipeline import schema
-from pipeline.otel.decode import LogRecord, Span
+from pipeline.otel.decode import LogRecord, Span, Wanted
 
 # --- event types -----------------------------------------------------------------------------
 
@@ -263,6 +263,20 @@ _INDEX: Final[dict[str, tuple[str, int]]] = {
     for rank, name in enumerate(names)
 }
 _CONTEXT_FIELDS: Final = frozenset(CONTEXT)
+# Every span attribute the mapping reads: the decoder converts only these.
+SPAN_ATTRIBUTES: Final[Wanted] = (
+    frozenset(
+        {
+            *_INDEX,
+            EXPLICIT_TYPE,
+            "openinference.span.kind",
+            "gen_ai.operation.name",
+            "traceloop.span.kind",
+            "gen_ai.retrieval.documents",
+        }
+    ),
+    (_DOC_INDEX_PREFIX,),
+)
 
 
 def pick(attrs: dict[str, Any]) -> dict[str, Any]:
