@@ -583,3 +583,23 @@ def test_kafka_down_answers_503_with_retry_after_then_recovers(tmp_path: Path) -
         proc.terminate()
         proc.wait(timeout=30)
         broker.stop()
+
+
+def test_user_mistakes_are_one_line_and_status_2(stack: Stack) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "otlp", *args],
+            env=worker_env(stack.settings), cwd=REPO, capture_output=True, text=True,
+            timeout=120, check=False,
+        )  # fmt: skip
+
+    cases = {
+        "bad broker address 'nonsense'": ("--broker", "nonsense"),
+        "bad --kafka-topic topic name 'no spaces'": ("--kafka-topic", "no spaces", "--port", "0"),
+        f"cannot listen on 127.0.0.1:{stack.port}": ("--port", str(stack.port), "--no-kafka"),
+    }
+    for expected, args in cases.items():
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), out.stderr
