@@ -603,3 +603,58 @@ def test_user_mistakes_are_one_line_and_status_2(stack: Stack) -> None:
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), out.stderr
+
+
+def test_saturated_receiver_answers_429_with_retry_after_and_retries_land(stack: Stack) -> None:
+    """In process, one request at a time allowed: concurrent exports beyond it get 429 with
+    Retry-After; retried, every span is accepted once."""
+    import aiohttp
+    from aiohttp import web
+
+    from bench.otlp import bodies
+    from pipeline.broker import ensure_topics
+    from pipeline.otel.receiver import OtlpReceiver
+    from pipeline.publisher import Publisher
+
+    payloads = bodies(6 * 700, 700)
+    topic = f"sat-{uuid.uuid4().hex[:8]}"
+    ensure_topics(stack.settings.broker, {topic: 2})
+
+    async def scenario() -> tuple[list[int], set[str | None], float]:
+        async with Publisher(stack.settings, topic=topic) as publisher:
+            receiver = OtlpReceiver(publisher, max_pending=1, retry_after_s=1)
+            runner = receiver.runner()
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            url = f"http://127.0.0.1:{port}/v1/traces"
+            first: list[int] = []
+            retry_after: set[str | None] = set()
+            try:
+                async with aiohttp.ClientSession() as http:
+
+                    async def export(body: bytes) -> None:
+                        while True:
+                            async with http.post(
+                                url, data=body, headers={"Content-Type": "application/x-protobuf"}
+                            ) as resp:
+                                await resp.read()
+                                if len(first) < len(payloads) and body not in seen:
+                                    seen.add(body)
+                                    first.append(resp.status)
+                                if resp.status == 200:
+                                    return
+                                assert resp.status == 429
+                                retry_after.add(resp.headers.get("Retry-After"))
+                                await asyncio.sleep(float(resp.headers["Retry-After"]))
+
+                    seen: set[bytes] = set()
+                    await asyncio.gather(*(export(b) for b in payloads))
+            finally:
+                await runner.cleanup()
+            return first, retry_after, receiver.metrics.count("traces", "accepted")
+
+    first, retry_after, accepted = asyncio.run(scenario())
+    assert 200 in first and 429 in first, first
+    assert retry_after == {"1"}
+    assert accepted == 6 * 600  # every span once (the HTTP span of each run is skipped)
