@@ -145,7 +145,13 @@ def worker(
     show_default=True,
     help="Topic the OpenTelemetry Collector's Kafka exporter writes (otlp_proto or otlp_json)",
 )
-@click.option("--no-kafka", is_flag=True, help="Do not read the Collector's Kafka topic")
+@click.option(
+    "--kafka-logs-topic",
+    default="otlp_logs",
+    show_default=True,
+    help="Topic of the Collector's log records (evaluation and guardrail results)",
+)
+@click.option("--no-kafka", is_flag=True, help="Do not read the Collector's Kafka topics")
 @click.option(
     "--max-body-mib",
     type=click.IntRange(min=1),
@@ -155,22 +161,32 @@ def worker(
 )
 @friendly
 def otlp(
-    broker: str | None, host: str, port: int, kafka_topic: str, no_kafka: bool, max_body_mib: int
+    broker: str | None,
+    host: str,
+    port: int,
+    kafka_topic: str,
+    kafka_logs_topic: str,
+    no_kafka: bool,
+    max_body_mib: int,
 ) -> None:
     """Receive OpenTelemetry traces and logs (OTLP/HTTP, protobuf or JSON) as agent events.
 
     POST /v1/traces and /v1/logs; spans of agent work (model calls, tools, retrievals,
     guardrails, agent invocations) become events on the events topic, acknowledged once Kafka
-    has them. Also reads the Collector's Kafka topic unless --no-kafka.
+    has them. Also reads the Collector's Kafka topics (traces, logs) unless --no-kafka.
     """
     from pipeline.config import check_topic
     from pipeline.otel.service import serve
 
     settings = Settings.load(broker=broker)
     topic = None if no_kafka else check_topic(kafka_topic, "--kafka-topic")
-    # The Collector's topic too, so the source can join its group before the first export.
-    ensure_pipeline_topics(settings, extra={topic: settings.partitions} if topic else None)
-    asyncio.run(serve(settings, host, port, topic, max_body_bytes=max_body_mib << 20))
+    logs = None if no_kafka else check_topic(kafka_logs_topic, "--kafka-logs-topic")
+    # The Collector's topics too, so the source can join its group before the first export.
+    extra = {t: settings.partitions for t in (topic, logs) if t}
+    ensure_pipeline_topics(settings, extra=extra)
+    asyncio.run(
+        serve(settings, host, port, topic, max_body_bytes=max_body_mib << 20, kafka_logs_topic=logs)
+    )
 
 
 def _read_lines(source: BinaryIO) -> Iterator[tuple[int, bytes]]:

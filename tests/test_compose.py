@@ -736,6 +736,7 @@ def test_otlp_service_runs_as_composed(
     port = free_port()
     argv[argv.index("--port") + 1] = str(port)
     argv[argv.index("--kafka-topic") + 1] = f"compose-{local.suffix}-otlp"
+    argv[argv.index("--kafka-logs-topic") + 1] = f"compose-{local.suffix}-otlp-logs"
     env = local.env(svc)
     log = tmp_path / "otlp.log"
     with log.open("wb") as out:

@@ -132,7 +132,8 @@ def stack(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "pipeline.cli", "otlp", "--port", str(port),
-                "--kafka-topic", kafka_topic, "--max-body-mib", str(MAX_BODY_MIB),
+                "--kafka-topic", kafka_topic, "--kafka-logs-topic", f"{kafka_topic}-logs",
+                "--max-body-mib", str(MAX_BODY_MIB),
             ],
             env=worker_env(settings),
             stdout=fh,
@@ -393,6 +394,27 @@ def _chat(trace: str, span: str, tokens: int, **extra: Any) -> dict[str, Any]:
     )
 
 
+def _evaluation(agent: str, trace: str, score: float, with_other_record: bool = False) -> bytes:
+    """OTLP/JSON logs: an evaluation result of span 1 of ``trace`` (and an app log line)."""
+    records: list[dict[str, Any]] = [
+        {
+            "timeUnixNano": str(time.time_ns()),
+            "eventName": "gen_ai.evaluation.result",
+            "traceId": trace,
+            "spanId": f"{1:016x}",
+            "attributes": [
+                {"key": "gen_ai.evaluation.name", "value": {"stringValue": "relevance"}},
+                {"key": "gen_ai.evaluation.score.value", "value": {"doubleValue": score}},
+            ],
+        }
+    ]
+    if with_other_record:
+        records.append({"timeUnixNano": str(time.time_ns()), "eventName": "app.log"})
+    resource = {"attributes": [{"key": "service.name", "value": {"stringValue": agent}}]}
+    doc = {"resourceLogs": [{"resource": resource, "scopeLogs": [{"logRecords": records}]}]}
+    return json.dumps(doc).encode()
+
+
 def test_otlp_json_gzip_partial_success_and_hostile_requests(stack: Stack) -> None:
     agent = f"json-{uuid.uuid4().hex[:6]}"
     trace = uuid.uuid4().hex
@@ -441,39 +463,8 @@ def test_otlp_json_gzip_partial_success_and_hostile_requests(stack: Stack) -> No
     )
     assert status == 200
     assert not ExportTraceServiceResponse.FromString(answer).HasField("partial_success")
-    evaluation = {
-        "resourceLogs": [
-            {
-                "resource": {
-                    "attributes": [{"key": "service.name", "value": {"stringValue": agent}}]
-                },
-                "scopeLogs": [
-                    {
-                        "logRecords": [
-                            {
-                                "timeUnixNano": str(time.time_ns()),
-                                "eventName": "gen_ai.evaluation.result",
-                                "traceId": trace,
-                                "spanId": f"{1:016x}",
-                                "attributes": [
-                                    {
-                                        "key": "gen_ai.evaluation.name",
-                                        "value": {"stringValue": "relevance"},
-                                    },
-                                    {
-                                        "key": "gen_ai.evaluation.score.value",
-                                        "value": {"doubleValue": 0.75},
-                                    },
-                                ],
-                            },
-                            {"timeUnixNano": str(time.time_ns()), "eventName": "app.log"},
-                        ]
-                    }
-                ],
-            }
-        ]
-    }
-    status, answer, _ = stack.post("/v1/logs", json.dumps(evaluation).encode(), "application/json")
+    evaluation = _evaluation(agent, trace, 0.75, with_other_record=True)
+    status, answer, _ = stack.post("/v1/logs", evaluation, "application/json")
     assert status == 200, answer
     assert json.loads(answer) == {}
 
@@ -507,13 +498,19 @@ def test_collector_kafka_topic_protobuf_and_json(stack: Stack) -> None:
         [traces_data, as_json, garbage, traces_data],  # the last: at-least-once repeat
         topic=stack.kafka_topic,
     )
-    stack.wait_rows(agent, 5 + 2)
+    produce_raw(stack.settings, [_evaluation(agent, trace, 0.5)], topic=f"{stack.kafka_topic}-logs")
+    stack.wait_rows(agent, 5 + 2 + 1)
     time.sleep(1.0)
     stack.settle()
     rows = stack.rows(
         f"SELECT type, count(*), sum(input_tokens) FROM events WHERE agent_id = '{agent}' GROUP BY type ORDER BY type"
     )
-    assert rows == [("llm_call", 4, 100 + 101 + 2000), ("task", 2, None), ("tool_call", 1, None)]
+    assert rows == [
+        ("feedback", 1, None),
+        ("llm_call", 4, 100 + 101 + 2000),
+        ("task", 2, None),
+        ("tool_call", 1, None),
+    ]
     dead = [
         r
         for r in consume_all(stack.settings, stack.settings.dlq_topic, expected=1000, timeout=5)

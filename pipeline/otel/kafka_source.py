@@ -1,8 +1,8 @@
 """The Collector's way in: read the topic its Kafka exporter writes, publish events.
 
 The OpenTelemetry Collector's Kafka exporter writes one ``TracesData`` per message to
-``otlp_spans`` by default, as protobuf (``otlp_proto``) or JSON (``otlp_json``); messages
-carry no content type, so each is sniffed. Delivery is at least once, like the exporter's:
+``otlp_spans`` by default (``LogsData`` to ``otlp_logs``), as protobuf (``otlp_proto``) or JSON
+(``otlp_json``); messages carry no content type, so each is sniffed. Delivery is at least once, like the exporter's:
 offsets are committed only after Kafka acknowledged the events (and dead letters) of a
 fetch, and a repeated message yields the same event ids, which the worker lands once.
 
@@ -29,23 +29,32 @@ from pipeline.kafka import (
     start_producer,
 )
 from pipeline.otel.decode import OtlpDecodeError, sniff
-from pipeline.otel.ingest import convert
+from pipeline.otel.ingest import Signal, convert
 from pipeline.publisher import Publisher
 
 log = logging.getLogger("agentstream.otlp")
 DEFAULT_TOPIC: Final = "otlp_spans"
+DEFAULT_LOGS_TOPIC: Final = "otlp_logs"
 _RETRY_S: Final = 2.0
 
 
 class KafkaSource:
-    """Consumes ``topic`` in group ``<group_id>-otlp`` and publishes through ``publisher``."""
+    """Consumes ``topic`` (traces) and ``logs_topic`` (logs: evaluation and guardrail
+    records) in group ``<group_id>-otlp`` and publishes through ``publisher``."""
 
     def __init__(
-        self, settings: Settings, publisher: Publisher, topic: str = DEFAULT_TOPIC
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        topic: str = DEFAULT_TOPIC,
+        logs_topic: str | None = DEFAULT_LOGS_TOPIC,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.topic = topic
+        self.signals: dict[str, Signal] = {topic: "traces"}
+        if logs_topic is not None:
+            self.signals[logs_topic] = "logs"
         self.group = f"{settings.group_id}-otlp"
         self.messages = 0
         self.dead_letters = 0
@@ -55,7 +64,7 @@ class KafkaSource:
     async def start(self) -> None:
         self._producer = await start_producer(self.settings)
         self._consumer = AIOKafkaConsumer(
-            self.topic,
+            *self.signals,
             **client_kwargs(self.settings),
             group_id=self.group,
             enable_auto_commit=False,
@@ -99,10 +108,11 @@ class KafkaSource:
             if not r.value:
                 dead.append((r.value, r.key, "empty message: Kafka record has no value", source))
                 continue
+            signal = self.signals[r.topic]
             try:
-                result = convert(r.value, sniff(r.value), "traces")
+                result = convert(r.value, sniff(r.value), signal)
             except OtlpDecodeError as exc:
-                dead.append((r.value, r.key, f"not OTLP traces: {exc}", source))
+                dead.append((r.value, r.key, f"not OTLP {signal}: {exc}", source))
                 continue
             out.extend(result.records)
             dead.extend((value, r.key, reason, source) for value, reason in result.invalid)

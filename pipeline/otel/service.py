@@ -22,9 +22,10 @@ async def serve(
     kafka_topic: str | None,
     *,
     max_body_bytes: int,
-    ready: asyncio.Event | None = None,
+    kafka_logs_topic: str | None = None,
 ) -> None:
-    """Serve OTLP/HTTP on ``host:port`` (and consume ``kafka_topic`` unless None) until a
+    """Serve OTLP/HTTP on ``host:port`` (and consume ``kafka_topic``, traces, and
+    ``kafka_logs_topic``, logs, unless ``kafka_topic`` is None) until a
     SIGTERM or SIGINT; then stop taking requests, finish the ones in flight, disconnect."""
     async with Publisher(settings) as publisher:
         receiver = OtlpReceiver(publisher, max_body_bytes=max_body_bytes)
@@ -40,10 +41,11 @@ async def serve(
                     f"cannot listen on {host}:{port}: {exc.strerror}: pass another --port"
                 ) from None
             if kafka_topic is not None:
-                source = KafkaSource(settings, publisher, kafka_topic)
+                source = KafkaSource(settings, publisher, kafka_topic, kafka_logs_topic)
                 await source.start()
                 task = asyncio.create_task(source.run())
-            where = f", reading Kafka topic {kafka_topic}" if kafka_topic else ""
+            topics = ", ".join(t for t in (kafka_topic, kafka_logs_topic) if t)
+            where = f", reading Kafka {topics}" if kafka_topic else ""
             print(
                 f"OTLP/HTTP on http://{host}:{port} (/v1/traces, /v1/logs){where}", file=sys.stderr
             )
@@ -51,8 +53,6 @@ async def serve(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            if ready is not None:
-                ready.set()
             waiter = asyncio.create_task(stop.wait())
             watched = {waiter} | ({task} if task else set())
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
