@@ -4,16 +4,65 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.config import Settings
 
 log = logging.getLogger("agentstream.kafka")
+# The copy of a dead letter on the DLQ topic is cut to this size (the lake keeps it whole):
+# the producer's max_request_size and a topic's default max.message.bytes are 1 MiB, and a
+# copy that cannot be sent would stop every later commit behind it.
+DLQ_VALUE_LIMIT = 900 * 1024
+DLQ_KEY_LIMIT = 16 * 1024
+
+Headers = list[tuple[str, bytes]]
+_PARTITIONER = DefaultPartitioner()
+
+
+async def send_batches(
+    producer: AIOKafkaProducer,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None, Headers]],
+) -> list[Awaitable[Any]]:
+    """Send ``(key, value, headers)`` records as one record batch per partition; return the
+    delivery futures (await them all before counting the records as sent).
+
+    ``producer.send`` per record costs ~75 us of Python (~13k records/s): a backlog flush that
+    closes 20k windows spent seconds there. A batch per partition is several times faster.
+    Records go to the partition ``send`` would pick (murmur2 of the key; a None key at random),
+    so subscribers see the same keying as before; each distinct key is hashed once, since
+    aiokafka's murmur2 is pure Python (~3.5 us a key).
+    """
+    parts = sorted(await producer.partitions_for(topic))
+    batches: dict[int, Any] = {}
+    sent: list[Awaitable[Any]] = []
+    partition_of: dict[bytes, int] = {}
+    for key, value, headers in records:
+        p = partition_of.get(key, -1) if key is not None else -1
+        if p < 0:
+            p = _PARTITIONER(key, parts, parts)
+            if key is not None:
+                partition_of[key] = p
+        batch = batches.get(p)
+        if batch is None:
+            batch = batches[p] = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            sent.append(await producer.send_batch(batch, topic, partition=p))
+            batch = batches[p] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                # Larger than a whole batch: send it alone, as the producer would.
+                sent.append(await producer.send(topic, value=value, key=key, headers=headers))
+    for p, batch in batches.items():
+        if batch.record_count():
+            sent.append(await producer.send_batch(batch, topic, partition=p))
+    return sent
 
 
 class BrokerUnavailable(Exception):
@@ -61,13 +110,18 @@ def pipeline_topics(settings: Settings) -> dict[str, int]:
     }
 
 
-def ensure_pipeline_topics(settings: Settings, timeout: float = 15) -> None:
-    """Create the missing pipeline topics; ``BrokerUnavailable`` if the broker does not answer."""
+def ensure_pipeline_topics(
+    settings: Settings, timeout: float = 15, extra: dict[str, int] | None = None
+) -> None:
+    """Create the missing pipeline topics (and ``extra``: name -> partitions);
+    ``BrokerUnavailable`` if the broker does not answer."""
     from pipeline.broker import ensure_topics
 
     client = {k: v for k, v in client_kwargs(settings).items() if k != "bootstrap_servers"}
     try:
-        ensure_topics(settings.broker, pipeline_topics(settings), timeout, **client)
+        ensure_topics(
+            settings.broker, {**pipeline_topics(settings), **(extra or {})}, timeout, **client
+        )
     except Exception as exc:
         raise unreachable(settings, exc) from None
 
@@ -165,3 +219,23 @@ async def start_producer(settings: Settings, **kwargs: Any) -> AIOKafkaProducer:
         await producer.stop()
         raise unreachable(settings, exc) from None
     return producer
+
+
+def dead_letter_copy(
+    value: bytes | None, key: bytes | None, reason: str, source: str
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """Value, key and headers of a dead letter on the DLQ topic, cut to fit a request.
+
+    The one DLQ record format: the original bytes as the value, the reason in header
+    ``agentstream.reason``, where it came from (``topic/partition/offset``) in
+    ``agentstream.source``.
+    """
+    headers = [
+        ("agentstream.reason", reason.encode()[:4096]),
+        ("agentstream.source", source.encode()),
+    ]
+    key = key if key is None else key[:DLQ_KEY_LIMIT]
+    if value is not None and len(value) > DLQ_VALUE_LIMIT:
+        headers.append(("agentstream.truncated_from", str(len(value)).encode()))
+        value = value[:DLQ_VALUE_LIMIT]
+    return value, key, headers

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from mode import Service
 
 from pipeline.config import Settings, parse_duration
-from pipeline.kafka import client_kwargs, start_producer
+from pipeline.kafka import Headers, client_kwargs, dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import (
     ANOMALIES,
@@ -66,11 +66,6 @@ log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
-# The copy of a dead letter on the DLQ topic is cut to this size (the lake keeps it whole):
-# the producer's max_request_size and a topic's default max.message.bytes are 1 MiB, and a
-# copy that cannot be sent would stop every later commit behind it.
-DLQ_VALUE_LIMIT = 900 * 1024
-DLQ_KEY_LIMIT = 16 * 1024
 BUDGET_STATUS_EVERY_S = 10.0
 _MAINTENANCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-maintenance")
 
@@ -776,21 +771,20 @@ class EventConsumer(Service):
         anomalies: pa.Table,
         verdicts: pa.Table,
     ) -> None:
-        """Send dead letters and derived records to their topics; wait for the broker."""
+        """Send dead letters and derived records to their topics (one record batch per
+        partition); wait for the broker."""
         assert self._producer is not None
         s = self.settings
-        sends = []
-        for record, rejection in rejected:
-            value, key, headers = _dead_letter_copy(record, rejection)
-            sends.append(
-                await self._producer.send(s.dlq_topic, value=value, key=key, headers=headers)
-            )
-        for metric_id, value in metric_records(metrics):
-            sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
-        for anomaly_id, value in anomaly_records(anomalies):
-            sends.append(await self._producer.send(s.anomalies_topic, value=value, key=anomaly_id))
-        for verdict_id, value in verdict_records(verdicts):
-            sends.append(await self._producer.send(s.verdicts_topic, value=value, key=verdict_id))
+        dead_copies = (_dead_letter_copy(record, rejection) for record, rejection in rejected)
+        derived = [
+            (s.dlq_topic, ((key, value, headers) for value, key, headers in dead_copies)),
+            (s.metrics_topic, _unkeyed(metric_records(metrics))),
+            (s.anomalies_topic, _unkeyed(anomaly_records(anomalies))),
+            (s.verdicts_topic, _unkeyed(verdict_records(verdicts))),
+        ]
+        sends = [
+            f for topic, out in derived for f in await send_batches(self._producer, topic, out)
+        ]
         if sends:
             await asyncio.gather(*sends)
 
@@ -856,17 +850,14 @@ def _without(batch: Processed, partitions: set[int]) -> Processed:
     )
 
 
+def _unkeyed(records: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, Headers]]:
+    """``(key, value)`` records of a derived topic as ``send_batches`` takes them (no headers)."""
+    return ((key, value, []) for key, value in records)
+
+
 def _dead_letter_copy(
     record: Record, rejection: Rejection
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """Value, key and headers of a dead letter's copy on the DLQ topic, cut to fit a request."""
-    headers = [
-        ("agentstream.reason", rejection.reason.encode()[:4096]),
-        ("agentstream.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-    ]
-    key = record.key if record.key is None else record.key[:DLQ_KEY_LIMIT]
-    value = record.value
-    if value is not None and len(value) > DLQ_VALUE_LIMIT:
-        headers.append(("agentstream.truncated_from", str(len(value)).encode()))
-        value = value[:DLQ_VALUE_LIMIT]
-    return value, key, headers
+    source = f"{record.topic}/{record.partition}/{record.offset}"
+    return dead_letter_copy(record.value, record.key, rejection.reason, source)
