@@ -95,9 +95,12 @@ def scale_run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Scale
         a = make("worker-a").start()
         b = make("worker-b", web_port=free_port())
         wait_until("a ready", lambda: "consuming" in a.log_text(), 120, alive=[a])
+        # Scale out: B joins while A consumes the stream. B's start-up (imports) can take
+        # longer than the whole stream on a busy machine, so the stream starts once B runs.
+        b.start()
+        wait_until("b starting", lambda: "Starting..." in b.log_text(), 120, alive=[a, b])
         feeder = Feeder(settings, records, rate=len(records) / 18)
         feeder.start()
-        b.start()  # scale out: B takes seconds to start, and joins while A consumes the stream
         wait_until(
             "b landing",
             lambda: (h := b.health()) is not None and h[1].get("events_landed", 0) > 0,
