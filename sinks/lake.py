@@ -83,8 +83,12 @@ class Flush:
 
 
 def is_conflict(exc: BaseException) -> bool:
-    """Whether ``exc`` is DuckLake refusing a commit because another one came first."""
-    return isinstance(exc, duckdb.Error) and "Transaction conflict" in str(exc)
+    """Whether ``exc`` is DuckLake refusing a commit because another one came first (or,
+    with the SQLite catalog, another process holding its write lock)."""
+    text = str(exc)
+    return isinstance(exc, duckdb.Error) and (
+        "Transaction conflict" in text or "database is locked" in text
+    )
 
 
 def catalog_spec(data_dir: Path, catalog: str = "") -> str:

@@ -67,6 +67,9 @@ EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
 BUDGET_STATUS_EVERY_S = 10.0
+# A commit refused because another writer committed first is retried at once this many times
+# in a row; a lock held longer than that is an outage (/health degraded).
+MAX_QUICK_RETRIES = 5
 _MAINTENANCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-maintenance")
 
 
@@ -188,6 +191,7 @@ class EventConsumer(Service):
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._published = False
+        self._conflicts = 0  # failed attempts in a row
         self._partition_ts: dict[int, datetime] = {}
         self._last_flush = time.monotonic()
 
@@ -571,7 +575,8 @@ class EventConsumer(Service):
             self._retry_published = self._published
             self._retry = batch
             self._rewind()
-            if is_conflict(exc):
+            self._conflicts += 1
+            if is_conflict(exc) and self._conflicts <= MAX_QUICK_RETRIES:
                 # Another writer of the lake committed first (several workers on a
                 # PostgreSQL catalog): not an error, the retry lands on top of its commit.
                 self.telemetry.lake_conflicts.inc()
@@ -587,6 +592,7 @@ class EventConsumer(Service):
             self._inflight = 0
         self._retry = []
         self._retry_published = False
+        self._conflicts = 0
         self.last_error = None
         self.telemetry.batch_seconds.observe(time.perf_counter() - started)
         return True
