@@ -50,10 +50,13 @@ from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BudgetTracker, land_budgets, load_budgets
 from streams.dedupe import Deduplicator
 from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
+from streams.explain import explain
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
 from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
+from streams.rules import RuleEngine, load_rules
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
+from streams.warmstart import metrics_history, spend_history
 from streams.windows import DIMENSIONS, WindowAggregator, metric_records
 
 log = logging.getLogger("agentstream.worker")
@@ -70,9 +73,9 @@ BUDGET_STATUS_EVERY_S = 10.0
 
 class WorkerState(msgspec.Struct, frozen=True):
     """What a snapshot holds: open windows, remembered event ids, drift detectors, spend,
-    releases.
+    releases, rule conditions.
 
-    ``budgets`` and ``releases`` default to empty so an older snapshot still loads.
+    ``budgets``, ``releases`` and ``rules`` default to empty so an older snapshot still loads.
     """
 
     windows: bytes
@@ -80,6 +83,7 @@ class WorkerState(msgspec.Struct, frozen=True):
     detector: bytes
     budgets: bytes = b""
     releases: bytes = b""
+    rules: bytes = b""
 
 
 class _Stopwatch:
@@ -179,6 +183,7 @@ class EventConsumer(Service):
         self.budgets = self._budget_tracker()
         self._budgets_landed = 0.0
         self.judge = ReleaseJudge(self._judge_config())
+        self.rules = self._rule_engine()
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
@@ -331,10 +336,44 @@ class EventConsumer(Service):
         self.detector = DriftDetector()
         self.budgets = self._budget_tracker()
         self.judge = ReleaseJudge(self._judge_config())
+        self.rules = self._rule_engine()
+        self._warm_start()
         self._saved = self._state()
+
+    def _warm_start(self) -> None:
+        """Prime detectors, rules and budgets from the lake (``streams.warmstart``): a start
+        without a snapshot is then not blind for ``warmup_windows``."""
+        n = self.settings.warm_start_windows
+        if n <= 0:
+            return
+        history = metrics_history(self.settings.data_dir, n)
+        if history.num_rows:
+            newest = history["window_end"][-1].as_py()
+            # What these windows raised was published when they closed (same ids): drop it.
+            self.detector.observe(history, detected_at=newest)
+            self.rules.observe(history, detected_at=newest)
+            log.info(
+                "warm start: %d metrics rows from the lake up to %s primed %d keys",
+                history.num_rows,
+                newest.isoformat(),
+                self.detector.tracked_keys(),
+            )
+        if self.budgets.budgets and self._offsets:
+            since = self.budgets.history_start(self._newest_landed())
+            if since is not None:
+                spend = spend_history(self.settings.data_dir, since, self._offsets)
+                self.budgets.update(spend)
+                log.info("warm start: %d spend minutes primed the budgets", spend.num_rows)
+
+    def _newest_landed(self) -> datetime | None:
+        got = metrics_history(self.settings.data_dir, 1)
+        return None if got.num_rows == 0 else pc.max(got["window_end"]).as_py()
 
     def _budget_tracker(self) -> BudgetTracker:
         return BudgetTracker(load_budgets(self.settings.budgets))
+
+    def _rule_engine(self) -> RuleEngine:
+        return RuleEngine(load_rules(self.settings.rules))
 
     def _state(self) -> WorkerState:
         return WorkerState(
@@ -343,6 +382,7 @@ class EventConsumer(Service):
             self.detector.snapshot(),
             self.budgets.snapshot(),
             self.judge.snapshot(),
+            self.rules.snapshot(),
         )
 
     def _rewind(self) -> None:
@@ -354,6 +394,9 @@ class EventConsumer(Service):
         if self._saved.budgets:
             self.budgets.restore(self._saved.budgets)
         self.judge = ReleaseJudge.restore(self._saved.releases, self._judge_config())
+        self.rules = self._rule_engine()
+        if self._saved.rules:
+            self.rules.restore(self._saved.rules)
 
     def _judge_config(self) -> JudgeConfig:
         # The judge keeps latency histograms per window: they must be the metrics' windows.
@@ -646,7 +689,12 @@ class EventConsumer(Service):
         if emit_open:
             metrics = pa.concat_tables([metrics, self.windows.flush_all()])
         detected_at = datetime.now(UTC)
-        anomalies = self.detector.observe(metrics, detected_at=detected_at)
+        anomalies = pa.concat_tables(
+            [
+                self.detector.observe(metrics, detected_at=detected_at),
+                self.rules.observe(metrics, detected_at=detected_at),
+            ]
+        )
         # Releases before metrics: a release and the first window it covers may close in
         # the same flush.
         self.judge.register(events)
@@ -654,7 +702,7 @@ class EventConsumer(Service):
         if regressions.num_rows:
             anomalies = pa.concat_tables([anomalies, regressions])
         if anomalies.num_rows:
-            anomalies = self._with_examples(anomalies, events)
+            anomalies = self._with_examples(explain(anomalies, metrics), events)
             self.telemetry.anomalies.inc(anomalies.num_rows)
         burns = ANOMALIES_SCHEMA.empty_table()
         if self.budgets.budgets:

@@ -1,0 +1,112 @@
+"""Warm start: prime detectors, rules and budgets from the lake's own history.
+
+A worker that starts without a snapshot (a new consumer group, a lost ``.state``) would
+otherwise need ``warmup_windows`` (30) windows of every key before a detector may speak.
+The lake already holds those windows: ``metrics_history`` reads the last ``n`` windows of
+every key through ``sinks.catalog.connect`` (the ``metrics`` view, never the files) and the
+worker feeds them to the detectors and rules as if it had seen them, discarding what they
+would have raised then (those alerts were raised, with the same ids, when the windows
+closed). A window the worker then reads again is skipped by both (they ignore windows not
+newer than a key's last), so nothing counts twice.
+
+Several workers of a group (scale-out) land one row per worker for a window and key; the
+history keeps the row with the most events of each, an approximation of the whole.
+
+``spend_history`` gives the budget tracker the spend of the current periods, per minute,
+agent and tenant, from the landed events below the committed offsets (the events the
+worker will not read again); with no committed offsets (a new group re-reads the topic) it
+is empty, so spend is never counted twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import duckdb
+import pyarrow as pa
+
+from sinks.catalog import QueryError, connect
+from streams.windows import DIMENSIONS, METRICS_SCHEMA
+
+__all__ = ["metrics_history", "spend_history"]
+
+_DIMS: Final = ", ".join(DIMENSIONS)
+
+
+def metrics_history(
+    data_dir: Path,
+    windows: int,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> pa.Table:
+    """The last ``windows`` windows of every (level, key) in the lake's ``metrics``, one row
+    per window and key, ``METRICS_SCHEMA``, in the order the worker emits them
+    (``window_start``, level, dimensions). ``since``/``until`` bound ``window_start``
+    (``[since, until)``) before the last ``windows`` are taken; ``windows`` 0 means all."""
+    where = ["true"]
+    params: dict[str, object] = {}
+    if since is not None:
+        where.append("window_start >= $since")
+        params["since"] = since
+    if until is not None:
+        where.append("window_start < $until")
+        params["until"] = until
+    limit = f"WHERE _k <= {int(windows)}" if windows > 0 else ""
+    cols = ", ".join(f'"{n}"' for n in METRICS_SCHEMA.names)
+    sql = f"""
+        WITH one AS (
+            SELECT {cols} FROM metrics WHERE {" AND ".join(where)}
+            QUALIFY row_number() OVER (
+                PARTITION BY level, window_start, {_DIMS} ORDER BY events DESC, metric_id
+            ) = 1
+        ), ranked AS (
+            SELECT *, row_number() OVER (
+                PARTITION BY level, {_DIMS} ORDER BY window_start DESC
+            ) AS _k FROM one
+        )
+        SELECT {cols} FROM ranked {limit}
+        ORDER BY window_start, level, {", ".join(f"{d} NULLS LAST" for d in DIMENSIONS)}
+    """
+    try:
+        con = connect(data_dir)
+        table: pa.Table = con.execute(sql, params).to_arrow_table()
+    except (QueryError, duckdb.Error):
+        return METRICS_SCHEMA.empty_table()
+    return table.cast(METRICS_SCHEMA)
+
+
+_SPEND: Final = pa.schema(
+    [
+        pa.field("ts", pa.timestamp("us", tz="UTC")),
+        pa.field("agent_id", pa.string()),
+        pa.field("tenant_id", pa.string()),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("calls", pa.int64()),
+    ]
+)
+
+
+def spend_history(data_dir: Path, since: datetime, offsets: dict[int, int]) -> pa.Table:
+    """Costed events from ``since`` below the committed ``offsets`` (partition -> next
+    offset), summed per minute, agent and tenant: ``ts`` (the minute), ``agent_id``,
+    ``tenant_id``, ``cost_usd``, ``calls``. Empty without offsets."""
+    if not offsets:
+        return _SPEND.empty_table()
+    below = " OR ".join(
+        f"(kafka_partition = {int(p)} AND kafka_offset < {int(o)})" for p, o in offsets.items()
+    )
+    sql = f"""
+        SELECT time_bucket(INTERVAL 1 minute, ts) AS ts, agent_id, tenant_id,
+               sum(cost_usd) AS cost_usd, count(*) AS calls
+        FROM events
+        WHERE cost_usd IS NOT NULL AND ts >= $since AND ({below})
+        GROUP BY ALL ORDER BY ts
+    """
+    try:
+        table: pa.Table = connect(data_dir).execute(sql, {"since": since}).to_arrow_table()
+    except (QueryError, duckdb.Error):
+        return _SPEND.empty_table()
+    return table.cast(_SPEND)
