@@ -64,9 +64,7 @@ CONDITIONS: Final = ("above", "below", "change_above", "change_below")
 SEVERITIES: Final = ("info", "warning", "critical")
 MIN_BASELINE: Final = 5
 _NUMERIC: Final = frozenset(
-    f.name
-    for f in METRICS_SCHEMA
-    if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+    f.name for f in METRICS_SCHEMA if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
 )
 _SAMPLES: Final[dict[str, tuple[str, ...]]] = {
     **{m.column: m.samples for m in DEFAULT_MEASURES},
@@ -381,7 +379,8 @@ class RuleEngine:
             samples = pl.sum_horizontal(pl.col(c).fill_null(0) for c in samples_of(rule.measure))
             value = pl.col(rule.measure).cast(pl.Float64)
             parts.append(
-                frame.filter(cond).select(
+                frame.filter(cond)
+                .select(
                     pl.lit(rule.name).alias("rule"),
                     "level",
                     *DIMENSIONS,
@@ -390,7 +389,8 @@ class RuleEngine:
                     (pl.col("_start") // (pl.col("_end") - pl.col("_start"))).alias("_index"),
                     value.alias("_value"),
                     samples.cast(pl.Int64).alias("_n"),
-                ).filter(
+                )
+                .filter(
                     pl.col("_value").is_not_null()
                     & pl.col("_value").is_finite()
                     & (pl.col("_n") >= rule.min_samples)

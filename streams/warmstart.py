@@ -72,7 +72,7 @@ def metrics_history(
     """
     try:
         con = connect(data_dir)
-        table: pa.Table = con.execute(sql, params).to_arrow_table()
+        table: pa.Table = con.sql(sql, params=params).to_arrow_table()
     except (QueryError, duckdb.Error):
         return METRICS_SCHEMA.empty_table()
     return table.cast(METRICS_SCHEMA)
@@ -106,7 +106,7 @@ def spend_history(data_dir: Path, since: datetime, offsets: dict[int, int]) -> p
         GROUP BY ALL ORDER BY ts
     """
     try:
-        table: pa.Table = connect(data_dir).execute(sql, {"since": since}).to_arrow_table()
+        table: pa.Table = connect(data_dir).sql(sql, params={"since": since}).to_arrow_table()
     except (QueryError, duckdb.Error):
         return _SPEND.empty_table()
     return table.cast(_SPEND)
