@@ -377,6 +377,7 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
     Replays each scenario's events through the worker's windows and detectors in-process
     (no broker: detection does not depend on delivery) and compares with the ground truth.
     """
+    from pipeline.evaluate import by_scenario
     from pipeline.evaluate import evaluate as run
     from pipeline.scenarios import DRIFT_SCENARIOS
 
@@ -388,7 +389,9 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
         )
     result = run(range(1, seeds + 1), n_events, scenarios or DRIFT_SCENARIOS)
     if as_json:
-        click.echo(msgspec.json.encode(result.as_dict()).decode())
+        click.echo(
+            msgspec.json.encode({**result.as_dict(), "scenarios": by_scenario(result)}).decode()
+        )
         return
     for r in result.runs:
         delays = ", ".join(f"{d:g}" for d in r.delays_windows) or "-"
@@ -398,6 +401,15 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
         )
         for alert in r.false_alerts:
             click.echo(f"    false alert: {alert}")
+    click.echo("")
+    for row in by_scenario(result):
+        median = row["median_delay_windows"]
+        click.echo(
+            f"{row['scenario']:<36} found {row['detected']}/{row['incidents']}  "
+            f"precision {row['precision']:.3f}  recall {row['recall']:.3f}  median delay "
+            + ("-" if median is None else f"{median:g}")
+            + f"  false alerts {row['false_alerts']}"
+        )
     delay = result.median_delay_windows
     click.echo(
         f"precision {result.precision:.3f}  recall {result.recall:.3f}  median delay "

@@ -18,13 +18,14 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.detect import ANOMALIES_SCHEMA, DetectorConfig, DriftDetector
 from streams.explain import explain
 from streams.rules import Rule, RuleEngine
-from streams.warmstart import metrics_history
+from streams.warmstart import frame_lookup, metrics_history
 
 __all__ = ["backtest", "replay_windows"]
 
@@ -33,12 +34,16 @@ def replay_windows(
     metrics: pa.Table,
     rules: Sequence[Rule],
     *,
-    detector: DriftDetector | None = None,
-    engine: RuleEngine | None = None,
+    detector: DriftDetector,
+    detectors: bool = True,
 ) -> pa.Table:
-    """What ``detector`` (None: none) and a ``RuleEngine`` of ``rules`` raise on ``metrics``
-    (sorted by ``window_start``), fed one window at a time; explained."""
-    engine = engine if engine is not None else RuleEngine(list(rules))
+    """What ``detector`` and a ``RuleEngine`` of ``rules`` raise on ``metrics`` (sorted by
+    ``window_start``), fed one window at a time; explained as the worker explains them.
+    ``detectors`` False keeps only the rules' rows."""
+    engine = RuleEngine(list(rules))
+    frame = pl.from_arrow(metrics)
+    assert isinstance(frame, pl.DataFrame)
+    lookup = frame_lookup(frame)
     if metrics.num_rows == 0:
         return ANOMALIES_SCHEMA.empty_table()
     starts = pc.cast(metrics["window_start"], pa.int64()).to_numpy()
@@ -47,12 +52,11 @@ def replay_windows(
     for lo, hi in itertools.pairwise(cuts):
         part = metrics.slice(lo, hi - lo)
         at = part["window_end"][0].as_py()
-        rows = [engine.observe(part, detected_at=at)]
-        if detector is not None:
-            rows.insert(0, detector.observe(part, detected_at=at))
-        raised = pa.concat_tables(rows)
+        found_here = detector.observe(part, detected_at=at)
+        rows = [found_here] if detectors else []
+        raised = pa.concat_tables([*rows, engine.observe(part, detected_at=at)])
         if raised.num_rows:
-            found.append(explain(raised, part))
+            found.append(explain(raised, part, lookup))
     return pa.concat_tables(found) if found else ANOMALIES_SCHEMA.empty_table()
 
 
@@ -68,7 +72,7 @@ def backtest(
     """The rows rules (and detectors) raise on the lake's windows before ``until``, those of
     windows from ``since`` on. Earlier windows prime them, as the live worker's history did."""
     history = metrics_history(data_dir, 0, until=until)
-    found = replay_windows(history, rules, detector=DriftDetector(config) if detectors else None)
+    found = replay_windows(history, rules, detector=DriftDetector(config), detectors=detectors)
     if since is not None and found.num_rows:
         found = found.filter(pc.greater_equal(found["window_start"], pa.scalar(since)))
     return found

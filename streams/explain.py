@@ -5,22 +5,27 @@ Contribution analysis, as dimension drill-down tools do it, over the alert windo
 ``R = N / D`` (cost per task: cost / tasks started; escalation rate: escalations / tasks
 started; ...). Against the alert's baseline ``B``, the window holds an *excess* ``N - B D``
 (what was spent or escalated beyond what the baseline rate predicts for this window's
-volume). It splits exactly over any partition of the rows: a segment ``s`` contributes
-``N_s - B D_s``, and its share is that over the total. So "82 % of the cost increase is
-gpt-4o calls of tenant-03" reads: those rows hold 82 % of the window's excess cost.
+volume). Each segment ``s`` is measured against its *own* baseline ``B_s``, the ratio of
+its sums over the ``HISTORY_WINDOWS`` (30) windows before (a segment without history, a
+version or prompt that just appeared, against the alert's baseline): it contributes
+``N_s - B_s D_s``; the sum over a dimension's values is the change's *rate effect* (a
+shift in the mix, a dearer model taking more of the traffic, is left out), and a value's
+share is its part of that sum. So "82 % of the cost increase is gpt-4o calls of tenant-03"
+reads: those rows hold 82 % of the window's cost beyond what each would normally have
+cost. Counts and sums compare with their mean per window in the history.
 
 Segments are each value of every dimension the alert's key leaves open (an agent's alert:
 its versions, prompt versions, models, tenants; a tenant's: its agents ...), the finest
 rows themselves (one combination of all of them), and for ``tool_error_rate`` each tool
 (``tool_errors_by_tool``). Latency quantiles are not sums: their rows are weighted by their
-calls (``p95 x calls``), an approximation. Counts and sums (``cost_usd``, ``escalations``)
-have no rate to compare with, so their shares are of the window's total. Retrieval data
+calls (``p95 x calls``), an approximation. Retrieval data
 sources are not in the metrics rows and are not broken down. A key-level alert leaves no
 dimension open: its explanation says so (but tools, for tool errors).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import polars as pl
@@ -33,6 +38,7 @@ from streams.windows import DIMENSIONS
 __all__ = ["explain", "ratio_parts"]
 
 TOP: Final = 3
+HISTORY_WINDOWS: Final = 30
 MIN_SHARE: Final = 0.1
 _EXPLAINED: Final = ("drift", "outlier", "rule")
 _RATIOS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
@@ -65,12 +71,18 @@ def _sum(cols: tuple[str, ...]) -> pl.Expr:
     return pl.sum_horizontal(pl.col(c).fill_null(0) for c in cols).cast(pl.Float64)
 
 
-def explain(anomalies: pa.Table, metrics: pa.Table) -> pa.Table:
+History = Callable[[dict[str, Any]], pl.DataFrame]
+"""An alert row -> the ``level = 'key'`` metrics rows under its key in the
+``HISTORY_WINDOWS`` windows before its window (``streams.warmstart.history_lookup``)."""
+
+
+def explain(anomalies: pa.Table, metrics: pa.Table, history: History | None = None) -> pa.Table:
     """``anomalies`` with ``contributors`` and ``explanation`` filled from ``metrics``.
 
-    ``metrics`` holds the closed windows the alerts are about (the same flush's rows); rows
-    of other kinds (recovery, release, budget), or whose window has no key-level rows here,
-    keep nulls.
+    ``metrics`` holds the closed windows the alerts are about (the same flush's rows);
+    ``history`` the windows before, for each segment's own baseline (without it, every
+    segment is compared with the alert's baseline). Rows of other kinds (recovery, release,
+    budget), or whose window has no key-level rows here, keep nulls.
     """
     if anomalies.num_rows == 0:
         return anomalies
@@ -80,7 +92,10 @@ def explain(anomalies: pa.Table, metrics: pa.Table) -> pa.Table:
     contributors: list[list[dict[str, Any]] | None] = []
     sentences: list[str | None] = []
     for row in anomalies.to_pylist():
-        got = _one(row, keys) if row["kind"] in _EXPLAINED and keys.height else None
+        got = None
+        if row["kind"] in _EXPLAINED and keys.height and row["measure"] in keys.columns:
+            before = history(row) if history is not None else keys.clear()
+            got = _one(row, keys, before)
         contributors.append(None if got is None else got[0])
         sentences.append(None if got is None else got[1])
     out = anomalies
@@ -93,61 +108,88 @@ def explain(anomalies: pa.Table, metrics: pa.Table) -> pa.Table:
     return out.cast(ANOMALIES_SCHEMA)
 
 
-def _one(row: dict[str, Any], keys: pl.DataFrame) -> tuple[list[dict[str, Any]], str] | None:
+def _scoped(rows: pl.DataFrame, row: dict[str, Any]) -> pl.DataFrame:
+    for d in DIMENSIONS:
+        if row[d] is not None:
+            rows = rows.filter(pl.col(d) == row[d])
+    return rows
+
+
+def _excess(
+    now: pl.DataFrame, before: pl.DataFrame, by: list[str], measure: str, base: float
+) -> pl.DataFrame:
+    """``by`` values of ``now`` with ``_x``, their excess over their own baseline."""
+    num, den = ratio_parts(measure)
+    windows = max(before["window_start"].n_unique(), 1) if before.height else 1
+    cur = now.group_by(by).agg(
+        num.sum().alias("_n"), (den if den is not None else num).sum().alias("_d")
+    )
+    past = before.group_by(by).agg(
+        num.sum().alias("_hn"), (den if den is not None else num).sum().alias("_hd")
+    )
+    both = cur.join(past, on=by, how="left", nulls_equal=True)
+    if den is None:
+        return both.with_columns(
+            (pl.col("_n") - pl.col("_hn").fill_null(0.0) / windows).alias("_x")
+        )
+    own = pl.when(pl.col("_hd") > 0).then(pl.col("_hn") / pl.col("_hd")).otherwise(base)
+    return both.with_columns((pl.col("_n") - own * pl.col("_d")).alias("_x"))
+
+
+def _one(
+    row: dict[str, Any], keys: pl.DataFrame, history: pl.DataFrame
+) -> tuple[list[dict[str, Any]], str] | None:
     measure = row["measure"]
-    if measure not in keys.columns:
-        return None
-    rows = keys.filter(pl.col("window_start") == row["window_start"])
-    fixed = [d for d in DIMENSIONS if row[d] is not None]
-    for d in fixed:
-        rows = rows.filter(pl.col(d) == row[d])
+    rows = _scoped(keys.filter(pl.col("window_start") == row["window_start"]), row)
     if rows.height == 0:
         return None
-    num, den = ratio_parts(measure)
+    before = _scoped(history, row).filter(pl.col("window_start") < row["window_start"])
+    up = row["direction"] == "up"
+    what = f"{measure} {'increase' if up else 'decrease'}"
     base = row["baseline"]
-    excess = num - base * den if den is not None else num
-    rows = rows.with_columns(excess.alias("_x"))
-    total = float(rows["_x"].sum())
-    change = "increase" if row["direction"] == "up" else "decrease"
-    if den is None:
-        change = "total"
-    elif total == 0 or (total > 0) != (row["direction"] == "up"):
-        return [], f"the window's {measure} does not move against the baseline under this key."
-    open_dims = [d for d in DIMENSIONS if d not in fixed]
+    open_dims = [d for d in DIMENSIONS if row[d] is None]
     found: list[dict[str, Any]] = []
+
+    def shares(per: pl.DataFrame, name: str, column: str) -> None:
+        total = float(per["_x"].sum())
+        if per.height < 2 or total == 0 or (total > 0) != up:
+            return
+        for value, x in per.select(column, "_x").iter_rows():
+            found.append({"dimension": name, "value": value, "share": x / total})
+
     for d in open_dims:
-        per = rows.group_by(d).agg(pl.col("_x").sum())
-        if per.height < 2:
-            continue
-        for value, x in per.iter_rows():
-            found.append({"dimension": d, "value": value, "share": x / total})
+        shares(_excess(rows, before, [d], measure, base), d, d)
     if measure == "tool_error_rate":
-        tools = (
-            rows.select(pl.col("tool_errors_by_tool").explode().struct.unnest())
-            .drop_nulls("tool_name")
-            .group_by("tool_name")
-            .agg(pl.col("errors").sum().cast(pl.Float64), pl.col("calls").sum())
-        )
-        for name, errors, calls in tools.iter_rows():
-            found.append(
-                {"dimension": "tool_name", "value": name, "share": (errors - base * calls) / total}
+
+        def tools(frame: pl.DataFrame) -> pl.DataFrame:
+            return (
+                frame.select(pl.col("window_start"), pl.col("tool_errors_by_tool").explode())
+                .unnest("tool_errors_by_tool")
+                .drop_nulls("tool_name")
+                .rename({"errors": "tool_errors", "calls": "tool_calls"})
             )
+
+        shares(
+            _excess(tools(rows), tools(before), ["tool_name"], measure, base),
+            "tool_name",
+            "tool_name",
+        )
     found = [c for c in found if c["value"] is not None and c["share"] >= MIN_SHARE]
     found.sort(key=lambda c: (-c["share"], c["dimension"], c["value"]))
     top = found[:TOP]
-    what = f"{measure} {change}"
-    if not open_dims and not top:
-        return [], f"all of the {what} is this one key (no dimension left to break down)."
-    best = rows.sort(["_x", *open_dims], descending=[True] * (1 + len(open_dims))).row(
-        0, named=True
-    )
-    combo = ", ".join(f"{d.removesuffix('_id')} {best[d]}" for d in open_dims)
     parts = []
-    if open_dims and rows.height > 1:
-        parts.append(f"{best['_x'] / total:.0%} of the {what} is {combo}")
+    if len(open_dims) > 1 and rows.height > 1:
+        finest = _excess(rows, before, open_dims, measure, base)
+        total = float(finest["_x"].sum())
+        if total != 0 and (total > 0) == up:
+            best = finest.sort(["_x", *open_dims], descending=True).row(0, named=True)
+            combo = ", ".join(f"{d.removesuffix('_id')} {best[d]}" for d in open_dims)
+            parts.append(f"{best['_x'] / total:.0%} of the {what} is {combo}")
     if top:
         listed = ", ".join(f"{c['dimension']} {c['value']} {c['share']:.0%}" for c in top)
         parts.append(f"by dimension: {listed}")
     if not parts:
-        return top, f"all of the {what} is {combo}."
+        if not open_dims:
+            return [], f"all of the {what} is this one key (no dimension left to break down)."
+        return [], f"no dimension value stands out in the {what}."
     return top, "; ".join(parts) + "."

@@ -20,17 +20,19 @@ is empty, so spend is never counted twice.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 
 from sinks.catalog import QueryError, connect
+from streams.explain import HISTORY_WINDOWS, History
 from streams.windows import DIMENSIONS, METRICS_SCHEMA
 
-__all__ = ["metrics_history", "spend_history"]
+__all__ = ["frame_lookup", "history_lookup", "metrics_history", "spend_history"]
 
 _DIMS: Final = ", ".join(DIMENSIONS)
 
@@ -110,3 +112,65 @@ def spend_history(data_dir: Path, since: datetime, offsets: dict[int, int]) -> p
     except (QueryError, duckdb.Error):
         return _SPEND.empty_table()
     return table.cast(_SPEND)
+
+
+def history_lookup(
+    data_dir: Path | None, current: pa.Table, windows: int = HISTORY_WINDOWS
+) -> History:
+    """For ``streams.explain``: an alert row -> the key-level metrics rows under its key in
+    the ``windows`` windows before its own, from the lake (None: none) and from ``current``
+    (the flush's rows, not landed yet)."""
+    now = pl.from_arrow(current)
+    assert isinstance(now, pl.DataFrame)
+    con: list[duckdb.DuckDBPyConnection] = []
+
+    def lookup(row: dict[str, Any]) -> pl.DataFrame:
+        start, end = row["window_start"], row["window_end"]
+        lo = start - windows * (end - start)
+        scope = {d: row[d] for d in DIMENSIONS if row[d] is not None}
+        mine = now.filter(
+            (pl.col("level") == "key")
+            & (pl.col("window_start") >= lo)
+            & (pl.col("window_start") < start)
+            & pl.all_horizontal(pl.lit(True), *(pl.col(d) == v for d, v in scope.items()))
+        )
+        if data_dir is None:
+            return mine
+        where = "".join(f" AND {d} = ${d}" for d in scope)
+        cols = ", ".join(f'"{n}"' for n in METRICS_SCHEMA.names)
+        try:
+            if not con:
+                con.append(connect(data_dir))
+            got = (
+                con[0]
+                .sql(
+                    f"SELECT {cols} FROM metrics WHERE level = 'key' AND window_start >= $lo "
+                    f"AND window_start < $start{where}",
+                    params={"lo": lo, "start": start, **scope},
+                )
+                .to_arrow_table()
+            )
+        except (QueryError, duckdb.Error):
+            return mine
+        landed = pl.from_arrow(got.cast(METRICS_SCHEMA))
+        assert isinstance(landed, pl.DataFrame)
+        return pl.concat([landed, mine])
+
+    return lookup
+
+
+def frame_lookup(metrics: pl.DataFrame, windows: int = HISTORY_WINDOWS) -> History:
+    """``history_lookup`` over metrics rows in memory (a backtest holds them all)."""
+    keys = metrics.filter(pl.col("level") == "key")
+
+    def lookup(row: dict[str, Any]) -> pl.DataFrame:
+        start, end = row["window_start"], row["window_end"]
+        width: timedelta = end - start
+        scope = [pl.col(d) == row[d] for d in DIMENSIONS if row[d] is not None]
+        return keys.filter(
+            (pl.col("window_start") >= start - windows * width)
+            & (pl.col("window_start") < start)
+            & pl.all_horizontal(pl.lit(True), *scope)
+        )
+
+    return lookup

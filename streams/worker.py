@@ -56,7 +56,7 @@ from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
 from streams.rules import RuleEngine, load_rules
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
-from streams.warmstart import metrics_history, spend_history
+from streams.warmstart import history_lookup, metrics_history, spend_history
 from streams.windows import DIMENSIONS, WindowAggregator, metric_records
 
 log = logging.getLogger("agentstream.worker")
@@ -702,7 +702,9 @@ class EventConsumer(Service):
         if regressions.num_rows:
             anomalies = pa.concat_tables([anomalies, regressions])
         if anomalies.num_rows:
-            anomalies = self._with_examples(explain(anomalies, metrics), events)
+            history = history_lookup(self.settings.data_dir, metrics)
+            anomalies = explain(anomalies, metrics, history)
+            anomalies = self._with_examples(anomalies, events)
             self.telemetry.anomalies.inc(anomalies.num_rows)
         burns = ANOMALIES_SCHEMA.empty_table()
         if self.budgets.budgets:
