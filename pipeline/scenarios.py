@@ -456,9 +456,9 @@ def _minutes_in(config: TrafficConfig, minutes: int) -> datetime:
     return datetime.fromtimestamp(math.floor(at / 60.0) * 60.0, config.start.tzinfo)
 
 
-def _early(build: Callable[[TrafficConfig], list[Incident]], minutes: int) -> Callable[
-    [TrafficConfig], list[Incident]
-]:
+def _early(
+    build: Callable[[TrafficConfig], list[Incident]], minutes: int
+) -> Callable[[TrafficConfig], list[Incident]]:
     """``build``'s incidents, starting ``minutes`` into the stream instead of mid-stream."""
 
     def incidents(config: TrafficConfig) -> list[Incident]:
@@ -488,6 +488,7 @@ EARLY_SCENARIOS: Final[tuple[str, ...]] = tuple(
 )
 """Incidents 5 and 10 minutes after the stream starts: scored on a fresh worker with and
 without lake history (``pipeline.evaluate``)."""
+
 
 def _early_scenarios() -> list[Scenario]:
     out = []
@@ -783,4 +784,3 @@ def params_fn(config: TrafficConfig) -> ParamsFn:
         return p
 
     return params
-

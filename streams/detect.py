@@ -782,7 +782,11 @@ class DriftDetector:
             warm = sum(t.n >= cfg.warmup_windows for t in other.tracks)
             if not warm:
                 continue
-            rank = (2 if o_prompt == prompt else 1 if o_version == version else 0, warm, other.windows)
+            rank = (
+                2 if o_prompt == prompt else 1 if o_version == version else 0,
+                warm,
+                other.windows,
+            )
             if best is None or rank > best:
                 best, donor = rank, other
         if donor is None:

@@ -5,12 +5,12 @@ Contribution analysis, as dimension drill-down tools do it, over the alert windo
 ``R = N / D`` (cost per task: cost / tasks started; escalation rate: escalations / tasks
 started; ...). Against the alert's baseline ``B``, the window holds an *excess* ``N - B D``
 (what was spent or escalated beyond what the baseline rate predicts for this window's
-volume). Each segment ``s`` is measured against its *own* baseline ``B_s``, the ratio of
-its sums over the ``HISTORY_WINDOWS`` (30) windows before (a segment without history, a
-version or prompt that just appeared, against the alert's baseline): it contributes
-``N_s - B_s D_s``; the sum over a dimension's values is the change's *rate effect* (a
-shift in the mix, a dearer model taking more of the traffic, is left out), and a value's
-share is its part of that sum. So "82 % of the cost increase is gpt-4o calls of tenant-03"
+volume). Each key row ``s`` (the finest segment) is measured against its *own* baseline
+``B_s``, the ratio of its sums over the ``HISTORY_WINDOWS`` (30) windows before (a key
+without history, a version or prompt that just appeared, against the alert's baseline):
+it contributes ``N_s - B_s D_s``. Their sum is the change's *rate effect* (a shift in the
+mix, a dearer model taking more of the traffic, is left out, also within a value), and a
+dimension value's share is the part of that sum in its rows. So "82 % of the cost increase is gpt-4o calls of tenant-03"
 reads: those rows hold 82 % of the window's cost beyond what each would normally have
 cost. Counts and sums compare with their mean per window in the history.
 
@@ -157,8 +157,11 @@ def _one(
         for value, x in per.select(column, "_x").iter_rows():
             found.append({"dimension": name, "value": value, "share": x / total})
 
+    # Excess is taken per key row (each against its own history) and then summed per
+    # value: pooled per value, a shift of the mix inside the value would count as a cause.
+    finest = _excess(rows, before, list(DIMENSIONS), measure, base)
     for d in open_dims:
-        shares(_excess(rows, before, [d], measure, base), d, d)
+        shares(finest.group_by(d).agg(pl.col("_x").sum()), d, d)
     if measure == "tool_error_rate":
 
         def tools(frame: pl.DataFrame) -> pl.DataFrame:
@@ -179,11 +182,11 @@ def _one(
     top = found[:TOP]
     parts = []
     if len(open_dims) > 1 and rows.height > 1:
-        finest = _excess(rows, before, open_dims, measure, base)
         total = float(finest["_x"].sum())
         if total != 0 and (total > 0) == up:
             best = finest.sort(["_x", *open_dims], descending=True).row(0, named=True)
-            combo = ", ".join(f"{d.removesuffix('_id')} {best[d]}" for d in open_dims)
+            varied = [d for d in open_dims if rows[d].n_unique() > 1]
+            combo = ", ".join(f"{d.removesuffix('_id')} {best[d]}" for d in varied)
             parts.append(f"{best['_x'] / total:.0%} of the {what} is {combo}")
     if top:
         listed = ", ".join(f"{c['dimension']} {c['value']} {c['share']:.0%}" for c in top)

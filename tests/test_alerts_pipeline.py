@@ -184,7 +184,10 @@ def test_fresh_worker_on_a_lake_with_history_alerts_early_explains_and_backtests
     ("args", "message"),
     [
         (["--from", "yesterday"], "error: bad --from 'yesterday': expected RFC 3339"),
-        (["--to", "2026-01-05T09:00:00"], "error: bad --to '2026-01-05T09:00:00': give a UTC offset"),
+        (
+            ["--to", "2026-01-05T09:00:00"],
+            "error: bad --to '2026-01-05T09:00:00': give a UTC offset",
+        ),
         (
             ["--from", "2026-01-05T10:00:00Z", "--to", "2026-01-05T09:00:00Z"],
             "error: bad --from '2026-01-05T10:00:00Z': it must be before --to",
@@ -195,7 +198,15 @@ def test_fresh_worker_on_a_lake_with_history_alerts_early_explains_and_backtests
 def test_backtest_mistakes_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "lake").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "backtest", "--data-dir", str(tmp_path / "lake"), *args],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "backtest",
+            "--data-dir",
+            str(tmp_path / "lake"),
+            *args,
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -107,7 +107,9 @@ GOOD: dict[str, Any] = {"name": "r1", "measure": "escalation_rate", "above": 0.2
         ({"threshold": 3}, "threshold", "unknown field"),
     ],
 )
-def test_every_bad_field_is_named_with_its_rule(change: dict[str, Any], field: str, problem: str) -> None:
+def test_every_bad_field_is_named_with_its_rule(
+    change: dict[str, Any], field: str, problem: str
+) -> None:
     item = {**GOOD, **change}
     item = {k: v for k, v in item.items() if v is not None}
     with pytest.raises(RuleError) as err:
@@ -161,11 +163,14 @@ def test_the_setting_is_checked_at_load_and_the_cli_prints_one_line(tmp_path: Pa
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-        lambda inner: st.lists(inner, max_size=3)
-        | st.dictionaries(
-            st.sampled_from([*GOOD, "above", "below", "for_windows", "level", "x"]) | st.text(max_size=4),
-            inner,
-            max_size=5,
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from([*GOOD, "above", "below", "for_windows", "level", "x"])
+                | st.text(max_size=4),
+                inner,
+                max_size=5,
+            )
         ),
         max_leaves=12,
     )
