@@ -152,7 +152,12 @@ async def start_producer(settings: Settings, **kwargs: Any) -> AIOKafkaProducer:
         raise unreachable(settings, exc) from None
     except KafkaError as exc:
         await producer.stop()
-        log.warning("broker refused an idempotent producer (%s); using a plain one", exc)
+        # Expected on the embedded Tansu broker (the demo's default), not a fault to chase.
+        log.info(
+            "this broker has no idempotent producers (%s); using a plain producer: a retried"
+            " send may repeat a derived record, the lake is unaffected",
+            exc,
+        )
     producer = AIOKafkaProducer(**base)
     try:
         await producer.start()
