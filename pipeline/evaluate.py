@@ -310,13 +310,15 @@ def history_config(config: TrafficConfig, minutes: int = HISTORY_MINUTES) -> Tra
     )
 
 
-def land_history(config: TrafficConfig, data_dir: Path, window_s: int = 60) -> None:
-    """Land ``history_config(config)``'s closed windows as ``metrics`` in a lake, named as the
-    worker names them."""
+def land_history(
+    config: TrafficConfig, data_dir: Path, window_s: int = 60, minutes: int = HISTORY_MINUTES
+) -> None:
+    """Land ``history_config(config, minutes)``'s closed windows as ``metrics`` in a lake,
+    named as the worker names them."""
     lake = prepare(data_dir)
     windows = WindowAggregator(window_s, 60.0)
     closed = []
-    for table, newest in _batches(history_config(config)):
+    for table, newest in _batches(history_config(config, minutes)):
         windows.update(table, now=newest)
         closed.append(windows.close_due(now=newest))
     closed.append(windows.flush_all())
