@@ -379,15 +379,14 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
     """
     from pipeline.evaluate import by_scenario
     from pipeline.evaluate import evaluate as run
-    from pipeline.scenarios import DRIFT_SCENARIOS
+    from pipeline.scenarios import DRIFT_SCENARIOS, STARTUP_SCENARIOS
 
     # Rollout scenarios are judged by release verdicts, not drift detection.
-    unknown = [s for s in scenarios if s not in DRIFT_SCENARIOS]
+    scored = (*DRIFT_SCENARIOS, *STARTUP_SCENARIOS)
+    unknown = [s for s in scenarios if s not in scored]
     if unknown:
-        raise ConfigError(
-            f"unknown scenario {unknown[0]!r}: expected one of {', '.join(DRIFT_SCENARIOS)}"
-        )
-    result = run(range(1, seeds + 1), n_events, scenarios or DRIFT_SCENARIOS)
+        raise ConfigError(f"unknown scenario {unknown[0]!r}: expected one of {', '.join(scored)}")
+    result = run(range(1, seeds + 1), n_events, scenarios or scored)
     if as_json:
         click.echo(
             msgspec.json.encode({**result.as_dict(), "scenarios": by_scenario(result)}).decode()

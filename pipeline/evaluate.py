@@ -32,7 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.generate import TrafficConfig, generate
-from pipeline.scenarios import DRIFT_SCENARIOS, EARLY_SCENARIOS, Incident, ground_truth
+from pipeline.scenarios import (
+    DRIFT_SCENARIOS,
+    EARLY_SCENARIOS,
+    STARTUP_SCENARIOS,
+    Incident,
+    ground_truth,
+)
 from sinks.catalog import METRICS, prepare
 from sinks.tables import events_to_table
 from streams.detect import DriftDetector
@@ -275,7 +281,7 @@ class Evaluation:
 def evaluate(
     seeds: Sequence[int],
     events: int = DEFAULT_EVENTS,
-    scenarios: Sequence[str] = DRIFT_SCENARIOS,
+    scenarios: Sequence[str] = (*DRIFT_SCENARIOS, *STARTUP_SCENARIOS),
 ) -> Evaluation:
     """Replay every scenario for every seed and score the detection."""
     runs = []
