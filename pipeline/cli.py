@@ -474,20 +474,9 @@ def release(
     The worker then compares the candidate with the baseline on every closed window and
     publishes verdicts (view release_verdicts, `agentstream tail verdicts`).
     """
-    from datetime import datetime
-
     from pipeline.publisher import Publisher, release_event
 
-    when = None
-    if at is not None:
-        try:
-            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
-        except ValueError:
-            raise ConfigError(
-                f"bad --at {at!r}: expected RFC 3339, e.g. 2026-11-26T14:00:00Z"
-            ) from None
-        if when.tzinfo is None:
-            raise ConfigError(f"bad --at {at!r}: give a UTC offset, e.g. {at}Z")
+    when = _time_option("at", at)
     event = release_event(
         agent_id=agent_id,
         dimension=dimension,

@@ -10,8 +10,6 @@ from the lake) and from a user's rule; every alert carries its explanation; and
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,9 +23,9 @@ from pipeline.generate import TrafficConfig, generate
 from pipeline.scenarios import ground_truth
 from sinks.catalog import connect
 from tests.helpers import (
-    REPO,
     consume_all,
     produce_raw,
+    run_cli,
     running_worker,
     unique_settings,
     wait_committed,
@@ -138,14 +136,8 @@ def test_fresh_worker_on_a_lake_with_history_alerts_early_explains_and_backtests
     # The backtest of the same lake prints the same alerts, with the same ids, and changes
     # nothing.
     files_before = sorted(p.name for p in (lake / "anomalies").rglob("*.parquet"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "backtest", "--rules", str(rules_file), "--json"],
-        env={**worker_env(settings)},
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        check=True,
+    proc = run_cli(
+        "backtest", "--rules", str(rules_file), "--json", env=worker_env(settings), check=True
     )
     backtested = [json.loads(line) for line in proc.stdout.splitlines()]
     assert sorted(r["anomaly_id"] for r in backtested) == sorted(landed["anomaly_id"].to_pylist())
@@ -155,25 +147,16 @@ def test_fresh_worker_on_a_lake_with_history_alerts_early_explains_and_backtests
     assert sorted(p.name for p in (lake / "anomalies").rglob("*.parquet")) == files_before
 
     # --from / --to select the windows reported.
-    text = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "backtest",
-            "--rules",
-            str(rules_file),
-            "--no-detectors",
-            "--from",
-            alert["window_start"].isoformat(),
-            "--to",
-            alert["window_end"].isoformat(),
-        ],
-        env={**worker_env(settings)},
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    text = run_cli(
+        "backtest",
+        "--rules",
+        str(rules_file),
+        "--no-detectors",
+        "--from",
+        alert["window_start"].isoformat(),
+        "--to",
+        alert["window_end"].isoformat(),
+        env=worker_env(settings),
         check=True,
     ).stdout
     assert alert["anomaly_id"] in text
@@ -197,22 +180,7 @@ def test_fresh_worker_on_a_lake_with_history_alerts_early_explains_and_backtests
 )
 def test_backtest_mistakes_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "lake").mkdir()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "backtest",
-            "--data-dir",
-            str(tmp_path / "lake"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-    )
+    proc = run_cli("backtest", "--data-dir", str(tmp_path / "lake"), *args)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(message), line

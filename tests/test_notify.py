@@ -4,8 +4,6 @@ backoff, at most one post per alert id across restarts, offsets committed only a
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +16,7 @@ from aiohttp import web
 
 from pipeline.broker import free_port
 from pipeline.notify import Notifier, slack_text
-from tests.helpers import REPO, produce_raw, unique_settings
+from tests.helpers import produce_raw, run_cli, unique_settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -176,14 +174,7 @@ def test_an_alert_is_not_lost_when_the_notifier_stops_while_retrying(
     ],
 )
 def test_bad_webhook_or_severity_is_one_line(url: str, args: list[str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "notify", "--webhook", url, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-    )
+    proc = run_cli("notify", "--webhook", url, *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     if args:  # click's own check of a choice: usage, then the error

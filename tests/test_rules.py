@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from pipeline.config import ConfigError, Settings
 from streams.detect import ANOMALIES_SCHEMA
 from streams.rules import Rule, RuleEngine, RuleError, load_rules
 from streams.windows import METRICS_SCHEMA
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 
 ISSUE_FORM = """
 [[rules]]
@@ -144,13 +142,11 @@ def test_the_setting_is_checked_at_load_and_the_cli_prints_one_line(tmp_path: Pa
         Settings.load(env={"AGENTSTREAM_RULES": json.dumps([{**GOOD, "for_windows": 0}])})
     bad = tmp_path / "rules.toml"
     bad.write_text('[[rules]]\nname = "cost"\nmeasure = "cost_per_tusk"\nabove = 2\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "worker", "--data-dir", str(tmp_path)],
+    proc = run_cli(
+        "worker",
+        "--data-dir",
+        str(tmp_path),
         env={"AGENTSTREAM_RULES": f"@{bad}", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
