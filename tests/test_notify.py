@@ -182,3 +182,16 @@ def test_bad_webhook_or_severity_is_one_line(url: str, args: list[str]) -> None:
     else:
         (line,) = lines
         assert line.startswith(f"error: bad --webhook {url!r}"), line
+
+
+def test_tail_shows_the_rule_and_the_explanation() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.cli import describe
+
+    alert = _alert("critical", "rule", rule="support cost doubled", detected_at="t", observed=2.0)
+    line = describe("anomalies", SimpleNamespace(value=msgspec.json.encode(alert)))
+    assert "CRITICAL rule cost_per_task" in line
+    assert line.endswith(
+        "rule='support cost doubled'  why: 95% of the cost_per_task increase is version v4"
+    )
