@@ -448,20 +448,27 @@ class RuleEngine:
                 "_closes"
             ),
         )
+        # Python only for the rows that alert (few): their rows and new condition ids.
         out: list[dict[str, Any]] = []
-        new_ids: list[str | None] = []
-        for row in d.iter_rows(named=True):
+        opened: list[dict[str, Any]] = []
+        for row in d.filter(pl.col("_opens") | pl.col("_again") | pl.col("_closes")).iter_rows(
+            named=True
+        ):
             cid = row["cond"]
             if row["_opens"]:
                 cid = _hash(["rule", row["rule"], row["level"], *_dims(row), row["_start"]])
-                out.append(self._row(row, cid, "rule", detected_us))
-            elif row["_again"]:
-                out.append(self._row(row, cid, "rule", detected_us))
-            elif row["_closes"]:
-                out.append(self._row(row, cid, "recovery", detected_us))
-                cid = None
-            new_ids.append(cid)
-        d = d.with_columns(pl.Series("_cid", new_ids, dtype=pl.String))
+                opened.append({**{k: row[k] for k in _KEYS}, "_new": cid})
+            kind = "recovery" if row["_closes"] else "rule"
+            out.append(self._row(row, cid, kind, detected_us))
+        new = pl.DataFrame(opened, schema={**{k: pl.String for k in _KEYS}, "_new": pl.String})
+        d = d.join(new, on=_KEYS, how="left", nulls_equal=True).with_columns(
+            pl.when(pl.col("_opens"))
+            .then(pl.col("_new"))
+            .when(pl.col("_closes"))
+            .then(None)
+            .otherwise(pl.col("cond"))
+            .alias("_cid")
+        )
         learn = pl.col("_cid").is_null() & ~pl.col("_breach")
         hist = pl.col("hist").fill_null(pl.lit([], dtype=pl.List(pl.Float64)))
         updated = d.select(
