@@ -21,7 +21,8 @@ the few alert rows.
 Conditions. ``above``/``below`` compare the value with a threshold; ``change_above`` /
 ``change_below`` with the key's own baseline, the median of its last ``baseline_windows``
 (30) windows that did not breach, needing at least ``MIN_BASELINE`` (5) of them:
-``change_above = 0.5`` fires at >= 1.5x the baseline, ``change_below = 0.3`` at <= 0.7x. A
+``change_above = 0.5`` fires at >= 1.5x the baseline, ``change_below = 0.3`` at <= 0.7x (a
+baseline of 0 has no relative change: such a key never breaches until it has one). A
 window whose value rests on fewer than ``min_samples`` samples (tasks for task rates and cost
 per task, calls for tokens and latencies, ``events`` for other columns; see ``samples_of``)
 or has no value is skipped: it neither breaches nor clears.
@@ -421,8 +422,8 @@ class RuleEngine:
             .when(cond_kind == "below")
             .then(value < threshold)
             .when(cond_kind == "change_above")
-            .then(base.is_not_null() & (value >= base * (1 + threshold)))
-            .otherwise(base.is_not_null() & (value <= base * (1 - threshold)))
+            .then((base > 0) & (value >= base * (1 + threshold)))
+            .otherwise((base > 0) & (value <= base * (1 - threshold)))
         )
         d = joined.with_columns(baseline.alias("_baseline")).with_columns(
             breach.fill_null(False).alias("_breach")

@@ -306,3 +306,12 @@ def test_replayed_windows_count_once_and_state_survives_a_snapshot() -> None:
     other = RuleEngine(load_rules(json.dumps([{**GOOD, "name": "other"}])))
     other.restore(first.snapshot())
     assert other.open_conditions() == 0
+
+
+def test_a_zero_baseline_has_no_relative_change() -> None:
+    (rule,) = load_rules(
+        json.dumps([{"name": "esc x2", "measure": "escalation_rate", "change_above": 1.0}])
+    )
+    engine = RuleEngine([rule])
+    rates = [0.0] * 6 + [0.3]
+    assert _run(engine, [_window(i, escalation_rate=v) for i, v in enumerate(rates)]) == []
