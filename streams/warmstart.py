@@ -47,7 +47,8 @@ def metrics_history(
     """The last ``windows`` windows of every (level, key) in the lake's ``metrics``, one row
     per window and key, ``METRICS_SCHEMA``, in the order the worker emits them
     (``window_start``, level, dimensions). ``since``/``until`` bound ``window_start``
-    (``[since, until)``) before the last ``windows`` are taken; ``windows`` 0 means all."""
+    (``[since, until)``) before the last ``windows`` are taken; ``windows`` 0 means all.
+    Raises ``QueryError`` when the lake cannot be read."""
     where = ["true"]
     params: dict[str, object] = {}
     if since is not None:
@@ -72,11 +73,11 @@ def metrics_history(
         SELECT {cols} FROM ranked {limit}
         ORDER BY window_start, level, {", ".join(f"{d} NULLS LAST" for d in DIMENSIONS)}
     """
+    con = connect(data_dir)
     try:
-        con = connect(data_dir)
         table: pa.Table = con.sql(sql, params=params).to_arrow_table()
-    except (QueryError, duckdb.Error):
-        return METRICS_SCHEMA.empty_table()
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot read metrics in {data_dir}: {str(exc).splitlines()[0]}") from None
     return table.cast(METRICS_SCHEMA)
 
 

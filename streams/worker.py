@@ -42,6 +42,7 @@ from sinks.catalog import (
     EVENTS,
     METRICS,
     RELEASE_VERDICTS,
+    QueryError,
     connect,
     prepare,
 )
@@ -346,7 +347,11 @@ class EventConsumer(Service):
         n = self.settings.warm_start_windows
         if n <= 0:
             return
-        history = metrics_history(self.settings.data_dir, n)
+        try:
+            history = metrics_history(self.settings.data_dir, n)
+        except QueryError as exc:
+            log.warning("warm start skipped, the lake's metrics are unreadable: %s", exc)
+            return
         if history.num_rows:
             newest = history["window_end"][-1].as_py()
             # What these windows raised was published when they closed (same ids): drop it.
@@ -366,7 +371,10 @@ class EventConsumer(Service):
                 log.info("warm start: %d spend minutes primed the budgets", spend.num_rows)
 
     def _newest_landed(self) -> datetime | None:
-        got = metrics_history(self.settings.data_dir, 1)
+        try:
+            got = metrics_history(self.settings.data_dir, 1)
+        except QueryError:
+            return None
         return None if got.num_rows == 0 else pc.max(got["window_end"]).as_py()
 
     def _budget_tracker(self) -> BudgetTracker:

@@ -176,11 +176,13 @@ def test_fresh_worker_on_a_lake_with_history_alerts_early_explains_and_backtests
             "error: bad --from '2026-01-05T10:00:00Z': it must be before --to",
         ),
         (["--rules", "nope.toml"], "error: bad rules: cannot read rules file 'nope.toml'"),
+        (["--data-dir", "missing"], "error: data directory 'missing' does not exist"),
     ],
 )
 def test_backtest_mistakes_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "lake").mkdir()
-    proc = run_cli("backtest", "--data-dir", str(tmp_path / "lake"), *args)
+    lake = [] if "--data-dir" in args else ["--data-dir", str(tmp_path / "lake")]
+    proc = run_cli("backtest", *lake, *args)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(message), line
