@@ -83,6 +83,10 @@ def test_posts_retry_filter_and_survive_restarts(bootstrap: str, tmp_path: Path)
         _alert("info"),
         _alert("critical", "rule", rule="r"),
     )
+    # Records that are no alert are passed over.
+    produce_raw(
+        settings, [b"not json", b"[1, 2]", b'{"kind": "x"}'], topic=settings.anomalies_topic
+    )
     _publish(settings, [warning, info, warning, critical])  # the warning twice (a replay)
     hook = Hook(fail=2)
 
