@@ -344,6 +344,16 @@ class EventConsumer(Service):
     def _warm_start(self) -> None:
         """Prime detectors, rules and budgets from the lake (``streams.warmstart``): a start
         without a snapshot is then not blind for ``warmup_windows``."""
+        self._prime(rules=True)
+        if self.budgets.budgets and self._offsets:
+            since = self.budgets.history_start(self._newest_landed())
+            if since is not None:
+                spend = spend_history(self.settings.data_dir, since, self._offsets)
+                self.budgets.update(spend)
+                log.info("warm start: %d spend minutes primed the budgets", spend.num_rows)
+
+    def _prime(self, *, rules: bool) -> None:
+        """Feed the last windows of every key in the lake to the detectors (and rules)."""
         n = self.settings.warm_start_windows
         if n <= 0:
             return
@@ -356,19 +366,14 @@ class EventConsumer(Service):
             newest = history["window_end"][-1].as_py()
             # What these windows raised was published when they closed (same ids): drop it.
             self.detector.observe(history, detected_at=newest)
-            self.rules.observe(history, detected_at=newest)
+            if rules:
+                self.rules.observe(history, detected_at=newest)
             log.info(
                 "warm start: %d metrics rows from the lake up to %s primed %d keys",
                 history.num_rows,
                 newest.isoformat(),
                 self.detector.tracked_keys(),
             )
-        if self.budgets.budgets and self._offsets:
-            since = self.budgets.history_start(self._newest_landed())
-            if since is not None:
-                spend = spend_history(self.settings.data_dir, since, self._offsets)
-                self.budgets.update(spend)
-                log.info("warm start: %d spend minutes primed the budgets", spend.num_rows)
 
     def _newest_landed(self) -> datetime | None:
         try:
@@ -397,7 +402,14 @@ class EventConsumer(Service):
         """Windows, ids and detectors back to the last committed state (a flush is retried)."""
         self.windows = WindowAggregator.restore(self._saved.windows)
         self.dedupe = Deduplicator.restore(self._saved.dedupe)
-        self.detector = DriftDetector.restore(self._saved.detector)
+        try:
+            self.detector = DriftDetector.restore(self._saved.detector)
+        except ValueError as exc:
+            # A snapshot of another version (an upgrade): fresh detectors, primed from the
+            # lake, instead of a worker that cannot start.
+            log.warning("detector state not restored (%s): priming new detectors", exc)
+            self.detector = DriftDetector()
+            self._prime(rules=False)
         self.budgets = self._budget_tracker()
         if self._saved.budgets:
             self.budgets.restore(self._saved.budgets)

@@ -103,3 +103,29 @@ def test_budget_spend_is_primed_from_events_below_the_committed_offsets(tmp_path
         assert spent[budget] == pytest.approx(expected, rel=1e-9)
     # Without committed offsets (a new group re-reads the topic) nothing is primed.
     assert spend_history(tmp_path, since, {}).num_rows == 0
+
+
+def test_a_worker_without_usable_detector_state_primes_from_the_lake(tmp_path: Path) -> None:
+    import msgspec
+
+    from pipeline.config import Settings
+    from streams.telemetry import WorkerTelemetry
+    from streams.worker import EventConsumer
+
+    config = TrafficConfig(events=1_000)
+    land_history(config, tmp_path, minutes=5)
+    keys = (
+        metrics_history(tmp_path, 60)
+        .select(["level", "agent_id", "agent_version", "prompt_version", "model", "tenant_id"])
+        .to_pylist()
+    )
+    watched = {tuple(k.values()) for k in keys if k["level"] in ("key", "agent")}
+    consumer = EventConsumer(Settings.load(env={}, data_dir=tmp_path), WorkerTelemetry())
+    # No snapshot for the committed offsets (a new group, a lost .state): a warm start.
+    consumer._restore_windows()
+    assert consumer.detector.tracked_keys() == len(watched)
+    # A snapshot of an older version (an upgrade): not a crash, fresh detectors primed again.
+    old = b"agentstream.detect\x00" + b"1:0.1.0:0.22\x00..."
+    consumer._saved = msgspec.structs.replace(consumer._saved, detector=old)
+    consumer._rewind()
+    assert consumer.detector.tracked_keys() == len(watched)
