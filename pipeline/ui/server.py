@@ -227,39 +227,28 @@ class LiveFeed:
             await asyncio.sleep(3.0)
 
     async def _consume(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer
 
         from pipeline.kafka import client_kwargs
 
         assert self.settings is not None
+        # No group: every partition of the topics, from their end, nothing committed; a
+        # topic the worker has not made yet is picked up with the next metadata refresh.
         consumer = AIOKafkaConsumer(
-            **client_kwargs(self.settings), enable_auto_commit=False, request_timeout_ms=10_000
+            *self.topics,
+            **client_kwargs(self.settings),
+            group_id=None,
+            auto_offset_reset="latest",
+            enable_auto_commit=False,
+            metadata_max_age_ms=10_000,
+            request_timeout_ms=10_000,
         )
         await consumer.start()
         try:
-            assigned: set[TopicPartition] = set()
-            checked = 0.0
             while True:
-                if time.monotonic() - checked > 10.0:
-                    # Topics the worker has not made yet are picked up when they appear.
-                    await consumer.topics()
-                    tps = {
-                        TopicPartition(t, p)
-                        for t in self.topics
-                        for p in consumer.partitions_for_topic(t) or ()
-                    }
-                    if tps != assigned:
-                        new = tps - assigned
-                        consumer.assign(sorted(tps))
-                        if new:
-                            await consumer.seek_to_end(*new)
-                        assigned = tps
-                    checked = time.monotonic()
-                    self._status(True)
-                if not assigned:
-                    await asyncio.sleep(1.0)
-                    continue
                 batch = await consumer.getmany(timeout_ms=500, max_records=5_000)
+                # Live once the first fetch has placed the consumer at the end.
+                self._status(True)
                 self._announce(batch)
         finally:
             await consumer.stop()
