@@ -318,10 +318,10 @@ def report(data_dir: Path | None, out: Path) -> None:
 def ui(data_dir: Path | None, broker: str | None, host: str, port: int, no_live: bool) -> None:
     """Serve the live web page over the lake: overview, cost, alerts, releases, budgets,
     quality, sessions and dead letters, updated as the worker publishes."""
-    from pipeline.ui.server import TOKEN_ENV, check_binding, serve
+    from pipeline.ui.server import check_binding, serve
 
     settings = Settings.load(broker=broker, data_dir=data_dir)
-    token = os.environ.get(TOKEN_ENV) or None
+    token = settings.ui_token.reveal() if settings.ui_token is not None else None
     check_binding(host, token)  # before reading anything
     where = "no live updates" if no_live else f"live from {settings.broker}"
 

@@ -573,6 +573,72 @@ def test_token_is_required_when_set(lake: Lake, tmp_path: Path) -> None:
         assert stop_group(proc, 15)
 
 
+def _prometheus(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples of metric ``name`` by their labels."""
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(name + r"\{(.*)\} (\S+)", line)
+        if m:
+            labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(1))))
+            out[labels] = float(m.group(2))
+    return out
+
+
+def test_worker_metrics_carry_per_agent_kpis(lake: Lake) -> None:
+    """The worker's /metrics counts cost, tokens, tasks, escalations and tool errors per
+    agent, version, model and tenant: the same totals as the events view."""
+    status, body, _ = _get(f"http://127.0.0.1:{lake.settings.web_port}/metrics")
+    assert status == 200
+    text = body.decode()
+    con = connect(lake.data_dir)
+    labels = ("agent", "version", "model", "tenant")
+    cols = "coalesce(agent_id, ''), coalesce(agent_version, ''), coalesce(model, ''), coalesce(tenant_id, '')"
+
+    def by_key(sql: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {
+            tuple(sorted(zip(labels, r[:4], strict=True))): float(r[4])
+            for r in con.sql(sql).fetchall()
+            if r[4]
+        }
+
+    def approx(got: dict[Any, float], want: dict[Any, float]) -> None:
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=1e-9), k
+
+    approx(
+        _prometheus(text, "agentstream_agent_cost_usd_total"),
+        by_key(f"SELECT {cols}, sum(cost_usd) FROM llm_calls GROUP BY ALL"),
+    )
+    approx(
+        _prometheus(text, "agentstream_agent_escalations_total"),
+        by_key(f"SELECT {cols}, count(*) FROM escalations GROUP BY ALL"),
+    )
+    tokens = _prometheus(text, "agentstream_agent_tokens_total")
+    approx(
+        {
+            tuple(p for p in k if p[0] != "direction"): v
+            for k, v in tokens.items()
+            if ("direction", "output") in k
+        },
+        by_key(f"SELECT {cols}, sum(output_tokens) FROM llm_calls GROUP BY ALL"),
+    )
+    tasks = _prometheus(text, "agentstream_agent_tasks_total")
+    approx(
+        {
+            tuple(p for p in k if p[0] != "outcome"): v
+            for k, v in tasks.items()
+            if ("outcome", "completed") in k
+        },
+        by_key(f"SELECT {cols}, count(*) FROM tasks WHERE outcome = 'completed' GROUP BY ALL"),
+    )
+    errors = _prometheus(text, "agentstream_agent_errors_total")
+    approx(
+        {tuple(p for p in k if p[0] != "kind"): v for k, v in errors.items()},
+        by_key(f"SELECT {cols}, count(*) FROM tool_calls WHERE status = 'error' GROUP BY ALL"),
+    )
+
+
 def test_a_live_alert_appears_without_a_reload(lake: Lake, server: str, page: Page) -> None:
     """The worker's budget alert, published while the page is open, shows under Needs
     attention by itself; its click-through shows the alert window's events."""
@@ -593,7 +659,9 @@ def test_a_live_alert_appears_without_a_reload(lake: Lake, server: str, page: Pa
         )
     except Exception:
         con = connect(lake.data_dir)
-        burns = con.sql("SELECT kind, detector, message FROM anomalies WHERE kind = 'budget_burn'").fetchall()
+        burns = con.sql(
+            "SELECT kind, detector, message FROM anomalies WHERE kind = 'budget_burn'"
+        ).fetchall()
         spent = con.sql("SELECT * FROM budgets").fetchall()
         raise AssertionError(
             f"no alert on the page; lake: {burns}; budgets: {spent}; "
