@@ -184,7 +184,7 @@ function chart(title, x, lines, measure, opts) {
       series,
       scales: { x: { time: true } },
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
-      axes: [{}, { values: (u, ticks) => ticks.map((v) => fmt(measure, v)), size: 70 }],
+      axes: [{}, { values: (u, ticks) => ticks.map((v) => fmt(measure, v)), size: 90 }],
     }, data, box);
     charts.push(plot);
   });
@@ -269,7 +269,7 @@ async function conditionView(id) {
     section("Baseline vs observed around the first alert",
       chart(measure, x, lines, measure, { height: 220 }),
       h("h3", { text: "The window's metrics, 10 windows either side (offset 0 = the alert's)" }),
-      table(ctx, { id: "context", units: { value: null } })),
+      table(ctx, { id: "context", cells: { value: (v) => h("span", { class: "num", text: fmt(measure, v) }) } })),
     section("Alerts of this condition", table(d.alerts, { id: "alerts", hide: ["anomaly_id", "example_event_ids"],
       units: { baseline: "measure", observed: "measure" }, cells: { severity: (v) => badge("sev", v) } })),
     section(`Example events (${d.examples.rows.length})`, table(d.examples, { id: "examples", empty: "no example events recorded for this alert" })),
@@ -498,6 +498,12 @@ function follow() {
     pendingRefresh = setTimeout(render, 300);
   });
 }
+
+// Not following the topics (no broker): re-read every 15 s while live is on, as the server
+// refreshes its copy of the derived tables as often.
+setInterval(() => {
+  if (state().live !== "0" && document.body.dataset.live !== "1") render();
+}, 15000);
 
 window.addEventListener("popstate", render);
 document.addEventListener("DOMContentLoaded", () => {
