@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.broker import free_port
-
-VIEWS = ("overview", "attention", "cost", "releases", "budgets", "quality", "sessions", "dead_letters")
+from pipeline.ui.server import VIEWS
 
 
 def _get(url: str) -> dict[str, Any]:
@@ -44,8 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "ui", "--no-live", "--port", str(port),
-         "--data-dir", str(args.data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "ui",
+            "--no-live",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(args.data_dir),
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -75,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     _get(url)
                     views[view] = statistics.median(_get(url)["ms"] for _ in range(args.runs))
                 results[rng] = {"first_render_ms": statistics.median(renders), "views_ms": views}
-                print(f"range {rng}: first render of the overview {statistics.median(renders):.0f} ms")
+                print(
+                    f"range {rng}: first render of the overview {statistics.median(renders):.0f} ms"
+                )
                 for view, ms in views.items():
                     print(f"  {view:<13} {ms:7.0f} ms")
             if args.shots is not None:

@@ -286,18 +286,9 @@ def _kpi_sql(
     return sql
 
 
-def kpi_select(
-    source: str,
-    keys: Sequence[tuple[str, str]],
-    measures: Sequence[str],
-    *,
-    where: str | None = "level = 'key'",
-    order: Sequence[str] = (),
-    extra: Sequence[tuple[str, str]] = (),
-) -> str:
-    """The SQL the KPI views are made of, for other readers (the live page): sums of
-    ``measures``' columns over ``source`` grouped by ``keys``, ratios from the sums."""
-    return _kpi_sql(source, keys, measures, where=where, order=order, extra=extra)
+kpi_select = _kpi_sql
+"""The SQL the KPI views are made of, for other readers (the live page): sums of measures'
+columns over a source grouped by keys, ratios computed from the sums."""
 
 
 def view_select(name: str) -> str:

@@ -439,16 +439,7 @@ def test_ui_runs_as_composed(
     token = uuid.uuid4().hex
     env = {**local.env(svc), "AGENTSTREAM_UI_TOKEN": token}
     log = tmp_path / "ui.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            local.argv(argv),
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = _spawn(local.argv(argv), tmp_path, env, log)
     try:
         deadline = time.monotonic() + 45
         while "agentstream ui:" not in _tail(log):
@@ -563,6 +554,22 @@ class Local:
         return env
 
 
+def _spawn(
+    argv: list[str], cwd: Path, env: Mapping[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """A service's process in a session of its own, its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     return "\n".join(text.splitlines()[-lines:])
@@ -616,16 +623,7 @@ def test_worker_and_demo_traffic_run_as_composed(
 
     log = tmp_path / "worker.log"
     cmd = local.argv(_full_command(worker_svc))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = _spawn(cmd, tmp_path, env, log)
     try:
         health = f"http://127.0.0.1:{web_port}/health"
         deadline = time.monotonic() + 45

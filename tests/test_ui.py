@@ -33,6 +33,7 @@ from pipeline.config import Settings
 from pipeline.generate import TrafficConfig, generate
 from pipeline.procs import stop_group
 from pipeline.ui.queries import TILES
+from pipeline.ui.server import VIEWS
 from sinks.catalog import connect
 from tests.helpers import (
     REPO,
@@ -287,14 +288,7 @@ def test_overview_tiles_equal_the_sql_views(lake: Lake, server: str, page: Page)
     row = dict(zip(rel.columns, rel.fetchall()[0], strict=True))
     # The whole lake: exactly lake_summary's numbers.
     assert tiles["events"] == row["events"]
-    for key in (
-        "cost_usd",
-        "cost_per_completed_task",
-        "task_success_rate",
-        "escalation_rate",
-        "retrieval_miss_rate",
-        "tool_error_rate",
-    ):
+    for key in TILES[1:-1]:  # all but events and latency, which lake_summary lacks
         assert tiles[key] == pytest.approx(row[key], rel=1e-9), key
     _same(tiles, _expected(lake, None, None))
     assert page.inner_text('.tile[data-key="cost_usd"] .value') == f"${row['cost_usd']:,.2f}"
@@ -360,16 +354,7 @@ def test_every_view_renders_its_numbers(
 ) -> None:
     con = connect(lake.data_dir, analysis=True)
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
-    for view in (
-        "overview",
-        "attention",
-        "cost",
-        "releases",
-        "budgets",
-        "quality",
-        "sessions",
-        "dead_letters",
-    ):
+    for view in VIEWS:
         _open(page, server + f"?view={view}&range=all")
         page.screenshot(path=str(shots / f"ui-{view}.png"), full_page=True)
     # Spot checks against the views, one per view with a table.
@@ -606,37 +591,31 @@ def test_worker_metrics_carry_per_agent_kpis(lake: Lake) -> None:
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=1e-9), k
 
-    approx(
-        _prometheus(text, "agentstream_agent_cost_usd_total"),
-        by_key(f"SELECT {cols}, sum(cost_usd) FROM llm_calls GROUP BY ALL"),
-    )
-    approx(
-        _prometheus(text, "agentstream_agent_escalations_total"),
-        by_key(f"SELECT {cols}, count(*) FROM escalations GROUP BY ALL"),
-    )
-    tokens = _prometheus(text, "agentstream_agent_tokens_total")
-    approx(
-        {
-            tuple(p for p in k if p[0] != "direction"): v
-            for k, v in tokens.items()
-            if ("direction", "output") in k
-        },
-        by_key(f"SELECT {cols}, sum(output_tokens) FROM llm_calls GROUP BY ALL"),
-    )
-    tasks = _prometheus(text, "agentstream_agent_tasks_total")
-    approx(
-        {
-            tuple(p for p in k if p[0] != "outcome"): v
-            for k, v in tasks.items()
-            if ("outcome", "completed") in k
-        },
-        by_key(f"SELECT {cols}, count(*) FROM tasks WHERE outcome = 'completed' GROUP BY ALL"),
-    )
-    errors = _prometheus(text, "agentstream_agent_errors_total")
-    approx(
-        {tuple(p for p in k if p[0] != "kind"): v for k, v in errors.items()},
-        by_key(f"SELECT {cols}, count(*) FROM tool_calls WHERE status = 'error' GROUP BY ALL"),
-    )
+    def samples(name: str, label: str | None = None, value: str | None = None) -> dict[Any, float]:
+        """Samples of ``name`` (those with ``label=value``), keyed without that label."""
+        return {
+            tuple(p for p in k if p[0] != label): v
+            for k, v in _prometheus(text, name).items()
+            if label is None or (label, value) in k
+        }
+
+    for got, sql in (
+        (samples("agentstream_agent_cost_usd_total"), "sum(cost_usd) FROM llm_calls"),
+        (samples("agentstream_agent_escalations_total"), "count(*) FROM escalations"),
+        (
+            samples("agentstream_agent_tokens_total", "direction", "output"),
+            "sum(output_tokens) FROM llm_calls",
+        ),
+        (
+            samples("agentstream_agent_tasks_total", "outcome", "completed"),
+            "count(*) FROM tasks WHERE outcome = 'completed'",
+        ),
+        (
+            samples("agentstream_agent_errors_total", "kind", "tool"),
+            "count(*) FROM tool_calls WHERE status = 'error'",
+        ),
+    ):
+        approx(got, by_key(f"SELECT {cols}, {sql} GROUP BY ALL"))
 
 
 def test_a_live_alert_appears_without_a_reload(lake: Lake, server: str, page: Page) -> None:
