@@ -315,7 +315,7 @@ VIEWS.budgets = async () => {
         used_share: (v) => {
           const bar = h("span", { class: v >= 1 ? "over" : "" });
           bar.style.width = `${Math.min(100, (v || 0) * 100)}%`;
-          return h("div", { class: "row" }, h("div", { class: "bar" }, bar), fmt("used_share", v));
+          return h("div", { class: "row nowrap" }, h("div", { class: "bar" }, bar), fmt("used_share", v));
         },
       },
       empty: "no budgets configured (AGENTSTREAM_BUDGETS)",
