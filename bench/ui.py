@@ -2,8 +2,9 @@
 
 Starts ``agentstream ui --no-live`` on the lake, then measures, for each time range asked:
 the first render of the overview in a fresh Chromium page (navigation to the tiles drawn),
-and each view's queries as the server times them (median of ``--runs`` requests, after one
-warm-up). With ``--shots DIR`` it also saves a screenshot of every view (and of the first
+and each view's queries as the server times them, wall clock and the server process's CPU
+time (median of ``--runs`` requests, after one warm-up; the CPU time does not grow with
+what else the machine runs). With ``--shots DIR`` it also saves a screenshot of every view (and of the first
 anomaly condition's click-through) there. Needs Debian's chromium and Playwright.
 """
 
@@ -77,17 +78,19 @@ def main(argv: list[str] | None = None) -> int:
                     page.wait_for_selector("#tiles .tile .value", timeout=60_000)
                     renders.append((time.perf_counter() - t0) * 1000)
                     page.close()
-                views = {}
+                views, cpu = {}, {}
                 for view in VIEWS:
                     url = f"{base}api/view/{view}?range={rng}"
                     _get(url)
-                    views[view] = statistics.median(_get(url)["ms"] for _ in range(args.runs))
-                results[rng] = {"first_render_ms": statistics.median(renders), "views_ms": views}
-                print(
-                    f"range {rng}: first render of the overview {statistics.median(renders):.0f} ms"
-                )
+                    got = [_get(url) for _ in range(args.runs)]
+                    views[view] = statistics.median(g["ms"] for g in got)
+                    cpu[view] = statistics.median(g["cpu_ms"] for g in got)
+                first = statistics.median(renders)
+                results[rng] = {"first_render_ms": first, "views_ms": views, "views_cpu_ms": cpu}
+                print(f"range {rng}: first render of the overview {first:.0f} ms")
+                print(f"  {'view':<13} {'wall':>8} {'cpu':>8}")
                 for view, ms in views.items():
-                    print(f"  {view:<13} {ms:7.0f} ms")
+                    print(f"  {view:<13} {ms:5.0f} ms {cpu[view]:5.0f} ms")
             if args.shots is not None:
                 args.shots.mkdir(parents=True, exist_ok=True)
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -402,6 +402,9 @@ def create_app(
 
     async def _timed(fn: Callable[..., Any], *args: Any) -> web.Response:
         started = time.perf_counter()
+        # Process CPU time: what the request cost, whatever else the machine runs (one
+        # request at a time, as in bench/ui.py).
+        cpu = time.process_time()
         try:
             data = await reader.run(fn, *args)
         except BadRequest as exc:
@@ -412,8 +415,9 @@ def create_app(
             log.warning("query failed: %s", exc)
             return _json({"error": f"the lake could not answer: {str(exc).splitlines()[0]}"}, 500)
         ms = (time.perf_counter() - started) * 1000
+        cpu_ms = (time.process_time() - cpu) * 1000
         return _json(
-            {"data": data, "ms": round(ms, 1), "live": feed.connected},
+            {"data": data, "ms": round(ms, 1), "cpu_ms": round(cpu_ms, 1), "live": feed.connected},
             headers={"Server-Timing": f"db;dur={ms:.1f}", "Cache-Control": "no-store"},
         )
 
