@@ -172,6 +172,7 @@ class LiveFeed:
         self.settings = settings
         self.on_update = on_update or self._publish_all
         self.connected = False
+        self._warned = False
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._task: asyncio.Task[None] | None = None
         self.topics: dict[str, str] = {}
@@ -221,8 +222,13 @@ class LiveFeed:
                 await self._consume()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the broker went away: say so, try again
-                log.warning("live feed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            except Exception as exc:  # the broker went away: say so once, keep trying
+                if self.connected or not self._warned:
+                    log.warning(
+                        "live feed: %s (the page works without it; retrying)",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    )
+                    self._warned = True
             self._status(False)
             await asyncio.sleep(3.0)
 
@@ -243,8 +249,8 @@ class LiveFeed:
             metadata_max_age_ms=10_000,
             request_timeout_ms=10_000,
         )
-        await consumer.start()
         try:
+            await consumer.start()
             while True:
                 batch = await consumer.getmany(timeout_ms=500, max_records=5_000)
                 # Live once the first fetch has placed the consumer at the end.
