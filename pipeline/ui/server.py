@@ -50,6 +50,8 @@ TOKEN_COOKIE: Final = "agentstream_ui_token"
 MIN_TOKEN_LEN: Final = 16
 QUERY_TIMEOUT_S: Final = 10.0
 REFRESH_S: Final = 15.0
+RECONNECT_S: Final = 300.0
+MIN_REFRESH_GAP_S: Final = 2.0
 PING_S: Final = 15.0
 CSV_ROWS: Final = 100_000
 LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -105,18 +107,28 @@ class LakeReader:
         self._local = threading.local()
         self._con: duckdb.DuckDBPyConnection | None = None
         self._generation = 0
+        self._made = 0.0
         self._refreshing: asyncio.Lock | None = None
         self.refresh()  # a missing or unreadable lake fails here, once, with its message
 
     def refresh(self) -> None:
+        """A new copy of the derived tables; every ``RECONNECT_S`` a new connection too (new
+        views: a table that got its first files since is then read)."""
         from sinks.catalog import connect
 
+        with self._lock:
+            con, made = self._con, self._made
+        if con is not None and time.monotonic() - made < RECONNECT_S:
+            # Concurrent readers see the old copy or the new one (one transaction).
+            queries.snapshot(con.cursor())
+            return
         con = connect(self.data_dir, analysis=True)
         # Many small files: their footers are read once, not on every query.
         con.execute("SET parquet_metadata_cache = true")
         queries.snapshot(con)
         with self._lock:
             self._con = con
+            self._made = time.monotonic()
             self._generation += 1
 
     async def refresh_async(self) -> None:
@@ -393,12 +405,21 @@ def create_app(
             wake.clear()
             batch = pending[:]
             pending.clear()
+            if batch and all(m["topic"] == "dead_letters" for m in batch):
+                # Dead letters are read live, not from the copy: nothing to refresh.
+                for message in merge_updates(batch):
+                    feed.publish(message)
+                continue
+            started = time.monotonic()
             try:
                 await reader.refresh_async()
             except Exception as exc:
                 log.warning("refresh failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
             for message in merge_updates(batch):
                 feed.publish(message)
+            # A busy stream moves the topics every flush: the copy is made at most this
+            # often, so refreshing never takes over the machine.
+            await asyncio.sleep(max(0.0, MIN_REFRESH_GAP_S - (time.monotonic() - started)))
 
     app = web.Application(middlewares=[_security(host, token)])
     index = (STATIC / "index.html").read_bytes()
