@@ -135,6 +135,60 @@ def worker(
     sys.exit(run(settings, loglevel=loglevel))
 
 
+@main.command()
+@broker_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=4318, show_default=True)
+@click.option(
+    "--kafka-topic",
+    default="otlp_spans",
+    show_default=True,
+    help="Topic the OpenTelemetry Collector's Kafka exporter writes (otlp_proto or otlp_json)",
+)
+@click.option(
+    "--kafka-logs-topic",
+    default="otlp_logs",
+    show_default=True,
+    help="Topic of the Collector's log records (evaluation and guardrail results)",
+)
+@click.option("--no-kafka", is_flag=True, help="Do not read the Collector's Kafka topics")
+@click.option(
+    "--max-body-mib",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Largest request body accepted, compressed or not (413 above)",
+)
+@friendly
+def otlp(
+    broker: str | None,
+    host: str,
+    port: int,
+    kafka_topic: str,
+    kafka_logs_topic: str,
+    no_kafka: bool,
+    max_body_mib: int,
+) -> None:
+    """Receive OpenTelemetry traces and logs (OTLP/HTTP, protobuf or JSON) as agent events.
+
+    POST /v1/traces and /v1/logs; spans of agent work (model calls, tools, retrievals,
+    guardrails, agent invocations) become events on the events topic, acknowledged once Kafka
+    has them. Also reads the Collector's Kafka topics (traces, logs) unless --no-kafka.
+    """
+    from pipeline.config import check_topic
+    from pipeline.otel.service import serve
+
+    settings = Settings.load(broker=broker)
+    topic = None if no_kafka else check_topic(kafka_topic, "--kafka-topic")
+    logs = None if no_kafka else check_topic(kafka_logs_topic, "--kafka-logs-topic")
+    # The Collector's topics too, so the source can join its group before the first export.
+    extra = {t: settings.partitions for t in (topic, logs) if t}
+    ensure_pipeline_topics(settings, extra=extra)
+    asyncio.run(
+        serve(settings, host, port, topic, max_body_bytes=max_body_mib << 20, kafka_logs_topic=logs)
+    )
+
+
 def _read_lines(source: BinaryIO) -> Iterator[tuple[int, bytes]]:
     for n, line in enumerate(source, start=1):
         line = line.strip()
@@ -439,7 +493,14 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Benchmark against a real Kafka broker: ceiling, naive faust, agentstream (see --help)."""
+    """Benchmark against a real Kafka broker: ceiling, naive faust, agentstream (see --help).
+
+    `agentstream bench --otlp [--spans N]` measures the OTLP receiver instead (bench/otlp.py).
+    """
+    if "--otlp" in args:
+        from bench.otlp import main as run_otlp
+
+        sys.exit(run_otlp([a for a in args if a != "--otlp"]))
     from bench.run import main as run_bench
 
     sys.exit(run_bench(list(args)))

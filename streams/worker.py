@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from mode import Service
 
 from pipeline.config import Settings
-from pipeline.kafka import Headers, client_kwargs, send_batches, start_producer
+from pipeline.kafka import Headers, client_kwargs, dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import (
     ANOMALIES,
@@ -60,11 +60,6 @@ log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
-# The copy of a dead letter on the DLQ topic is cut to this size (the lake keeps it whole):
-# the producer's max_request_size and a topic's default max.message.bytes are 1 MiB, and a
-# copy that cannot be sent would stop every later commit behind it.
-DLQ_VALUE_LIMIT = 900 * 1024
-DLQ_KEY_LIMIT = 16 * 1024
 BUDGET_STATUS_EVERY_S = 10.0
 
 
@@ -760,13 +755,5 @@ def _dead_letter_copy(
     record: Record, rejection: Rejection
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """Value, key and headers of a dead letter's copy on the DLQ topic, cut to fit a request."""
-    headers = [
-        ("agentstream.reason", rejection.reason.encode()[:4096]),
-        ("agentstream.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-    ]
-    key = record.key if record.key is None else record.key[:DLQ_KEY_LIMIT]
-    value = record.value
-    if value is not None and len(value) > DLQ_VALUE_LIMIT:
-        headers.append(("agentstream.truncated_from", str(len(value)).encode()))
-        value = value[:DLQ_VALUE_LIMIT]
-    return value, key, headers
+    source = f"{record.topic}/{record.partition}/{record.offset}"
+    return dead_letter_copy(record.value, record.key, rejection.reason, source)

@@ -583,6 +583,20 @@ def _get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, what: str) -> None:
+    """Until ``url`` answers 200 (45 s at most); fails if the process exits first."""
+    deadline = time.monotonic() + 45
+    status = 0
+    while status != 200:
+        assert proc.poll() is None, f"{what} exited {proc.returncode}:\n{_tail(log)}"
+        assert time.monotonic() < deadline, f"no healthy {what}:\n{_tail(log)}"
+        time.sleep(0.3)
+        try:
+            status, _ = _get(url)
+        except OSError:
+            status = 0
+
+
 def _count(env: Mapping[str, str], data_dir: Path) -> int | None:
     out = subprocess.run(
         [
@@ -626,16 +640,7 @@ def test_worker_and_demo_traffic_run_as_composed(
     proc = _spawn(cmd, tmp_path, env, log)
     try:
         health = f"http://127.0.0.1:{web_port}/health"
-        deadline = time.monotonic() + 45
-        status = 0
-        while status != 200:
-            assert proc.poll() is None, f"worker exited {proc.returncode}:\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"no healthy worker:\n{_tail(log)}"
-            time.sleep(0.3)
-            try:
-                status, _ = _get(health)
-            except OSError:
-                status = 0
+        _wait_healthy(proc, health, log, "worker")
 
         # The demo-traffic one-shot, as composed (its shell pipeline included).
         demo_argv = _full_command(demo_svc)
@@ -818,3 +823,70 @@ def test_kafka_service_config_boots_a_broker(
         except subprocess.TimeoutExpired:
             os.killpg(broker.pid, signal.SIGKILL)
             broker.wait()
+
+
+# -- the otlp service ----------------------------------------------------------------------
+
+
+def test_otlp_service_is_loopback_published_and_health_checked(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    otlp = services["otlp"]
+    argv = _full_command(otlp)
+    port = int(_option(argv, "--port"))
+    assert _option(argv, "--host") == "0.0.0.0", "inside a container, listen beyond lo"
+    assert _port_mappings(otlp) == [("127.0.0.1", port, port)]
+    assert f"http://127.0.0.1:{port}/health" in " ".join(_argv(otlp["healthcheck"]["test"]))
+    assert _depends(otlp)["kafka"]["condition"] == HEALTHY
+
+
+def test_otlp_service_runs_as_composed(
+    services: dict[str, dict[str, Any]], bootstrap: str, tmp_path: Path
+) -> None:
+    """The otlp service's command takes a span from the OTel SDK's OTLP/HTTP exporter and
+    publishes its event; SIGTERM stops it cleanly."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from tests.helpers import consume_all
+
+    svc = services["otlp"]
+    local = Local(bootstrap, tmp_path / "data", free_port(), suffix=uuid.uuid4().hex[:10])
+    argv = local.argv(_full_command(svc))
+    port = free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--kafka-topic") + 1] = f"compose-{local.suffix}-otlp"
+    argv[argv.index("--kafka-logs-topic") + 1] = f"compose-{local.suffix}-otlp-logs"
+    env = local.env(svc)
+    log = tmp_path / "otlp.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log, "otlp")
+        tp = TracerProvider(resource=Resource.create({"service.name": "composed-agent"}))
+        tp.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
+        )
+        with tp.get_tracer("t").start_as_current_span(
+            "chat", attributes={"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5}
+        ):
+            pass
+        assert tp.force_flush()
+        settings = Settings.load(env={}, broker=bootstrap)
+        (record,) = consume_all(settings, env["AGENTSTREAM_EVENTS_TOPIC"], expected=1)
+        event = json.loads(record.value)
+        assert (event["agent_id"], event["model"], event["input_tokens"]) == (
+            "composed-agent", "gpt-4o", 5,
+        )  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=_seconds(svc.get("stop_grace_period", "10s")))
+        assert code == 0, f"otlp exited {code} on SIGTERM:\n{_tail(log)}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
