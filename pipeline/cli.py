@@ -357,6 +357,34 @@ def report(data_dir: Path | None, out: Path) -> None:
     click.echo(f"report: {render_report(settings.data_dir, out)}")
 
 
+@main.command()
+@data_dir_option
+@broker_option
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any other than loopback needs AGENTSTREAM_UI_TOKEN",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8686, show_default=True)
+@click.option("--no-live", is_flag=True, help="Do not follow the derived topics (no broker needed)")
+@friendly
+def ui(data_dir: Path | None, broker: str | None, host: str, port: int, no_live: bool) -> None:
+    """Serve the live web page over the lake: overview, cost, alerts, releases, budgets,
+    quality, sessions and dead letters, updated as the worker publishes."""
+    from pipeline.ui.server import check_binding, serve
+
+    settings = Settings.load(broker=broker, data_dir=data_dir)
+    token = settings.ui_token.reveal() if settings.ui_token is not None else None
+    check_binding(host, token)  # before reading anything
+    where = "no live updates" if no_live else f"live from {settings.broker}"
+
+    def ready(url: str) -> None:
+        click.echo(f"agentstream ui: {url} (lake {settings.data_dir}, {where})", err=True)
+
+    serve(settings.data_dir, None if no_live else settings, host, port, token, ready)
+
+
 def render(rel: Any, fmt: str) -> str:
     """Format a DuckDB relation as a table, CSV or JSON (an array of objects)."""
     if fmt == "table":

@@ -124,6 +124,8 @@ class Settings:
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    # `agentstream ui`: required to listen beyond loopback; then every request must carry it.
+    ui_token: Secret | None = None
 
     @property
     def window_seconds(self) -> int:
@@ -176,6 +178,10 @@ class Settings:
             )
         if isinstance(self.sasl_password, str):
             object.__setattr__(self, "sasl_password", Secret(self.sasl_password))
+        if isinstance(self.ui_token, str):
+            object.__setattr__(self, "ui_token", Secret(self.ui_token))
+        if self.ui_token is not None and not self.ui_token.reveal():
+            object.__setattr__(self, "ui_token", None)  # set but empty: no token
         if self.security_protocol.startswith("SASL") and not (
             self.sasl_username and self.sasl_password
         ):

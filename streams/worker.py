@@ -631,6 +631,7 @@ class EventConsumer(Service):
         self.landed_events += events.num_rows
         self.dead_lettered += dead.num_rows
         self.telemetry.events_landed.inc(events.num_rows)
+        self.telemetry.observe_events(events)
         self.telemetry.dead_letters.inc(dead.num_rows)
         self.telemetry.batch_events.observe(total)
         steps.lap("commit")
