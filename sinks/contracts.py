@@ -101,6 +101,16 @@ others per step type) are null without samples and within 1 % of DuckDB's
 ``quantile_disc`` (see ``streams.sketch``). ``late_events``: see the module docstring.
 """
 
+CONTRIBUTOR: Final = pa.struct(
+    [
+        pa.field("dimension", pa.string()),
+        pa.field("value", pa.string()),
+        pa.field("share", pa.float64()),
+    ]
+)
+"""One entry of ``contributors``: a dimension (``model``, ``tenant_id``, ``tool_name``, ...),
+its value, and its share of the change (1.0 = all of it)."""
+
 ANOMALIES_SCHEMA: Final = pa.schema(
     [
         pa.field("anomaly_id", pa.string(), nullable=False),
@@ -120,6 +130,9 @@ ANOMALIES_SCHEMA: Final = pa.schema(
         pa.field("score", pa.float64(), nullable=False),
         pa.field("example_event_ids", pa.list_(pa.string()), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        pa.field("rule", pa.string()),
+        pa.field("contributors", pa.list_(CONTRIBUTOR)),
+        pa.field("explanation", pa.string()),
     ]
 )
 """One row per alert. Notes on the columns:
@@ -139,7 +152,11 @@ before the change (the frozen baseline: geometric mean on log scales, mean for r
 ``observed`` this window's value. ``direction`` 'up'|'down', ``severity`` see the module
 docstring. ``score``: ``|z|`` of the window (outlier, recovery) or of the recent level (drift),
 the HalfSpaceTrees score in [0, 1] for 'half_space_trees'. ``example_event_ids`` is empty
-here (the worker may fill it). ``message`` is one readable sentence.
+here (the worker may fill it). ``message`` is one readable sentence. ``rule`` is the rule's
+name on ``kind = 'rule'`` rows and their recoveries (``streams.rules``), null otherwise.
+``contributors`` (the dimension values that contribute most to the change, with their share
+of it) and ``explanation`` (the same as a sentence) are filled by ``streams.explain``; null
+where there is nothing to break down (releases, budgets).
 """
 
 VERDICTS_SCHEMA: Final = pa.schema(

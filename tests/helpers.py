@@ -154,3 +154,18 @@ def scalar(data_dir: Path, sql: str) -> Any:
     """The single value a query over the lake returns."""
     ((value,),) = connect(data_dir).sql(sql).fetchall()
     return value
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``agentstream ARGS`` in a subprocess; a bare environment unless ``env`` is given."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env if env is not None else {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=check,
+    )
