@@ -41,6 +41,14 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.schema import ACTIVITY_TYPES, CONTROL_TYPES
+from sinks.contracts import (
+    DIMENSIONS,
+    METRICS_SCHEMA,
+    QUANTILES,
+    ROLLUPS,
+    STEP_TYPES,
+    TASK_OUTCOMES,
+)
 from streams import sketch
 
 __all__ = [
@@ -53,20 +61,6 @@ __all__ = [
     "metric_records",
 ]
 
-DIMENSIONS: tuple[str, ...] = ("agent_id", "agent_version", "prompt_version", "model", "tenant_id")
-ROLLUPS: dict[str, tuple[str, ...]] = {
-    "key": DIMENSIONS,
-    "agent": ("agent_id",),
-    "tenant": ("tenant_id",),
-}
-# Event types with a latency, and the prefix of their quantile columns.
-STEP_TYPES: Final[dict[str, str]] = {
-    "llm_call": "llm",
-    "tool_call": "tool",
-    "retrieval": "retrieval",
-}
-QUANTILES: Final[dict[str, float]] = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
-TASK_OUTCOMES: Final = ("started", "completed", "failed", "abandoned")
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
@@ -142,74 +136,8 @@ _SKETCH_SCHEMA: Final = pl.Schema(
     }
 )
 
-_TOOL_STRUCT: Final = pa.struct(
-    [("tool_name", pa.string()), ("calls", pa.int64()), ("errors", pa.int64())]
-)
-_ACTION_STRUCT: Final = pa.struct([("action", pa.string()), ("count", pa.int64())])
 _TS: Final = pa.timestamp("us", tz="UTC")
 
-
-def _quantile_columns() -> list[str]:
-    names = []
-    for prefix in ["", *(f"{p}_" for p in STEP_TYPES.values())]:
-        names += [f"{prefix}latency_{q}_ms" for q in QUANTILES]
-    return names
-
-
-_QUANTILE_COLUMNS: Final = _quantile_columns()
-
-METRICS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("metric_id", pa.string(), nullable=False),
-        pa.field("level", pa.string(), nullable=False),
-        pa.field("window_start", _TS, nullable=False),
-        pa.field("window_end", _TS, nullable=False),
-        *(pa.field(d, pa.string()) for d in DIMENSIONS),
-        pa.field("events", pa.int64()),
-        *(pa.field(f"events_{t}", pa.int64()) for t in ACTIVITY_TYPES),
-        pa.field("llm_calls", pa.int64()),
-        pa.field("input_tokens", pa.int64()),
-        pa.field("output_tokens", pa.int64()),
-        pa.field("cached_input_tokens", pa.int64()),
-        pa.field("tokens_per_call", pa.float64()),
-        pa.field("cost_usd", pa.float64()),
-        pa.field("cost_estimated_usd", pa.float64()),
-        *(pa.field(f"tasks_{o}", pa.int64()) for o in TASK_OUTCOMES),
-        pa.field("task_success_rate", pa.float64()),
-        pa.field("cost_per_task", pa.float64()),
-        pa.field("cost_per_completed_task", pa.float64()),
-        pa.field("escalations", pa.int64()),
-        pa.field("escalation_rate", pa.float64()),
-        pa.field("retrievals", pa.int64()),
-        pa.field("retrieval_misses", pa.int64()),
-        pa.field("retrieval_miss_rate", pa.float64()),
-        pa.field("tool_calls", pa.int64()),
-        pa.field("tool_errors", pa.int64()),
-        pa.field("tool_error_rate", pa.float64()),
-        pa.field("tool_errors_by_tool", pa.list_(_TOOL_STRUCT)),
-        pa.field("guardrail_incidents", pa.int64()),
-        pa.field("guardrail_by_action", pa.list_(_ACTION_STRUCT)),
-        *(pa.field(c, pa.float64()) for c in _QUANTILE_COLUMNS),
-        pa.field("late_events", pa.int64()),
-    ]
-)
-"""One row per (level, window, key). Notes on the columns:
-
-``metric_id`` is a stable id (blake2b of level, window start and end, and the dimensions) to
-de-duplicate on. ``level`` is 'key' (all ``DIMENSIONS``), 'agent' or 'tenant'; dimensions a
-level does not group by are null. Counts and sums are 0 when nothing happened; ratios are
-null when their denominator is 0: ``task_success_rate = completed / (completed + failed +
-abandoned)``, ``cost_per_task = cost_usd / tasks_started``, ``cost_per_completed_task =
-cost_usd / tasks_completed``, ``escalation_rate = escalations / tasks_started``,
-``retrieval_miss_rate``, ``tool_error_rate``, ``tokens_per_call = (input + output) /
-llm_calls``. ``cost_usd`` sums known and estimated costs; ``cost_estimated_usd`` is the
-estimated part. ``tool_errors_by_tool`` is a list of {tool_name, calls, errors} sorted by
-tool name and ``guardrail_by_action`` of {action, count} (every action, 'allow' included),
-both empty lists when there were none; ``guardrail_incidents`` counts actions other than
-'allow'. Latency quantiles (``latency_*`` over llm, tool and retrieval steps together, the
-others per step type) are null without samples and within 1 % of DuckDB's
-``quantile_disc`` (see ``streams.sketch``). ``late_events``: see the module docstring.
-"""
 
 _EMPTY_METRICS: Final = METRICS_SCHEMA.empty_table()
 
