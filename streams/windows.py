@@ -45,7 +45,9 @@ from streams import sketch
 
 __all__ = [
     "DIMENSIONS",
+    "EVALUATORS",
     "METRICS_SCHEMA",
+    "NEGATIVE_RATING",
     "QUANTILES",
     "ROLLUPS",
     "STEP_TYPES",
@@ -67,6 +69,19 @@ STEP_TYPES: Final[dict[str, str]] = {
 }
 QUANTILES: Final[dict[str, float]] = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 TASK_OUTCOMES: Final = ("started", "completed", "failed", "abandoned")
+# Evaluators with columns of their own (``eval_<name>_*``): the usual dimensions of
+# continuous evaluation. Other evaluator names count in the totals (``evaluations``, ...) and
+# stay queryable in the ``evaluations`` view; a fixed list keeps the metrics schema fixed.
+EVALUATORS: Final = (
+    "hallucination",
+    "helpfulness",
+    "accuracy",
+    "compliance",
+    "tone",
+    "prompt_adherence",
+)
+# Feedback ratings are 1-5 stars; 1 and 2 are negative.
+NEGATIVE_RATING: Final = 2.0
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
@@ -94,6 +109,11 @@ _INPUT_COLUMNS: Final = [
     "miss",
     "outcome",
     "action",
+    "rating",
+    "correction",
+    "evaluator",
+    "score",
+    "passed",
 ]
 
 # Summable measures kept per (window, key); ratios and aliases are derived on emit.
@@ -108,8 +128,21 @@ _COUNTS: Final = [
     "tool_errors",
     "guardrail_incidents",
     "late_events",
+    "evaluations_judged",
+    "evaluations_passed",
+    "evaluations_scored",
+    *(f"eval_{e}_{c}" for e in EVALUATORS for c in ("evaluations", "judged", "passed", "scored")),
+    "feedback_ratings",
+    "feedback_negative",
+    "feedback_corrections",
 ]
-_SUMS: Final = ["cost_usd", "cost_estimated_usd"]
+_SUMS: Final = [
+    "cost_usd",
+    "cost_estimated_usd",
+    "evaluation_score_sum",
+    *(f"eval_{e}_score_sum" for e in EVALUATORS),
+    "feedback_rating_sum",
+]
 
 _DIM_SCHEMA: Final[dict[str, pl.DataType]] = {d: pl.String() for d in DIMENSIONS}
 _AGG_SCHEMA: Final = pl.Schema(
@@ -191,6 +224,33 @@ METRICS_SCHEMA: Final = pa.schema(
         pa.field("guardrail_by_action", pa.list_(_ACTION_STRUCT)),
         *(pa.field(c, pa.float64()) for c in _QUANTILE_COLUMNS),
         pa.field("late_events", pa.int64()),
+        pa.field("evaluations", pa.int64()),
+        pa.field("evaluations_judged", pa.int64()),
+        pa.field("evaluations_passed", pa.int64()),
+        pa.field("eval_pass_rate", pa.float64()),
+        pa.field("evaluations_scored", pa.int64()),
+        pa.field("evaluation_score_sum", pa.float64()),
+        pa.field("eval_score_mean", pa.float64()),
+        pa.field("hallucination_rate", pa.float64()),
+        *(
+            pa.field(f"eval_{e}_{c}", dtype)
+            for e in EVALUATORS
+            for c, dtype in (
+                ("evaluations", pa.int64()),
+                ("judged", pa.int64()),
+                ("passed", pa.int64()),
+                ("pass_rate", pa.float64()),
+                ("scored", pa.int64()),
+                ("score_sum", pa.float64()),
+                ("score_mean", pa.float64()),
+            )
+        ),
+        pa.field("feedback_ratings", pa.int64()),
+        pa.field("feedback_rating_sum", pa.float64()),
+        pa.field("feedback_rating_mean", pa.float64()),
+        pa.field("feedback_negative", pa.int64()),
+        pa.field("feedback_negative_share", pa.float64()),
+        pa.field("feedback_corrections", pa.int64()),
     ]
 )
 """One row per (level, window, key). Notes on the columns:
@@ -308,6 +368,12 @@ def _ipc(frame: pl.DataFrame) -> bytes:
 
 def _from_ipc(data: bytes, schema: pl.Schema) -> pl.DataFrame:
     frame = pl.read_ipc(io.BytesIO(data))
+    if frame.schema != schema and all(frame.schema.get(c) == t for c, t in frame.schema.items()):
+        # A snapshot from before some measures existed (evaluations, feedback): they start at 0.
+        missing = [c for c in schema if c not in frame.schema]
+        if missing and all(schema[c] in (pl.Int64(), pl.Float64()) for c in missing):
+            frame = frame.with_columns(pl.lit(0, dtype=schema[c]).alias(c) for c in missing)
+            frame = frame.select(schema.names())
     if frame.schema != schema:
         raise ValueError(f"snapshot state has schema {frame.schema}, expected {schema}")
     return frame
@@ -448,10 +514,7 @@ class WindowAggregator:
 
     def _add(self, frame: pl.DataFrame) -> None:
         typ = pl.col("type")
-
-        def count(cond: pl.Expr, name: str) -> pl.Expr:
-            return cond.sum().cast(pl.Int64).alias(name)
-
+        count = _count
         part = frame.group_by(_KEY).agg(
             pl.len().cast(pl.Int64).alias("events"),
             *(count(typ == t, f"events_{t}") for t in ACTIVITY_TYPES),
@@ -465,6 +528,7 @@ class WindowAggregator:
             ),
             count((typ == "tool_call") & (pl.col("status") == "error"), "tool_errors"),
             count((typ == "guardrail") & (pl.col("action") != "allow"), "guardrail_incidents"),
+            *_quality_counts(typ),
             pl.col("cost_usd").sum().cast(pl.Float64),
             pl.col("cost_usd")
             .filter(pl.col("cost_estimated").fill_null(False))
@@ -577,6 +641,67 @@ class WindowAggregator:
 # --------------------------------------------------------------------------------------
 # building the metrics rows of emitted windows
 # --------------------------------------------------------------------------------------
+
+
+def _count(cond: pl.Expr, name: str) -> pl.Expr:
+    return cond.sum().cast(pl.Int64).alias(name)
+
+
+def _quality_counts(typ: pl.Expr) -> list[pl.Expr]:
+    """The evaluation and feedback counts and sums of ``_add``'s group-by."""
+    evaluation = typ == "evaluation"
+    judged = evaluation & pl.col("passed").is_not_null()
+    passed = evaluation & pl.col("passed").fill_null(False)
+    scored = evaluation & pl.col("score").is_not_null()
+    rated = (typ == "feedback") & pl.col("rating").is_not_null()
+    count = _count
+
+    def total(cond: pl.Expr, value: str, name: str) -> pl.Expr:
+        return pl.col(value).filter(cond).sum().cast(pl.Float64).alias(name)
+
+    out = [
+        count(judged, "evaluations_judged"),
+        count(passed, "evaluations_passed"),
+        count(scored, "evaluations_scored"),
+        total(scored, "score", "evaluation_score_sum"),
+        count(rated, "feedback_ratings"),
+        count(rated & (pl.col("rating") <= NEGATIVE_RATING), "feedback_negative"),
+        count((typ == "feedback") & pl.col("correction").is_not_null(), "feedback_corrections"),
+        total(rated, "rating", "feedback_rating_sum"),
+    ]
+    for e in EVALUATORS:
+        mine = pl.col("evaluator") == e
+        out += [
+            count(evaluation & mine, f"eval_{e}_evaluations"),
+            count(judged & mine, f"eval_{e}_judged"),
+            count(passed & mine, f"eval_{e}_passed"),
+            count(scored & mine, f"eval_{e}_scored"),
+            total(scored & mine, "score", f"eval_{e}_score_sum"),
+        ]
+    return out
+
+
+def _quality_ratios() -> list[pl.Expr]:
+    """The evaluation and feedback ratios of a metrics row, from its summed counts."""
+    c = pl.col
+    hall = "eval_hallucination"
+    out = [
+        c("events_evaluation").alias("evaluations"),
+        _ratio(c("evaluations_passed"), c("evaluations_judged")).alias("eval_pass_rate"),
+        _ratio(c("evaluation_score_sum"), c("evaluations_scored")).alias("eval_score_mean"),
+        _ratio(c(f"{hall}_judged") - c(f"{hall}_passed"), c(f"{hall}_judged")).alias(
+            "hallucination_rate"
+        ),
+        _ratio(c("feedback_rating_sum"), c("feedback_ratings")).alias("feedback_rating_mean"),
+        _ratio(c("feedback_negative"), c("feedback_ratings")).alias("feedback_negative_share"),
+    ]
+    for e in EVALUATORS:
+        p = f"eval_{e}"
+        out += [
+            _ratio(c(f"{p}_passed"), c(f"{p}_judged")).alias(f"{p}_pass_rate"),
+            _ratio(c(f"{p}_score_sum"), c(f"{p}_scored")).alias(f"{p}_score_mean"),
+        ]
+    return out
 
 
 def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
@@ -693,6 +818,7 @@ def _metrics(
         _ratio(c("tool_errors"), c("events_tool_call")).alias("tool_error_rate"),
         c("tool_errors_by_tool").fill_null(pl.lit([], dtype=out.schema["tool_errors_by_tool"])),
         c("guardrail_by_action").fill_null(pl.lit([], dtype=out.schema["guardrail_by_action"])),
+        *_quality_ratios(),
     ).sort(["window_start", "level", *DIMENSIONS], nulls_last=True)
 
     columns = [out.get_column(name).to_list() for name in ["level", "_start_us", *DIMENSIONS]]
