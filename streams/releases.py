@@ -80,6 +80,7 @@ import pyarrow.compute as pc
 
 from streams import sketch
 from streams.detect import ANOMALIES_SCHEMA, _from_us, _hash, _to_us
+from streams.windows import EVALUATORS
 
 _VERSION_DIMS: Final = ("agent_version", "prompt_version", "model")
 
@@ -205,9 +206,33 @@ MEASURES: Final[tuple[ReleaseMeasure, ...]] = (
         math.log(1.10),
         0.2,
     ),
+    *(
+        ReleaseMeasure(
+            f"eval_{e}_pass_rate",
+            "rate",
+            f"eval_{e}_passed",
+            (f"eval_{e}_judged",),
+            "down",
+            0.02,
+            0.05,
+        )
+        for e in EVALUATORS
+    ),
+    ReleaseMeasure(
+        "feedback_negative_share",
+        "rate",
+        "feedback_negative",
+        ("feedback_ratings",),
+        "up",
+        0.02,
+        0.05,
+    ),
 )
-"""The measures of the issue: cost per completed task, escalation, retrieval-miss, tool error
-and task success rates, and latency p95 (over all steps)."""
+"""Cost per completed task, escalation, retrieval-miss, tool error and task success rates,
+latency p95 (over all steps), the pass rate of each evaluator of ``streams.windows.EVALUATORS``
+and the share of negative ratings. A measure neither side has samples of (an evaluator the
+agent does not run) stays ``running`` with 0 samples; ``agentstream release gate`` does not
+wait for those."""
 
 
 @dataclass(frozen=True)
