@@ -464,7 +464,7 @@ def _hallucination_rise(config: TrafficConfig) -> list[Incident]:
             agent_id="support-bot",
             model=HALLUCINATING_MODEL,
             direction="down",
-            magnitude=(1 - HALLUCINATION_PROB) / 0.85,
+            magnitude=(1 - HALLUCINATION_PROB) / 0.75,
         )
     ]
 
@@ -485,7 +485,7 @@ def _feedback_sours(config: TrafficConfig) -> list[Incident]:
             starts_at=incident_start(config),
             agent_id="support-bot",
             direction="up",
-            magnitude=3.0,
+            magnitude=5.0,
         )
     ]
 
@@ -539,7 +539,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario(
             "hallucination-rise",
             f"support-bot's {HALLUCINATING_MODEL} answers hallucinate more from mid-stream: the "
-            "hallucination evaluator's pass rate 97% -> 85% on that route",
+            "hallucination evaluator's pass rate 97% -> 75% on that route (~82% over all its answers)",
             _hallucination_rise,
         ),
         Scenario(
@@ -550,8 +550,8 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         ),
         Scenario(
             "feedback-sours",
-            "support-bot's users turn on it from mid-stream: 3x the negative in-app ratings "
-            "(~22% -> ~44% of ratings at 1-2 stars)",
+            "support-bot's users turn on it from mid-stream: 5x the negative in-app ratings "
+            "(~18% -> ~55% of its ratings at 1-2 stars)",
             _feedback_sours,
         ),
     )
