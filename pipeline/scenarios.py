@@ -91,6 +91,7 @@ from pipeline.schema import Release
 
 __all__ = [
     "DRIFT_SCENARIOS",
+    "QUALITY_SCENARIOS",
     "ROLLOUT_SCENARIOS",
     "SCENARIOS",
     "SCENARIO_NAMES",
@@ -567,6 +568,8 @@ DRIFT_SCENARIOS: Final[tuple[str, ...]] = tuple(
 )
 """The scenarios drift detection is scored on: rollouts are judged by release verdicts, budget
 scenarios by the budget tracker."""
+QUALITY_SCENARIOS: Final[tuple[str, ...]] = ("hallucination-rise", "tone-regression", "feedback-sours")
+"""The scenarios of evaluation scores and user feedback (drift and rollout alike)."""
 
 
 def list_scenarios() -> list[tuple[str, str]]:
