@@ -739,8 +739,16 @@ def demo(
         local = LocalBroker(broker_kind)  # type: ignore[arg-type]
         broker = local.start()
         click.echo(f"started {broker_kind} broker on {broker}", err=True)
+    from pipeline.scenarios import budget_truth
+
+    # A scenario about budgets runs with its budgets, or it would show no burn-rate alert.
+    budgets = budget_truth(config)[0] or os.environ.get("AGENTSTREAM_BUDGETS", "")
     settings = Settings.load(
-        broker=broker, data_dir=data_dir, web_port=free_port(), allowed_lateness_s=lateness
+        broker=broker,
+        data_dir=data_dir,
+        web_port=free_port(),
+        allowed_lateness_s=lateness,
+        budgets=budgets,
     )
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -761,6 +769,7 @@ def demo(
         if local is not None:
             local.stop()
     click.echo(summary(settings.data_dir))
+    click.echo(scenario_summary(settings.data_dir, scenario))
     from pipeline.report import render_report
 
     click.echo(f"report: {render_report(settings.data_dir, settings.data_dir / 'report.html')}")
@@ -796,8 +805,10 @@ def _wait_landed(
             time.sleep(0.5)
 
 
-_UNCOUNTED = """
-    SELECT (SELECT count(*) FROM events)
+# Control records (a release announcement) are landed but count in no window.
+_UNCOUNTED = f"""
+    SELECT (SELECT count(*) FROM events
+            WHERE type NOT IN ({", ".join(f"'{t}'" for t in schema.CONTROL_TYPES)}))
          - (SELECT coalesce(sum(events + late_events), 0) FROM metrics WHERE level = 'key')
 """
 
@@ -864,6 +875,40 @@ def summary(data_dir: Path) -> str:
     for window_start, severity, kind, message in alerts:
         out.write(f"  {window_start:%Y-%m-%d %H:%M} {severity.upper():<8} {kind:<8} {message}\n")
     return out.getvalue()
+
+
+def scenario_summary(data_dir: Path, scenario: str) -> str:
+    """What the scenario is about and what the pipeline made of it, from the lake."""
+    from pipeline.scenarios import ROLLOUT_SCENARIOS, SCENARIOS
+    from sinks.analysis import connect  # release_summary is an analysis view
+
+    con = connect(data_dir)
+    out = io.StringIO()
+    out.write(f"scenario {scenario}: {SCENARIOS[scenario].description}\n")
+    if SCENARIOS[scenario].budgets is not None:
+        out.write("budgets (from the budgets view):\n")
+        out.write(render(con.sql(_BUDGETS_SQL), "table"))
+        alerts = con.sql(
+            "SELECT severity, message FROM anomalies WHERE kind = 'budget_burn' "
+            "ORDER BY detected_at"
+        ).fetchall()
+        out.write(f"budget alerts: {len(alerts)}\n")
+        for severity, message in alerts:
+            out.write(f"  {severity.upper():<8} {message}\n")
+    elif scenario in ROLLOUT_SCENARIOS:
+        out.write("release verdicts (from the release_summary view):\n")
+        out.write(render(con.sql(_RELEASES_SQL), "table"))
+    return out.getvalue()
+
+
+_BUDGETS_SQL = """
+    SELECT budget, round(spent_usd, 2) AS spent_usd, round(projected_usd, 2) AS projected_usd,
+           projected_exhausted_at, alerted_at, exhausted_at
+    FROM budgets ORDER BY (alerted_at IS NULL), budget
+"""
+_RELEASES_SQL = """
+    SELECT release_id, measure, verdict, windows FROM release_summary ORDER BY release_id, measure
+"""
 
 
 if __name__ == "__main__":

@@ -4,16 +4,60 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.config import Settings
 
 log = logging.getLogger("agentstream.kafka")
+
+Headers = list[tuple[str, bytes]]
+_PARTITIONER = DefaultPartitioner()
+
+
+async def send_batches(
+    producer: AIOKafkaProducer,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None, Headers]],
+) -> list[Awaitable[Any]]:
+    """Send ``(key, value, headers)`` records as one record batch per partition; return the
+    delivery futures (await them all before counting the records as sent).
+
+    ``producer.send`` per record costs ~75 us of Python (~13k records/s): a backlog flush that
+    closes 20k windows spent seconds there. A batch per partition is several times faster.
+    Records go to the partition ``send`` would pick (murmur2 of the key; a None key at random),
+    so subscribers see the same keying as before; each distinct key is hashed once, since
+    aiokafka's murmur2 is pure Python (~3.5 us a key).
+    """
+    parts = sorted(await producer.partitions_for(topic))
+    batches: dict[int, Any] = {}
+    sent: list[Awaitable[Any]] = []
+    partition_of: dict[bytes, int] = {}
+    for key, value, headers in records:
+        p = partition_of.get(key, -1) if key is not None else -1
+        if p < 0:
+            p = _PARTITIONER(key, parts, parts)
+            if key is not None:
+                partition_of[key] = p
+        batch = batches.get(p)
+        if batch is None:
+            batch = batches[p] = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            sent.append(await producer.send_batch(batch, topic, partition=p))
+            batch = batches[p] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                # Larger than a whole batch: send it alone, as the producer would.
+                sent.append(await producer.send(topic, value=value, key=key, headers=headers))
+    for p, batch in batches.items():
+        if batch.record_count():
+            sent.append(await producer.send_batch(batch, topic, partition=p))
+    return sent
 
 
 class BrokerUnavailable(Exception):
@@ -152,7 +196,12 @@ async def start_producer(settings: Settings, **kwargs: Any) -> AIOKafkaProducer:
         raise unreachable(settings, exc) from None
     except KafkaError as exc:
         await producer.stop()
-        log.warning("broker refused an idempotent producer (%s); using a plain one", exc)
+        # Expected on the embedded Tansu broker (the demo's default), not a fault to chase.
+        log.info(
+            "this broker has no idempotent producers (%s); using a plain producer: a retried"
+            " send may repeat a derived record, the lake is unaffected",
+            exc,
+        )
     producer = AIOKafkaProducer(**base)
     try:
         await producer.start()

@@ -24,11 +24,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline import schema
 from pipeline.config import Settings
-from pipeline.kafka import start_producer, unreachable
+from pipeline.kafka import send_batches, start_producer, unreachable
 
 T = TypeVar("T")
 Event = schema.AgentEvent | dict[str, Any]
@@ -93,7 +92,6 @@ class Publisher:
         self.topic = topic or settings.events_topic
         self._linger_ms = linger_ms
         self._producer: Any = None
-        self._partitioner = DefaultPartitioner()
         self.published = 0
 
     async def start(self) -> None:
@@ -166,29 +164,7 @@ class Publisher:
         """Send already validated ``(key, JSON value)`` pairs in per-partition batches."""
         if not records:
             return 0
-        parts = sorted(await self._producer.partitions_for(self.topic))
-        batches: dict[int, Any] = {}
-        pending: list[Awaitable[Any]] = []
-        # aiokafka's murmur2 is pure Python (~3.5 us a key); one task's events share a key,
-        # so each distinct key of the call is hashed once.
-        # (A None key stays a random choice per record.)
-        partition_of: dict[bytes, int] = {}
-        for key, value in records:
-            p = partition_of.get(key, -1) if key is not None else -1
-            if p < 0:
-                p = self._partitioner(key, parts, parts)
-                if key is not None:
-                    partition_of[key] = p
-            batch = batches.get(p)
-            if batch is None:
-                batch = batches[p] = self._producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                pending.append(await self._producer.send_batch(batch, self.topic, partition=p))
-                batch = batches[p] = self._producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-        for p, batch in batches.items():
-            if batch.record_count():
-                pending.append(await self._producer.send_batch(batch, self.topic, partition=p))
+        pending = await send_batches(self._producer, self.topic, ((k, v, []) for k, v in records))
         try:
             await asyncio.gather(*pending)
         except KafkaError as exc:

@@ -12,6 +12,7 @@ and the problem, for example ``Expected `int`, got `str` - at `$.input_tokens```
 
 from __future__ import annotations
 
+import itertools
 import operator
 import re
 from collections.abc import Iterable, Sequence
@@ -354,17 +355,31 @@ def _field_of(message: str) -> str | None:
 _KNOWN_TYPES = ", ".join(EVENT_TYPES)
 
 
-def _reason_of(exc: Exception, raw: bytes | str | None = None) -> str:
+def _not_utf8(raw: bytes) -> Rejection | None:
+    """The project's own UTF-8 check: JSON is UTF-8, whatever a decoder says or raises.
+
+    msgspec 0.22 raised ``UnicodeDecodeError`` for a bad byte inside a string and 0.23 a
+    ``DecodeError`` with other words, and neither looks at bytes it skips (unknown fields):
+    the reason and the position must not follow a dependency's choice.
+    """
+    if raw.isascii():
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return Rejection(f"not UTF-8: invalid byte at position {bad.start}")
+    return None
+
+
+def _any_not_utf8(raws: Sequence[bytes]) -> bool:
+    """Whether a message of ``raws`` is not UTF-8; ASCII messages (most) are passed in C."""
+    return any(_not_utf8(raw) for raw in itertools.filterfalse(bytes.isascii, raws))
+
+
+def _reason_of(exc: Exception) -> str:
+    # msgspec's words are kept where they name the field and the problem well; the branches
+    # below only reword them, and a wording they do not know passes through unchanged.
     text = str(exc)
-    if isinstance(exc, UnicodeDecodeError):
-        # msgspec reports the offset inside the string value; the message offset is useful.
-        at = exc.start
-        if isinstance(raw, bytes):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as whole:
-                at = whole.start
-        return f"not UTF-8: invalid byte at position {at}"
     if isinstance(exc, msgspec.ValidationError):
         if text.startswith("Object missing required field `type`"):
             return f"missing event type: field `type` must be one of {_KNOWN_TYPES} - at `$.type`"
@@ -404,14 +419,17 @@ def decode_batch(
     horizon = _horizon()
     present = raws
     try:
-        total = len(b"".join(raws))  # type: ignore[arg-type]  # TypeError: a None or a str
+        joined = b"".join(raws)  # type: ignore[arg-type]  # TypeError: a None or a str
     except TypeError:
         present = [raw for raw in raws if raw is not None]
         try:
-            total = len(b"".join(present))  # type: ignore[arg-type]  # TypeError: a str
+            joined = b"".join(present)  # type: ignore[arg-type]  # TypeError: a str
         except TypeError:
             return _decode_each(raws, max_bytes, horizon)
+    total = len(joined)
     if total > max_bytes and max(map(len, present)) > max_bytes:  # type: ignore[arg-type]
+        return _decode_each(raws, max_bytes, horizon)
+    if not joined.isascii() and _any_not_utf8(present):  # type: ignore[arg-type]
         return _decode_each(raws, max_bytes, horizon)
     events: list[AgentEvent] = []
     rejected: list[Rejection] = []
@@ -483,10 +501,12 @@ def _decode_one(raw: bytes | str | None, max_bytes: int) -> AgentEvent | Rejecti
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
     if size > max_bytes:
         return Rejection(f"oversized message: {size} bytes exceeds the {max_bytes}-byte limit")
+    if isinstance(raw, bytes) and (not_utf8 := _not_utf8(raw)) is not None:
+        return not_utf8
     try:
         event: AgentEvent = _decoder.decode(raw)
     except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-        return Rejection(reason := _reason_of(exc, raw), _field_of(reason))
+        return Rejection(reason := _reason_of(exc), _field_of(reason))
     except RecursionError:
         # msgspec recurses per nesting level: a hostile message must not stop the worker.
         return Rejection("malformed JSON: nested too deeply")

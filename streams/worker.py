@@ -22,7 +22,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from mode import Service
 
 from pipeline.config import Settings
-from pipeline.kafka import client_kwargs, start_producer
+from pipeline.kafka import Headers, client_kwargs, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import (
     ANOMALIES,
@@ -538,18 +538,16 @@ class EventConsumer(Service):
             None, self._land, events, dead, metrics, anomalies, burns, verdicts, ranges
         )
         steps.lap("land")
-        sends = []
-        for record, rejection in rejected:
-            value, key, headers = _dead_letter_copy(record, rejection)
-            sends.append(
-                await self._producer.send(s.dlq_topic, value=value, key=key, headers=headers)
-            )
-        for metric_id, value in metric_records(metrics):
-            sends.append(await self._producer.send(s.metrics_topic, value=value, key=metric_id))
-        for anomaly_id, value in anomaly_records(pa.concat_tables([anomalies, burns])):
-            sends.append(await self._producer.send(s.anomalies_topic, value=value, key=anomaly_id))
-        for verdict_id, value in verdict_records(verdicts):
-            sends.append(await self._producer.send(s.verdicts_topic, value=value, key=verdict_id))
+        dead_copies = (_dead_letter_copy(record, rejection) for record, rejection in rejected)
+        derived = [
+            (s.dlq_topic, ((key, value, headers) for value, key, headers in dead_copies)),
+            (s.metrics_topic, _unkeyed(metric_records(metrics))),
+            (s.anomalies_topic, _unkeyed(anomaly_records(pa.concat_tables([anomalies, burns])))),
+            (s.verdicts_topic, _unkeyed(verdict_records(verdicts))),
+        ]
+        sends = [
+            f for topic, out in derived for f in await send_batches(self._producer, topic, out)
+        ]
         if sends:
             await asyncio.gather(*sends)
         steps.lap("publish")
@@ -750,6 +748,11 @@ def _without(batch: Processed, partitions: set[int]) -> Processed:
         {p: span for p, span in batch.ranges.items() if p not in partitions},
         [r for r in batch.records if r.partition not in partitions],
     )
+
+
+def _unkeyed(records: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, Headers]]:
+    """``(key, value)`` records of a derived topic as ``send_batches`` takes them (no headers)."""
+    return ((key, value, []) for key, value in records)
 
 
 def _dead_letter_copy(

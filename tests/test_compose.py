@@ -318,7 +318,11 @@ def test_dockerfile_and_dockerignore() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     stages = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert stages and all(s == "python:3.11-slim" for s in stages), stages
-    assert re.search(r"^RUN .*pip install .*\.", text, re.M)
+    # The image installs the lock, runtime dependencies only, with the Makefile's uv.
+    assert re.search(r"^RUN uv sync --locked --no-dev --no-editable", text, re.M)
+    assert re.search(r"^COPY pyproject.toml uv.lock ", text, re.M)
+    (uv,) = re.findall(r"pip install uv==(\S+)", text)
+    assert f"UV_VERSION := {uv}\n" in (ROOT / "Makefile").read_text(encoding="utf-8")
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "image runs as root"
     (entry,) = re.findall(r"^ENTRYPOINT\s+(.+)$", text, re.M)

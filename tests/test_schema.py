@@ -484,6 +484,37 @@ def test_non_utf8_position_is_the_offset_in_the_message() -> None:
     assert rej.reason == f"not UTF-8: invalid byte at position {at}"
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # a bad byte in a field the schema does not know: a decoder that skips unknown fields
+        # never looks at it, but the message is still not JSON (JSON is UTF-8)
+        wire().replace(b"{", b'{"extra":"x\xc3(y",', 1),
+        # outside any string, and a truncated multi-byte sequence at the very end
+        wire() + b" \xff",
+        wire() + b"\xe2\x82",
+    ],
+    ids=["unknown field", "after the object", "truncated sequence"],
+)
+def test_not_utf8_is_the_projects_check_not_the_decoders(raw: bytes) -> None:
+    at = next(i for i, byte in enumerate(raw) if byte > 127)  # each case's first is the bad one
+    rej = decode(raw)
+    assert rej == Rejection(f"not UTF-8: invalid byte at position {at}")
+    assert decode_batch([wire(), raw])[2] == [rej]
+
+
+def test_batch_and_single_decoding_agree_on_utf8() -> None:
+    good_ascii = wire(event_id="ascii")
+    good_text = wire(event_id="é-text", tool_name="recherche-é")
+    bad = NON_UTF8
+    raws: list[bytes | str | None] = [good_ascii, bad, good_text, bad, good_ascii]
+    events, ok_at, rejected, bad_at = decode_batch(raws)
+    assert ok_at == [0, 2, 4] and bad_at == [1, 3]
+    assert [e.event_id for e in events] == ["ascii", "é-text", "ascii"]
+    assert rejected == [decode(bad), decode(bad)]
+    assert all(r.reason.startswith("not UTF-8: invalid byte at position") for r in rejected)
+
+
 # --- retrieval miss ------------------------------------------------------------------------
 
 
