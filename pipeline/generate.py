@@ -806,7 +806,7 @@ class _Traffic:
             checks.append(("tone", p.tone_fail_prob, True))
         common = {f: getattr(task, f) for f in _TASK_ENVELOPE}
         for evaluator, fail, wanted in checks:
-            t += 1.0 + 4.0 * rand()
+            t += 0.5 + 1.5 * rand()  # an online judge, seconds after the answer
             passed = rand() >= fail
             score = 0.6 + 0.4 * rand() if passed else 0.6 * rand()
             if not wanted:
@@ -833,7 +833,7 @@ class _Traffic:
         if u < RATING_PROB:
             negative = u / RATING_PROB < NEGATIVE_RATING_PROB[completed] * p.negative_rating_factor
             rating = float(1 + int(stars * 2)) if negative else float(3 + int(stars * 3))
-            t += 5.0 + 20.0 * rand()
+            t += 2.0 + 8.0 * rand()
             out.append((t, Feedback(event_id="", ts=self.ts(t), rating=rating, **common)))
         else:
             rand()

@@ -513,7 +513,8 @@ class ReleaseJudge:
                 needed.update(m.denominator)
         by_window: dict[int, list[dict[str, Any]]] = {}
         ends: dict[int, int] = {}
-        for row in keyed.select(sorted(needed)).to_pylist():
+        # A measure whose columns the rows lack (metrics of an older worker) has no samples.
+        for row in keyed.select(sorted(needed & set(keyed.column_names))).to_pylist():
             start = _to_us(row["window_start"])
             by_window.setdefault(start, []).append(row)
             ends[start] = _to_us(row["window_end"])
@@ -699,8 +700,8 @@ def _add(
     """Add one window's metrics rows of each side to a rate's or ratio's sums."""
     sides: list[float | None] = []
     for rows, sums in ((cand, acc.cand), (base, acc.base)):
-        den = float(sum(r[c] or 0 for r in rows for c in m.denominator))
-        num = float(sum(r[m.numerator] or 0 for r in rows))
+        den = float(sum(r.get(c) or 0 for r in rows for c in m.denominator))
+        num = float(sum(r.get(m.numerator) or 0 for r in rows))
         if den <= 0:
             sides.append(None)
             continue
