@@ -25,22 +25,6 @@ from sinks.catalog import QueryError, connect
 Decision = Literal["promote", "rollback", "wait"]
 EXIT_CODES: Final[dict[Decision, int]] = {"promote": 0, "rollback": 1, "wait": 3}
 
-_COLUMNS: Final = (
-    "measure",
-    "verdict",
-    "candidate_value",
-    "baseline_value",
-    "effect",
-    "effect_low",
-    "effect_high",
-    "effect_scale",
-    "confidence",
-    "candidate_samples",
-    "baseline_samples",
-    "windows",
-    "last_window_end",
-)
-
 
 class UnknownRelease(QueryError):
     """The release id is neither announced nor judged in the lake."""
@@ -106,7 +90,7 @@ def gate(data_dir: Path, release_id: str) -> GateResult:
     con = connect(data_dir, analysis="release_summary")
     try:
         rel = con.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM release_summary WHERE release_id = ? "
+            "SELECT * EXCLUDE (release_id) FROM release_summary WHERE release_id = ? "
             "ORDER BY measure",
             [release_id],
         )

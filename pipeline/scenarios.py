@@ -60,6 +60,13 @@ re-sending its context): that tenant's spend rate rises about 4x, and its ground
 carries day budgets for every tenant and when tenant-03's runs out (``budget_truth``); the
 budget tracker scores it, not drift detection either.
 
+Quality scenarios (``QUALITY_SCENARIOS``), on the evaluation events and in-app ratings the
+generator adds to every ended task: ``hallucination-rise`` (support-bot's gpt-4o-mini answers
+fail the hallucination evaluator 25 % of the time instead of 3 %: ~82 % over all its answers,
+found at the agent level, ~50 judged answers a window), ``feedback-sours`` (support-bot's
+negative ratings x5, ~30 ratings a window) and the rollout ``tone-regression`` (p14's tone pass
+rate 94 % -> 80 %, judged ``regressed`` on ``eval_tone_pass_rate``).
+
 ``steady`` is the control: no incident. Later scenarios add records
 with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
 ``ScenarioParams``; the registry and the ground-truth format stay as they are.
@@ -568,7 +575,11 @@ DRIFT_SCENARIOS: Final[tuple[str, ...]] = tuple(
 )
 """The scenarios drift detection is scored on: rollouts are judged by release verdicts, budget
 scenarios by the budget tracker."""
-QUALITY_SCENARIOS: Final[tuple[str, ...]] = ("hallucination-rise", "tone-regression", "feedback-sours")
+QUALITY_SCENARIOS: Final[tuple[str, ...]] = (
+    "hallucination-rise",
+    "tone-regression",
+    "feedback-sours",
+)
 """The scenarios of evaluation scores and user feedback (drift and rollout alike)."""
 
 

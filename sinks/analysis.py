@@ -108,7 +108,13 @@ from typing import TYPE_CHECKING, Any, Final
 import duckdb
 
 from sinks.parquet import glob_of
-from streams.windows import DIMENSIONS, EVALUATORS, METRICS_SCHEMA
+from streams.windows import (
+    DIMENSIONS,
+    EVALUATORS,
+    METRICS_SCHEMA,
+    QUALITY_COUNTS,
+    QUALITY_SUMS,
+)
 
 if TYPE_CHECKING:  # matplotlib is imported by the plotting functions only: the views are
     # installed on every `agentstream sql` and at worker start-up, which draw nothing.
@@ -169,23 +175,10 @@ COUNTS: Final = (
     "tool_errors",
     "guardrail_incidents",
     "late_events",
-    "evaluations",
-    "evaluations_judged",
-    "evaluations_passed",
-    "evaluations_scored",
-    *(f"eval_{e}_{c}" for e in EVALUATORS for c in ("evaluations", "judged", "passed", "scored")),
-    "feedback_ratings",
-    "feedback_negative",
-    "feedback_corrections",
+    *QUALITY_COUNTS,
 )
 """Metrics columns that are counts: summed as BIGINT."""
-AMOUNTS: Final = (
-    "cost_usd",
-    "cost_estimated_usd",
-    "evaluation_score_sum",
-    *(f"eval_{e}_score_sum" for e in EVALUATORS),
-    "feedback_rating_sum",
-)
+AMOUNTS: Final = ("cost_usd", "cost_estimated_usd", *QUALITY_SUMS)
 """Metrics columns that are amounts: summed as DOUBLE."""
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "EVALUATORS",
     "METRICS_SCHEMA",
     "NEGATIVE_RATING",
+    "QUALITY_COUNTS",
+    "QUALITY_SUMS",
     "QUANTILES",
     "ROLLUPS",
     "STEP_TYPES",
@@ -82,6 +84,22 @@ EVALUATORS: Final = (
 )
 # Feedback ratings are 1-5 stars; 1 and 2 are negative.
 NEGATIVE_RATING: Final = 2.0
+# The summable evaluation and feedback measures of a metrics row: counts, then float sums.
+QUALITY_COUNTS: Final = (
+    "evaluations",
+    "evaluations_judged",
+    "evaluations_passed",
+    "evaluations_scored",
+    *(f"eval_{e}_{c}" for e in EVALUATORS for c in ("evaluations", "judged", "passed", "scored")),
+    "feedback_ratings",
+    "feedback_negative",
+    "feedback_corrections",
+)
+QUALITY_SUMS: Final = (
+    "evaluation_score_sum",
+    *(f"eval_{e}_score_sum" for e in EVALUATORS),
+    "feedback_rating_sum",
+)
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
@@ -128,21 +146,9 @@ _COUNTS: Final = [
     "tool_errors",
     "guardrail_incidents",
     "late_events",
-    "evaluations_judged",
-    "evaluations_passed",
-    "evaluations_scored",
-    *(f"eval_{e}_{c}" for e in EVALUATORS for c in ("evaluations", "judged", "passed", "scored")),
-    "feedback_ratings",
-    "feedback_negative",
-    "feedback_corrections",
+    *QUALITY_COUNTS[1:],  # evaluations is events_evaluation
 ]
-_SUMS: Final = [
-    "cost_usd",
-    "cost_estimated_usd",
-    "evaluation_score_sum",
-    *(f"eval_{e}_score_sum" for e in EVALUATORS),
-    "feedback_rating_sum",
-]
+_SUMS: Final = ["cost_usd", "cost_estimated_usd", *QUALITY_SUMS]
 
 _DIM_SCHEMA: Final[dict[str, pl.DataType]] = {d: pl.String() for d in DIMENSIONS}
 _AGG_SCHEMA: Final = pl.Schema(

@@ -12,9 +12,6 @@ detectors' 30-window warm-up and the detection.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import msgspec
@@ -22,13 +19,11 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline import schema
-from pipeline.config import Settings
 from pipeline.evaluate import score
-from pipeline.generate import TrafficConfig, generate
-from pipeline.publisher import Publisher
+from pipeline.generate import TrafficConfig
 from pipeline.scenarios import ground_truth
 from sinks.catalog import connect
-from tests.helpers import consume_all, running_worker, unique_settings, wait_committed
+from tests.helpers import consume_all, land_all, side_by_side, unique_settings
 from tests.test_windows import assert_metrics_match_events
 
 pytestmark = pytest.mark.timeout(600)
@@ -48,41 +43,10 @@ def _config(name: str) -> TrafficConfig:
     return TrafficConfig(events=EVENTS, seed=SEED, scenario=name, agents=1, rate_per_s=RATE)
 
 
-async def _publish(settings: Settings, events: list[schema.AgentEvent]) -> None:
-    async with Publisher(settings) as pub:
-        await pub.publish_many(events)
-
-
 def test_quality_incidents_on_kafka(bootstrap: str, tmp_path: Path) -> None:
     settings = unique_settings(bootstrap, tmp_path / "lake")
-    stream: list[schema.AgentEvent] = []
-    for name in SCENARIOS:
-        for ev in generate(_config(name)):
-            stream.append(
-                msgspec.structs.replace(
-                    ev, agent_id=f"{name}/{ev.agent_id}", event_id=f"{name}/{ev.event_id}"
-                )
-            )
-    stream.sort(key=lambda ev: ev.ts)  # stable: each scenario keeps its order
-    newest = stream[-1].ts
-    stream.append(  # a last event far ahead closes every window, as time passing would
-        schema.Task(
-            event_id="sentinel",
-            schema_version=1,
-            ts=newest + timedelta(minutes=5),
-            agent_id="sentinel",
-            outcome="started",
-        )
-    )
-    asyncio.run(_publish(settings, stream))
-    last_window = newest.replace(second=0, microsecond=0)
-    with running_worker(settings) as proc:
-        wait_committed(settings, len(stream), proc, timeout=240)
-        deadline = time.monotonic() + 60
-        query = "SELECT count(*) FROM metrics WHERE window_start = $1"
-        while connect(settings.data_dir).execute(query, [last_window]).fetchall() == [(0,)]:
-            assert time.monotonic() < deadline, "the last windows were never emitted"
-            time.sleep(0.5)
+    stream = side_by_side({name: _config(name) for name in SCENARIOS})
+    land_all(settings, stream)
 
     con = connect(settings.data_dir)
     n_evaluations = sum(isinstance(ev, schema.Evaluation) for ev in stream)

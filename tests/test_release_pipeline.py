@@ -10,11 +10,9 @@ and never 1 for the good rollout.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -22,14 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import schema
-from pipeline.config import Settings
 from pipeline.evaluate import replay_releases, score_rollout
-from pipeline.generate import TrafficConfig, generate
-from pipeline.publisher import Publisher
+from pipeline.generate import TrafficConfig
 from pipeline.scenarios import ROLLOUT_SCENARIOS, ground_truth
 from sinks.catalog import connect
-from tests.helpers import consume_all, running_worker, unique_settings, wait_committed
+from tests.helpers import consume_all, land_all, side_by_side, unique_settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,44 +39,11 @@ def _config(name: str) -> TrafficConfig:
     return TrafficConfig(events=EVENTS, seed=SEED, scenario=name, agents=1)
 
 
-async def _publish(settings: Settings, events: list[schema.AgentEvent]) -> None:
-    async with Publisher(settings) as pub:
-        await pub.publish_many(events)
-
-
 def test_rollouts_on_kafka(bootstrap: str, tmp_path: Path) -> None:
     settings = unique_settings(bootstrap, tmp_path / "lake")
-    stream: list[schema.AgentEvent] = []
-    for name in ROLLOUT_SCENARIOS:
-        # Each scenario under an agent of its own, so both run through one worker.
-        for ev in generate(_config(name)):
-            stream.append(
-                msgspec.structs.replace(
-                    ev, agent_id=f"{name}/{ev.agent_id}", event_id=f"{name}/{ev.event_id}"
-                )
-            )
-    stream.sort(key=lambda ev: ev.ts)  # stable: each scenario keeps its order
-    newest: datetime = stream[-1].ts
-    # A last event far ahead closes every window, as time passing would.
-    stream.append(
-        schema.Task(
-            event_id="sentinel",
-            schema_version=1,
-            ts=newest + timedelta(minutes=5),
-            agent_id="sentinel",
-            outcome="started",
-        )
-    )
+    stream = side_by_side({name: _config(name) for name in ROLLOUT_SCENARIOS})
     started = time.monotonic()
-    asyncio.run(_publish(settings, stream))
-    last_window = newest.replace(second=0, microsecond=0)
-    with running_worker(settings) as proc:
-        wait_committed(settings, len(stream), proc, timeout=120)
-        deadline = time.monotonic() + 60
-        query = "SELECT count(*) FROM metrics WHERE window_start = $1"
-        while connect(settings.data_dir).execute(query, [last_window]).fetchall() == [(0,)]:
-            assert time.monotonic() < deadline, "the last windows were never emitted"
-            time.sleep(0.5)
+    land_all(settings, stream, timeout=120)
     print(f"published and judged in {time.monotonic() - started:.1f} s")
 
     con = connect(settings.data_dir)
