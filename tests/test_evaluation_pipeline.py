@@ -36,7 +36,7 @@ SCENARIOS = {
     "hallucination-rise": ("eval_hallucination_pass_rate", "down"),
     "feedback-sours": ("feedback_negative_share", "up"),
 }
-MAX_DELAY_WINDOWS = 10  # replayed on seeds 1-3: 2-5 windows
+MAX_DELAY_WINDOWS = 10  # replayed on seeds 1-3: 2-4 windows
 
 
 def _config(name: str) -> TrafficConfig:
