@@ -135,6 +135,60 @@ def worker(
     sys.exit(run(settings, loglevel=loglevel))
 
 
+@main.command()
+@broker_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=4318, show_default=True)
+@click.option(
+    "--kafka-topic",
+    default="otlp_spans",
+    show_default=True,
+    help="Topic the OpenTelemetry Collector's Kafka exporter writes (otlp_proto or otlp_json)",
+)
+@click.option(
+    "--kafka-logs-topic",
+    default="otlp_logs",
+    show_default=True,
+    help="Topic of the Collector's log records (evaluation and guardrail results)",
+)
+@click.option("--no-kafka", is_flag=True, help="Do not read the Collector's Kafka topics")
+@click.option(
+    "--max-body-mib",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Largest request body accepted, compressed or not (413 above)",
+)
+@friendly
+def otlp(
+    broker: str | None,
+    host: str,
+    port: int,
+    kafka_topic: str,
+    kafka_logs_topic: str,
+    no_kafka: bool,
+    max_body_mib: int,
+) -> None:
+    """Receive OpenTelemetry traces and logs (OTLP/HTTP, protobuf or JSON) as agent events.
+
+    POST /v1/traces and /v1/logs; spans of agent work (model calls, tools, retrievals,
+    guardrails, agent invocations) become events on the events topic, acknowledged once Kafka
+    has them. Also reads the Collector's Kafka topics (traces, logs) unless --no-kafka.
+    """
+    from pipeline.config import check_topic
+    from pipeline.otel.service import serve
+
+    settings = Settings.load(broker=broker)
+    topic = None if no_kafka else check_topic(kafka_topic, "--kafka-topic")
+    logs = None if no_kafka else check_topic(kafka_logs_topic, "--kafka-logs-topic")
+    # The Collector's topics too, so the source can join its group before the first export.
+    extra = {t: settings.partitions for t in (topic, logs) if t}
+    ensure_pipeline_topics(settings, extra=extra)
+    asyncio.run(
+        serve(settings, host, port, topic, max_body_bytes=max_body_mib << 20, kafka_logs_topic=logs)
+    )
+
+
 def _read_lines(source: BinaryIO) -> Iterator[tuple[int, bytes]]:
     for n, line in enumerate(source, start=1):
         line = line.strip()
@@ -303,6 +357,34 @@ def report(data_dir: Path | None, out: Path) -> None:
     click.echo(f"report: {render_report(settings.data_dir, out)}")
 
 
+@main.command()
+@data_dir_option
+@broker_option
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any other than loopback needs AGENTSTREAM_UI_TOKEN",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8686, show_default=True)
+@click.option("--no-live", is_flag=True, help="Do not follow the derived topics (no broker needed)")
+@friendly
+def ui(data_dir: Path | None, broker: str | None, host: str, port: int, no_live: bool) -> None:
+    """Serve the live web page over the lake: overview, cost, alerts, releases, budgets,
+    quality, sessions and dead letters, updated as the worker publishes."""
+    from pipeline.ui.server import check_binding, serve
+
+    settings = Settings.load(broker=broker, data_dir=data_dir)
+    token = settings.ui_token.reveal() if settings.ui_token is not None else None
+    check_binding(host, token)  # before reading anything
+    where = "no live updates" if no_live else f"live from {settings.broker}"
+
+    def ready(url: str) -> None:
+        click.echo(f"agentstream ui: {url} (lake {settings.data_dir}, {where})", err=True)
+
+    serve(settings.data_dir, None if no_live else settings, host, port, token, ready)
+
+
 def render(rel: Any, fmt: str) -> str:
     """Format a DuckDB relation as a table, CSV or JSON (an array of objects)."""
     if fmt == "table":
@@ -377,18 +459,20 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
     Replays each scenario's events through the worker's windows and detectors in-process
     (no broker: detection does not depend on delivery) and compares with the ground truth.
     """
+    from pipeline.evaluate import by_scenario
     from pipeline.evaluate import evaluate as run
-    from pipeline.scenarios import DRIFT_SCENARIOS
+    from pipeline.scenarios import DRIFT_SCENARIOS, STARTUP_SCENARIOS
 
     # Rollout scenarios are judged by release verdicts, not drift detection.
-    unknown = [s for s in scenarios if s not in DRIFT_SCENARIOS]
+    scored = (*DRIFT_SCENARIOS, *STARTUP_SCENARIOS)
+    unknown = [s for s in scenarios if s not in scored]
     if unknown:
-        raise ConfigError(
-            f"unknown scenario {unknown[0]!r}: expected one of {', '.join(DRIFT_SCENARIOS)}"
-        )
-    result = run(range(1, seeds + 1), n_events, scenarios or DRIFT_SCENARIOS)
+        raise ConfigError(f"unknown scenario {unknown[0]!r}: expected one of {', '.join(scored)}")
+    result = run(range(1, seeds + 1), n_events, scenarios or scored)
     if as_json:
-        click.echo(msgspec.json.encode(result.as_dict()).decode())
+        click.echo(
+            msgspec.json.encode({**result.as_dict(), "scenarios": by_scenario(result)}).decode()
+        )
         return
     for r in result.runs:
         delays = ", ".join(f"{d:g}" for d in r.delays_windows) or "-"
@@ -398,6 +482,15 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
         )
         for alert in r.false_alerts:
             click.echo(f"    false alert: {alert}")
+    click.echo("")
+    for row in by_scenario(result):
+        median = row["median_delay_windows"]
+        click.echo(
+            f"{row['scenario']:<36} found {row['detected']}/{row['incidents']}  "
+            f"precision {row['precision']:.3f}  recall {row['recall']:.3f}  median delay "
+            + ("-" if median is None else f"{median:g}")
+            + f"  false alerts {row['false_alerts']}"
+        )
     delay = result.median_delay_windows
     click.echo(
         f"precision {result.precision:.3f}  recall {result.recall:.3f}  median delay "
@@ -411,7 +504,14 @@ def evaluate(seeds: int, n_events: int, scenarios: tuple[str, ...], as_json: boo
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Benchmark against a real Kafka broker: ceiling, naive faust, agentstream (see --help)."""
+    """Benchmark against a real Kafka broker: ceiling, naive faust, agentstream (see --help).
+
+    `agentstream bench --otlp [--spans N]` measures the OTLP receiver instead (bench/otlp.py).
+    """
+    if "--otlp" in args:
+        from bench.otlp import main as run_otlp
+
+        sys.exit(run_otlp([a for a in args if a != "--otlp"]))
     from bench.run import main as run_bench
 
     sys.exit(run_bench(list(args)))
@@ -488,20 +588,9 @@ def _announce(
     release_id: str | None,
     at: str | None,
 ) -> None:
-    from datetime import datetime
-
     from pipeline.publisher import Publisher, release_event
 
-    when = None
-    if at is not None:
-        try:
-            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
-        except ValueError:
-            raise ConfigError(
-                f"bad --at {at!r}: expected RFC 3339, e.g. 2026-11-26T14:00:00Z"
-            ) from None
-        if when.tzinfo is None:
-            raise ConfigError(f"bad --at {at!r}: give a UTC offset, e.g. {at}Z")
+    when = _time_option("at", at)
     event = release_event(
         agent_id=agent_id,
         dimension=dimension,
@@ -679,11 +768,148 @@ def describe(stream: str, record: Any) -> str:
             f"tool_errors={num('tool_error_rate', '.3f')} llm_p95={num('llm_latency_p95_ms', '.0f')}ms "
             f"late={data['late_events']}"
         )
-    return (
+    line = (
         f"{data.get('detected_at')} {data.get('severity', '?').upper():<8} {data.get('kind')} "
         f"{data.get('measure')} {data.get('direction', '')} {key}  observed={data.get('observed')} "
         f"baseline={data.get('baseline')} detector={data.get('detector')}"
     )
+    if data.get("rule"):
+        line += f" rule={data['rule']!r}"
+    if data.get("explanation"):
+        line += f"  why: {data['explanation']}"
+    return line
+
+
+def _time_option(name: str, value: str | None) -> Any:
+    """An RFC 3339 time given to ``--<name>``, or ConfigError."""
+    from datetime import datetime
+
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"bad --{name} {value!r}: expected RFC 3339, e.g. 2026-11-26T14:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        raise ConfigError(f"bad --{name} {value!r}: give a UTC offset, e.g. {value}Z")
+    return when
+
+
+@main.command()
+@data_dir_option
+@click.option(
+    "--rules",
+    "rules_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Rules file (.toml or .json) [default: AGENTSTREAM_RULES]",
+)
+@click.option(
+    "--from", "since", default=None, metavar="TIME", help="First window to report (RFC 3339)"
+)
+@click.option("--to", "until", default=None, metavar="TIME", help="Replay windows before this time")
+@click.option("--no-detectors", is_flag=True, help="Rules only, without the drift detectors")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per alert")
+@friendly
+def backtest(
+    data_dir: Path | None,
+    rules_file: Path | None,
+    since: str | None,
+    until: str | None,
+    no_detectors: bool,
+    as_json: bool,
+) -> None:
+    """Replay the lake's metrics through the rules and detectors; print what would have fired.
+
+    Nothing is published or landed. Windows before --from prime the detectors as the live
+    worker's history did; the same metrics give the same alert ids as the live worker.
+    """
+    from streams.backtest import backtest as run
+    from streams.rules import RuleError, load_rules
+
+    settings = Settings.load(data_dir=data_dir)
+    start, end = _time_option("from", since), _time_option("to", until)
+    if start is not None and end is not None and start >= end:
+        raise ConfigError(f"bad --from {since!r}: it must be before --to {until!r}")
+    try:
+        rules = load_rules(f"@{rules_file}" if rules_file is not None else settings.rules)
+    except RuleError as exc:
+        raise ConfigError(f"bad rules: {exc}") from None
+    found = run(settings.data_dir, rules, since=start, until=end, detectors=not no_detectors)
+    rows = found.to_pylist()
+    if as_json:
+        for row in rows:
+            click.echo(msgspec.json.encode(row).decode())
+        return
+    for row in rows:
+        what = f"rule {row['rule']!r}" if row["rule"] else row["detector"]
+        key = "/".join(
+            str(row[k] or "*")
+            for k in ("agent_id", "agent_version", "prompt_version", "model", "tenant_id")
+        )
+        click.echo(
+            f"{row['window_start']:%Y-%m-%dT%H:%M:%SZ} {row['severity'].upper():<8} "
+            f"{row['kind']:<8} {what:<20} {row['level']:<6} {key} {row['measure']} "
+            f"observed={row['observed']:.4g} baseline={row['baseline']:.4g} id={row['anomaly_id']}"
+        )
+        click.echo(f"    {row['message']}")
+        if row["explanation"]:
+            click.echo(f"    why: {row['explanation']}")
+    fired = sum(1 for r in rows if r["kind"] != "recovery")
+    click.echo(
+        f"{fired} alert{'s' if fired != 1 else ''}, {len(rows) - fired} "
+        f"recover{'ies' if len(rows) - fired != 1 else 'y'} ({len(rules)} rules"
+        f"{'' if no_detectors else ' and the detectors'})"
+    )
+
+
+@main.command()
+@broker_option
+@data_dir_option
+@click.option("--webhook", required=True, metavar="URL", help="http(s) URL to POST each alert to")
+@click.option(
+    "--min-severity",
+    type=click.Choice(["info", "warning", "critical"]),
+    default="warning",
+    show_default=True,
+    help="Post alerts of at least this severity",
+)
+@click.option("--group", default="agentstream-notify", show_default=True, help="Consumer group")
+@click.option("--from-beginning", is_flag=True, help="A new group starts at the oldest alert")
+@click.option(
+    "--max",
+    "max_posts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit after this many posts",
+)
+@friendly
+def notify(
+    broker: str | None,
+    data_dir: Path | None,
+    webhook: str,
+    min_severity: str,
+    group: str,
+    from_beginning: bool,
+    max_posts: int | None,
+) -> None:
+    """Follow the anomalies topic and POST each alert to a webhook (Slack-compatible JSON).
+
+    Retries with backoff until the endpoint accepts; each alert id is posted at most once,
+    across restarts (the posted ids are kept in <data dir>/.notify/<group>.posted).
+    """
+    from pipeline.notify import Notifier, check_webhook
+
+    check_webhook(webhook)
+    settings = Settings.load(broker=broker, data_dir=data_dir)
+    notifier = Notifier(
+        settings, webhook, min_severity=min_severity, group=group, from_beginning=from_beginning
+    )
+    logging.getLogger("agentstream.notify").setLevel(logging.INFO)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(notifier.run(max_posts))
 
 
 @main.command()

@@ -111,6 +111,11 @@ class Settings:
     redact: str = "email,phone,api_key"
     # Spend budgets: inline "tenant:acme=50/day,agent:bot=1000/month" or "@budgets.toml".
     budgets: str = ""
+    # Alert rules: inline JSON or "@rules.toml" / "@rules.json" (see streams.rules).
+    rules: str = ""
+    # Windows of each key's history read from the lake to prime the detectors at a start
+    # without a snapshot (0: start cold).
+    warm_start_windows: int = 60
     # Kafka connection security (TLS and SASL PLAIN / SCRAM).
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "PLAIN"
@@ -119,6 +124,8 @@ class Settings:
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    # `agentstream ui`: required to listen beyond loopback; then every request must carry it.
+    ui_token: Secret | None = None
 
     @property
     def window_seconds(self) -> int:
@@ -171,6 +178,10 @@ class Settings:
             )
         if isinstance(self.sasl_password, str):
             object.__setattr__(self, "sasl_password", Secret(self.sasl_password))
+        if isinstance(self.ui_token, str):
+            object.__setattr__(self, "ui_token", Secret(self.ui_token))
+        if self.ui_token is not None and not self.ui_token.reveal():
+            object.__setattr__(self, "ui_token", None)  # set but empty: no token
         if self.security_protocol.startswith("SASL") and not (
             self.sasl_username and self.sasl_password
         ):
@@ -195,6 +206,15 @@ class Settings:
                 load_budgets(self.budgets)
             except BudgetError as exc:
                 raise ConfigError(f"bad AGENTSTREAM_BUDGETS: {exc}") from None
+        if self.rules:
+            from streams.rules import RuleError, load_rules  # the parser lives with them
+
+            try:
+                load_rules(self.rules)
+            except RuleError as exc:
+                raise ConfigError(f"bad AGENTSTREAM_RULES: {exc}") from None
+        if self.warm_start_windows < 0:
+            raise ConfigError(f"bad warm_start_windows {self.warm_start_windows!r}: must be >= 0")
         for name in ("flush_interval_s", "allowed_lateness_s", "dedupe_horizon_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 0")

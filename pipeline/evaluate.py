@@ -21,19 +21,30 @@ first matching anomaly.
 from __future__ import annotations
 
 import statistics
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.generate import TrafficConfig, generate
-from pipeline.scenarios import DRIFT_SCENARIOS, Incident, ground_truth
+from pipeline.scenarios import (
+    DRIFT_SCENARIOS,
+    EARLY_SCENARIOS,
+    STARTUP_SCENARIOS,
+    Incident,
+    ground_truth,
+)
+from sinks.catalog import METRICS, prepare
 from sinks.tables import events_to_table
 from streams.detect import DriftDetector
 from streams.enrich import CostEstimator
 from streams.releases import JudgeConfig, ReleaseJudge
+from streams.warmstart import metrics_history
 from streams.windows import WindowAggregator
 
 DEFAULT_EVENTS: Final = 200_000
@@ -142,10 +153,16 @@ def _batches(config: TrafficConfig) -> Iterator[tuple[pa.Table, datetime]]:
         batch = []
 
 
-def replay(config: TrafficConfig, window_s: int = 60, lateness_s: float = 60.0) -> pa.Table:
-    """Anomalies the worker's windows and detectors raise on ``config``'s traffic."""
+def replay(
+    config: TrafficConfig,
+    window_s: int = 60,
+    lateness_s: float = 60.0,
+    detector: DriftDetector | None = None,
+) -> pa.Table:
+    """Anomalies the worker's windows and ``detector`` (a fresh one by default) raise on
+    ``config``'s traffic."""
     windows = WindowAggregator(window_s, lateness_s)
-    detector = DriftDetector()
+    detector = detector if detector is not None else DriftDetector()
     found = []
     for table, newest in _batches(config):
         windows.update(table, now=newest)
@@ -264,7 +281,7 @@ class Evaluation:
 def evaluate(
     seeds: Sequence[int],
     events: int = DEFAULT_EVENTS,
-    scenarios: Sequence[str] = DRIFT_SCENARIOS,
+    scenarios: Sequence[str] = (*DRIFT_SCENARIOS, *STARTUP_SCENARIOS),
 ) -> Evaluation:
     """Replay every scenario for every seed and score the detection."""
     runs = []
@@ -272,4 +289,79 @@ def evaluate(
         for seed in seeds:
             config = TrafficConfig(events=events, seed=seed, scenario=name)
             runs.append(score(name, seed, ground_truth(config), replay(config)))
+            if name in EARLY_SCENARIOS:
+                label = f"{name} +history"
+                runs.append(score(label, seed, ground_truth(config), replay_with_history(config)))
     return Evaluation(runs)
+
+
+# --------------------------------------------------------------------------------------
+# A fresh worker on a lake with history (early scenarios)
+# --------------------------------------------------------------------------------------
+
+HISTORY_MINUTES: Final = 45
+
+
+def history_config(config: TrafficConfig, minutes: int = HISTORY_MINUTES) -> TrafficConfig:
+    """Steady traffic of the ``minutes`` before ``config.start`` (another seed): what an
+    earlier worker saw and landed before the one being scored starts."""
+    return TrafficConfig(
+        events=int(minutes * 60 * config.rate_per_s),
+        seed=config.seed + 10_000,
+        start=config.start - timedelta(minutes=minutes + 2),
+        rate_per_s=config.rate_per_s,
+        agents=config.agents,
+        tenants=config.tenants,
+        scenario="steady",
+    )
+
+
+def land_history(
+    config: TrafficConfig, data_dir: Path, window_s: int = 60, minutes: int = HISTORY_MINUTES
+) -> None:
+    """Land ``history_config(config, minutes)``'s closed windows as ``metrics`` in a lake,
+    named as the worker names them."""
+    lake = prepare(data_dir)
+    windows = WindowAggregator(window_s, 60.0)
+    closed = []
+    for table, newest in _batches(history_config(config, minutes)):
+        windows.update(table, now=newest)
+        closed.append(windows.close_due(now=newest))
+    closed.append(windows.flush_all())
+    metrics = pa.concat_tables(closed)
+    for start in pc.unique(metrics["window_start"]).to_pylist():
+        mine = metrics.filter(pc.equal(metrics["window_start"], start))
+        lake.write_named(METRICS, mine, f"history~{start:%Y%m%dT%H%M%S}.parquet")
+
+
+def replay_with_history(config: TrafficConfig, windows: int = 60) -> pa.Table:
+    """``replay`` on a fresh detector primed as the worker primes it at a start without a
+    snapshot: from the last ``windows`` windows of each key in a lake holding history."""
+    with tempfile.TemporaryDirectory(prefix="agentstream-history-") as tmp:
+        land_history(config, Path(tmp))
+        history = metrics_history(Path(tmp), windows)
+    detector = DriftDetector()
+    detector.observe(history, detected_at=config.start)
+    return replay(config, detector=detector)
+
+
+def by_scenario(result: Evaluation) -> list[dict[str, Any]]:
+    """Per scenario (and mode): incidents found, precision, recall, median delay."""
+    names = list(dict.fromkeys(r.scenario for r in result.runs))
+    out = []
+    for name in names:
+        sub = Evaluation([r for r in result.runs if r.scenario == name])
+        out.append(
+            {
+                "scenario": name,
+                "incidents": sum(r.incidents for r in sub.runs),
+                "detected": sum(r.detected for r in sub.runs),
+                "alerts": sum(r.alerts for r in sub.runs),
+                "false_alerts": sum(len(r.false_alerts) for r in sub.runs),
+                "precision": round(sub.precision, 4),
+                "recall": round(sub.recall, 4),
+                "delays_windows": [d for r in sub.runs for d in r.delays_windows],
+                "median_delay_windows": sub.median_delay_windows,
+            }
+        )
+    return out

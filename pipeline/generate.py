@@ -341,6 +341,8 @@ class ScenarioParams:
     prompt_version: str | None = None
     data_source: str | None = None
     candidate_share: float = 1.0
+    # A new agent version deployed: tasks starting now carry it (as prompt_version above).
+    agent_version: str | None = None
 
 
 STEADY: Final = ScenarioParams()
@@ -679,6 +681,8 @@ class _Traffic:
         }
         if at_start.prompt_version is not None:  # drawn all the same: the rng stays aligned
             common["prompt_version"] = at_start.prompt_version
+        if at_start.agent_version is not None:
+            common["agent_version"] = at_start.agent_version
         root = self.span()  # the task's own span: its start and end events share it
 
         n_steps = MIN_STEPS + int(rand() * (MAX_STEPS - MIN_STEPS + 1))

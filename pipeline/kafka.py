@@ -16,6 +16,11 @@ from aiokafka.partitioner import DefaultPartitioner
 from pipeline.config import Settings
 
 log = logging.getLogger("agentstream.kafka")
+# The copy of a dead letter on the DLQ topic is cut to this size (the lake keeps it whole):
+# the producer's max_request_size and a topic's default max.message.bytes are 1 MiB, and a
+# copy that cannot be sent would stop every later commit behind it.
+DLQ_VALUE_LIMIT = 900 * 1024
+DLQ_KEY_LIMIT = 16 * 1024
 
 Headers = list[tuple[str, bytes]]
 _PARTITIONER = DefaultPartitioner()
@@ -105,13 +110,18 @@ def pipeline_topics(settings: Settings) -> dict[str, int]:
     }
 
 
-def ensure_pipeline_topics(settings: Settings, timeout: float = 15) -> None:
-    """Create the missing pipeline topics; ``BrokerUnavailable`` if the broker does not answer."""
+def ensure_pipeline_topics(
+    settings: Settings, timeout: float = 15, extra: dict[str, int] | None = None
+) -> None:
+    """Create the missing pipeline topics (and ``extra``: name -> partitions);
+    ``BrokerUnavailable`` if the broker does not answer."""
     from pipeline.broker import ensure_topics
 
     client = {k: v for k, v in client_kwargs(settings).items() if k != "bootstrap_servers"}
     try:
-        ensure_topics(settings.broker, pipeline_topics(settings), timeout, **client)
+        ensure_topics(
+            settings.broker, {**pipeline_topics(settings), **(extra or {})}, timeout, **client
+        )
     except Exception as exc:
         raise unreachable(settings, exc) from None
 
@@ -209,3 +219,23 @@ async def start_producer(settings: Settings, **kwargs: Any) -> AIOKafkaProducer:
         await producer.stop()
         raise unreachable(settings, exc) from None
     return producer
+
+
+def dead_letter_copy(
+    value: bytes | None, key: bytes | None, reason: str, source: str
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """Value, key and headers of a dead letter on the DLQ topic, cut to fit a request.
+
+    The one DLQ record format: the original bytes as the value, the reason in header
+    ``agentstream.reason``, where it came from (``topic/partition/offset``) in
+    ``agentstream.source``.
+    """
+    headers = [
+        ("agentstream.reason", reason.encode()[:4096]),
+        ("agentstream.source", source.encode()),
+    ]
+    key = key if key is None else key[:DLQ_KEY_LIMIT]
+    if value is not None and len(value) > DLQ_VALUE_LIMIT:
+        headers.append(("agentstream.truncated_from", str(len(value)).encode()))
+        value = value[:DLQ_VALUE_LIMIT]
+    return value, key, headers

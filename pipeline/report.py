@@ -281,8 +281,9 @@ def _sections(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, Callable[[
         return _section(
             "anomalies",
             "Anomalies",
-            "Alerts of the drift and outlier detectors, grouped in conditions from the first "
-            "alert to the recovery, and the metrics of the same key around the worst ones.",
+            "Alerts of the drift and outlier detectors and of alert rules, grouped in "
+            "conditions from the first alert to the recovery, and the metrics of the same key "
+            "around the worst ones; each alert with the dimension values its change comes from.",
             _figure(
                 "anomaly-timeline",
                 analysis.plot_anomaly_timeline(con),
@@ -308,7 +309,8 @@ def _sections(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, Callable[[
                 fetch(
                     con,
                     f"SELECT window_start, kind, severity, {analysis.subject_sql()} AS subject, "
-                    "measure, detector, baseline, observed, score, message FROM anomalies "
+                    "measure, coalesce('rule ' || rule, detector) AS detector, baseline, "
+                    "observed, score, message, explanation FROM anomalies "
                     "ORDER BY window_start DESC, anomaly_id",
                     measure_of={"baseline": "measure", "observed": "measure"},
                 ),

@@ -98,10 +98,12 @@ from pipeline.schema import Release
 
 __all__ = [
     "DRIFT_SCENARIOS",
+    "EARLY_SCENARIOS",
     "QUALITY_SCENARIOS",
     "ROLLOUT_SCENARIOS",
     "SCENARIOS",
     "SCENARIO_NAMES",
+    "STARTUP_SCENARIOS",
     "BudgetBurn",
     "GroundTruth",
     "Incident",
@@ -171,6 +173,7 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     baseline: str | None = None
     traffic_share: float | None = None
     expected_verdict: Literal["regressed", "never_regressed"] | None = None
+    new_agent_version: str | None = None
 
 
 class BudgetBurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -498,6 +501,84 @@ def _feedback_sours(config: TrafficConfig) -> list[Incident]:
     ]
 
 
+# --------------------------------------------------------------------------------------
+# Early incidents and a regressing new version (issue 17: detectors blind at start-up)
+# --------------------------------------------------------------------------------------
+
+EARLY_MINUTES: Final = (5, 10)
+NEW_VERSION: Final = "v8"
+NEW_VERSION_COST: Final = 6.0
+
+
+def _minutes_in(config: TrafficConfig, minutes: int) -> datetime:
+    """``minutes`` after ``config.start``, floored to a whole minute (windows are aligned)."""
+    at = config.start.timestamp() + 60 * minutes
+    return datetime.fromtimestamp(math.floor(at / 60.0) * 60.0, config.start.tzinfo)
+
+
+def _early(
+    build: Callable[[TrafficConfig], list[Incident]], minutes: int
+) -> Callable[[TrafficConfig], list[Incident]]:
+    """``build``'s incidents, starting ``minutes`` into the stream instead of mid-stream."""
+
+    def incidents(config: TrafficConfig) -> list[Incident]:
+        at = _minutes_in(config, minutes)
+        return [msgspec.structs.replace(i, starts_at=at) for i in build(config)]
+
+    return incidents
+
+
+def _new_version_regresses(config: TrafficConfig) -> list[Incident]:
+    _require(config, "new-version-regresses", "research-agent", None)
+    return [
+        Incident(
+            kind="new-version-regresses",
+            measure="cost_per_task",
+            starts_at=incident_start(config),
+            agent_id="research-agent",
+            new_agent_version=NEW_VERSION,
+            direction="up",
+            magnitude=NEW_VERSION_COST,
+        )
+    ]
+
+
+EARLY_SCENARIOS: Final[tuple[str, ...]] = tuple(
+    f"early-{base}-{m}m" for m in EARLY_MINUTES for base in ("cost-spike", "escalation-jump")
+)
+"""Incidents 5 and 10 minutes after the stream starts: scored on a fresh worker with and
+without lake history (``pipeline.evaluate``)."""
+
+
+def _early_scenarios() -> list[Scenario]:
+    out = []
+    for m in EARLY_MINUTES:
+        out.append(
+            Scenario(
+                f"early-cost-spike-{m}m",
+                f"cost-spike {m} minutes after the stream starts (scored on a fresh worker)",
+                _early(_cost_spike, m),
+            )
+        )
+        out.append(
+            Scenario(
+                f"early-escalation-jump-{m}m",
+                f"escalation-jump {m} minutes after the stream starts (scored on a fresh worker)",
+                _early(_escalation_jump, m),
+            )
+        )
+    out.append(
+        Scenario(
+            "new-version-regresses",
+            f"research-agent deploys {NEW_VERSION} mid-stream (all its traffic), which sends "
+            f"{NEW_VERSION_COST:g}x the tokens per model call (about 4x after the input cap): "
+            "new keys far dearer than their predecessors",
+            _new_version_regresses,
+        )
+    )
+    return out
+
+
 SCENARIOS: Final[dict[str, Scenario]] = {
     s.name: s
     for s in (
@@ -544,6 +625,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             _budget_burn,
             _tenant_budgets,
         ),
+        *_early_scenarios(),
         Scenario(
             "hallucination-rise",
             f"support-bot's {HALLUCINATING_MODEL} answers hallucinate more from mid-stream: the "
@@ -570,8 +652,14 @@ ROLLOUT_SCENARIOS: Final[tuple[str, ...]] = (
     "regressing-rollout",
     "tone-regression",
 )
+STARTUP_SCENARIOS: Final[tuple[str, ...]] = (*EARLY_SCENARIOS, "new-version-regresses")
+"""Blindness at start-up: scored by ``agentstream evaluate`` (early ones with and without
+lake history), not part of ``DRIFT_SCENARIOS``, whose incidents a worker that has seen the
+stream from its start must all find."""
 DRIFT_SCENARIOS: Final[tuple[str, ...]] = tuple(
-    n for n, s in SCENARIOS.items() if s.budgets is None and n not in ROLLOUT_SCENARIOS
+    n
+    for n, s in SCENARIOS.items()
+    if s.budgets is None and n not in ROLLOUT_SCENARIOS and n not in STARTUP_SCENARIOS
 )
 """The scenarios drift detection is scored on: rollouts are judged by release verdicts, budget
 scenarios by the budget tracker."""
@@ -748,6 +836,8 @@ class _Rule:
             p = replace(p, data_source=inc.data_source)
         if inc.traffic_share is not None:
             p = replace(p, candidate_share=inc.traffic_share)
+        if inc.new_agent_version is not None:
+            p = replace(p, agent_version=inc.new_agent_version)
         return p
 
 

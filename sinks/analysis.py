@@ -132,7 +132,9 @@ __all__ = [
     "fmt",
     "headline",
     "install_views",
+    "kpi_select",
     "kpi_series",
+    "nice_step",
     "pick_step",
     "plot_all",
     "plot_anomaly_context",
@@ -152,6 +154,7 @@ __all__ = [
     "subject_sql",
     "summary_table",
     "uses_analysis",
+    "view_select",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -300,6 +303,22 @@ def _kpi_sql(
     if order:
         sql += " ORDER BY " + ", ".join(order)
     return sql
+
+
+kpi_select = _kpi_sql
+"""The SQL the KPI views are made of, for other readers (the live page): sums of measures'
+columns over a source grouped by keys, ratios computed from the sums."""
+
+
+def view_select(name: str) -> str:
+    """The SELECT behind analysis view ``name``: prefixed with a CTE named like one of its
+    sources (``WITH tool_calls AS (SELECT ... FROM main.tool_calls WHERE ...)``), it gives
+    the view's numbers over a filtered source."""
+    for view, sql, _doc in ANALYSIS_VIEWS:
+        prefix = f"CREATE OR REPLACE VIEW {view} AS "
+        if view == name and sql.startswith(prefix):
+            return sql[len(prefix) :]
+    raise ValueError(f"no analysis view {name!r}")
 
 
 _ALL_MEASURES: Final = (*COUNTS, *AMOUNTS, *DERIVED)
@@ -960,6 +979,11 @@ def pick_step(con: duckdb.DuckDBPyConnection, points: int = 60) -> int:
         "SELECT epoch(max(window_end) - min(window_start)), "
         "min(epoch(window_end - window_start)) FROM metric_windows WHERE level = 'key'"
     ).fetchone() or (None, None)
+    return nice_step(span, window, points)
+
+
+def nice_step(span: float | None, window: float | None, points: int = 60) -> int:
+    """``pick_step`` for a given ``span`` and window length (seconds, None if unknown)."""
     window_s = max(1, round(window)) if window else 60
     raw: float
     if not span:

@@ -125,11 +125,16 @@ class ParquetLake:
         return self.root / table.name
 
     def ensure_seed(self, table: LakeTable) -> None:
-        """Write a zero-row file with the table's schema, so its view binds before any data."""
+        """Write a zero-row file with the table's schema, so its view binds before any data.
+
+        A seed of an older schema is rewritten: a column added since (read with
+        ``union_by_name``) must be in at least one file for the view to bind.
+        """
         parts = "/".join(f"{c}={_seed_value(c)}" for c in table.partition_by)
         seed = self.table_dir(table) / parts / SEED_NAME
-        if not seed.exists():
-            write_atomic(seed, table.file_schema().empty_table())
+        schema = table.file_schema()
+        if not seed.exists() or not pq.read_schema(seed).equals(schema):
+            write_atomic(seed, schema.empty_table())
 
     def land(
         self, table: LakeTable, rows: pa.Table, *, topic: str, partition: int, first: int, last: int

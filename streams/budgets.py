@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.detect import ANOMALIES_SCHEMA, _hash, _iso
-from streams.windows import DIMENSIONS, _from_ipc, _ipc, _merge, _to_us
+from streams.windows import DIMENSIONS, _from_ipc, _from_us, _ipc, _merge, _to_us
 
 if TYPE_CHECKING:
     from sinks.parquet import ParquetLake
@@ -352,13 +352,19 @@ class BudgetTracker:
         """Add the ``cost_usd`` of a batch of ``events`` rows to every budget it falls under.
 
         Events without a cost, of no budgeted tenant or agent, or older than the periods
-        still held are ignored. Not idempotent: the same batch twice counts twice.
+        still held are ignored. Not idempotent: the same batch twice counts twice. Rows may
+        be sums of several events (``streams.warmstart.spend_history``): a ``calls`` column
+        then says how many.
         """
         if events.num_rows == 0 or not self.budgets:
             return
         columns = ["ts", "cost_usd", *sorted(set(SCOPE_COLUMNS.values()))]
-        frame = pl.from_arrow(events.select(columns))
+        frame = pl.from_arrow(
+            events.select([*columns, "calls"] if "calls" in events.column_names else columns)
+        )
         assert isinstance(frame, pl.DataFrame)
+        if "calls" not in frame.columns:
+            frame = frame.with_columns(pl.lit(1, dtype=pl.Int64).alias("calls"))
         frame = frame.filter(pl.col("cost_usd").is_not_null()).with_columns(
             pl.col("ts").dt.epoch("us").alias("_us")
         )
@@ -372,7 +378,7 @@ class BudgetTracker:
                 continue
             per_minute = frame.group_by(column, "window_start").agg(
                 pl.col("cost_usd").sum(),
-                pl.len().cast(pl.Int64).alias("calls"),
+                pl.col("calls").sum().cast(pl.Int64),
                 pl.col("_us").min().alias("first_us"),
             )
             parts.append(
@@ -511,6 +517,16 @@ class BudgetTracker:
         self._mark("exhausted_us", exhausted)
         self._status = pa.Table.from_pylist(rows, schema=BUDGETS_SCHEMA)
         return _anomalies(alerts, now_us, detected_us)
+
+    def history_start(self, now: datetime | None) -> datetime | None:
+        """Where the spend that matters at event time ``now`` starts: the start of the
+        longest current period of any budget (for a warm start; None without budgets)."""
+        if now is None or not self.budgets:
+            return None
+        starts = self._specs.select(
+            _period_start(pl.lit(_to_us(now), dtype=pl.Int64), pl.col("period")).min()
+        ).item()
+        return _from_us(int(starts))
 
     def status(self) -> pa.Table:
         """``BUDGETS_SCHEMA`` rows of every budget and period held, as of the last ``check``."""

@@ -92,6 +92,7 @@ from streams.windows import DIMENSIONS, EVALUATORS, METRICS_SCHEMA, ROLLUPS
 
 __all__ = [
     "ANOMALIES_SCHEMA",
+    "CONTRIBUTOR",
     "DEFAULT_MEASURES",
     "DETECTORS",
     "DetectorConfig",
@@ -101,14 +102,25 @@ __all__ = [
     "anomaly_records",
 ]
 
-Kind = Literal["drift", "outlier", "recovery", "release_regression"]
-"""``release_regression`` rows come from ``streams.releases``, never from ``DriftDetector``."""
+Kind = Literal["drift", "outlier", "recovery", "release_regression", "rule"]
+"""``release_regression`` rows come from ``streams.releases`` and ``rule`` rows from
+``streams.rules``, never from ``DriftDetector``."""
 Direction = Literal["up", "down"]
 Severity = Literal["info", "warning", "critical"]
 
 _TS: Final = pa.timestamp("us", tz="UTC")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
+
+CONTRIBUTOR: Final = pa.struct(
+    [
+        pa.field("dimension", pa.string()),
+        pa.field("value", pa.string()),
+        pa.field("share", pa.float64()),
+    ]
+)
+"""One entry of ``contributors``: a dimension (``model``, ``tenant_id``, ``tool_name``, ...),
+its value, and its share of the change (1.0 = all of it)."""
 
 ANOMALIES_SCHEMA: Final = pa.schema(
     [
@@ -129,6 +141,9 @@ ANOMALIES_SCHEMA: Final = pa.schema(
         pa.field("score", pa.float64(), nullable=False),
         pa.field("example_event_ids", pa.list_(pa.string()), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        pa.field("rule", pa.string()),
+        pa.field("contributors", pa.list_(CONTRIBUTOR)),
+        pa.field("explanation", pa.string()),
     ]
 )
 """One row per alert. Notes on the columns:
@@ -148,10 +163,15 @@ before the change (the frozen baseline: geometric mean on log scales, mean for r
 ``observed`` this window's value. ``direction`` 'up'|'down', ``severity`` see the module
 docstring. ``score``: ``|z|`` of the window (outlier, recovery) or of the recent level (drift),
 the HalfSpaceTrees score in [0, 1] for 'half_space_trees'. ``example_event_ids`` is empty
-here (the worker may fill it). ``message`` is one readable sentence.
+here (the worker may fill it). ``message`` is one readable sentence. ``rule`` is the rule's
+name on ``kind = 'rule'`` rows and their recoveries (``streams.rules``), null otherwise.
+``contributors`` (the dimension values that contribute most to the change, with their share
+of it) and ``explanation`` (the same as a sentence) are filled by ``streams.explain``; null
+where there is nothing to break down (releases, budgets).
 """
 
 _EMPTY: Final = ANOMALIES_SCHEMA.empty_table()
+_OPTIONAL: Final = ("rule", "contributors", "explanation")
 
 
 # --------------------------------------------------------------------------------------
@@ -261,6 +281,8 @@ class DetectorConfig:
       ~16); shifts under ``delta`` deviations are ignored. ``ph_prime`` (30): in-control
       zeros fed to a new detector (see ``DriftDetector._page_hinkley``). ``pending_windows``
       (30): how long a detected shift may wait to become significant.
+    * ``borrow_baselines`` (True): a new key starts from the baseline of a warm sibling
+      key of the same agent, model and tenant (``DriftDetector._borrow``).
     * ``hst_trees`` (25), ``hst_height`` (8), ``hst_window`` (250 rows): HalfSpaceTrees
       (more trees: less score noise; 10 trees left normal and anomalous scores overlapping).
       ``hst_clip`` (6.0): range of the folded deviations. It alerts when its score reaches
@@ -301,6 +323,7 @@ class DetectorConfig:
     hst_threshold: float = 0.9
     hst_min_z: float = 4.0
     hst_min_measures: int = 2
+    borrow_baselines: bool = True
 
     def __post_init__(self) -> None:
         names = set(METRICS_SCHEMA.names)
@@ -445,11 +468,21 @@ class _Track:
 class _Key:
     """One watched key of one level: its tracks (one per measure) and when it was last seen."""
 
-    __slots__ = ("dims", "last_index", "last_us", "level", "tracks", "window_us", "windows")
+    __slots__ = (
+        "dims",
+        "donor",
+        "last_index",
+        "last_us",
+        "level",
+        "tracks",
+        "window_us",
+        "windows",
+    )
 
     def __init__(self, level: str, dims: tuple[str | None, ...], n_measures: int) -> None:
         self.level = level
         self.dims = dims
+        self.donor: str | None = None  # whose baseline it borrowed (see _borrow)
         self.windows = 0
         self.last_index = -(2**62)
         self.last_us = 0
@@ -504,7 +537,7 @@ class _Candidate:
 
 
 _SNAPSHOT_MAGIC: Final = b"agentstream.detect\x00"
-_SNAPSHOT_FORMAT: Final = 1
+_SNAPSHOT_FORMAT: Final = 2
 # E|X1 - X2| = 2 sigma / sqrt(pi) for independent normals: moving range to deviation.
 _MR_TO_SIGMA: Final = math.sqrt(math.pi) / 2
 
@@ -546,7 +579,7 @@ class _Rows:
 
     def add(self, **values: Any) -> None:
         for name, column in self.cols.items():
-            column.append(values[name])
+            column.append(values[name] if name not in _OPTIONAL else values.get(name))
 
     def table(self) -> pa.Table:
         if not self.cols["anomaly_id"]:
@@ -697,6 +730,8 @@ class DriftDetector:
             key = self._keys.get(ident)
             if key is None:
                 key = self._keys[ident] = _Key(levels[i], dims[i], len(measures))
+                if cfg.borrow_baselines and levels[i] == "key":
+                    self._borrow(key)
             elif index <= key.last_index:
                 continue  # a window already seen for this key: replays never count twice
             self._keys.move_to_end(ident)
@@ -742,6 +777,46 @@ class DriftDetector:
                 self._decide(win, spec, track, x, z, found[j])
                 if track.cond is None and found[j] is None and track.pending is None:
                     self._learn(spec, track, x, ns[j], stables[j], z)
+
+    def _borrow(self, key: _Key) -> None:
+        """Start a new key from the baseline of its closest warm sibling: same agent, model
+        and tenant (the cost and latency drivers), preferably the same prompt (the agent's
+        previous version), else the same version (the previous prompt), else any.
+
+        So a new version or prompt is judged from its first window instead of after
+        ``warmup_windows`` of its own: one costing 6x its predecessor is an outlier at once.
+        The borrowed track counts as just warm (``warmup_windows`` learned), so its own
+        windows take over the baseline at the warm-up pace (1 / 31 a window, then the EWMA).
+        """
+        cfg = self.config
+        agent, version, prompt, model, tenant = key.dims
+        best: tuple[int, int, int] | None = None
+        donor: _Key | None = None
+        for other in self._keys.values():
+            o_agent, o_version, o_prompt, o_model, o_tenant = other.dims
+            if other is key or other.level != "key":
+                continue
+            if (o_agent, o_model, o_tenant) != (agent, model, tenant):
+                continue
+            warm = sum(t.n >= cfg.warmup_windows for t in other.tracks)
+            if not warm:
+                continue
+            rank = (
+                2 if o_prompt == prompt else 1 if o_version == version else 0,
+                warm,
+                other.windows,
+            )
+            if best is None or rank > best:
+                best, donor = rank, other
+        if donor is None:
+            return
+        key.donor = f"{donor.dims[1]}/{donor.dims[2]}"
+        for mine, theirs in zip(key.tracks, donor.tracks, strict=True):
+            if theirs.n < cfg.warmup_windows:
+                continue
+            mine.n = cfg.warmup_windows
+            mine.mu, mine.mr, mine.prev = theirs.mu, theirs.mr, theirs.prev
+            mine.samples = theirs.samples
 
     def _measure(
         self, spec: MeasureSpec, track: _Track, x: float, stable: float, n: int
@@ -957,20 +1032,23 @@ class DriftDetector:
         severity = _severity(cand.rel, cand.direction, spec.worse, cfg)
         cond.severity = max(cond.severity, severity, key=_SEVERITY_RANK.__getitem__)
         baseline = cond.baseline
+        borrowed = ""
+        if win.key.donor is not None and win.key.windows <= cfg.warmup_windows:
+            borrowed = f", baseline borrowed from {win.key.donor}"
         if cand.kind == "outlier":
             message = (
                 f"{spec.column} of {_describe_key(win.key)} jumped {cand.direction} to "
                 f"{_fmt(spec, x)} in the window starting {_iso(win.start_us)} (baseline "
                 f"{_fmt(spec, baseline)}, {_change(spec, baseline, x)}, "
                 f"z={cand.shift if cand.direction == 'up' else -cand.shift:+.1f}"
-                f"{cand.note}; {cand.detector}, {severity})."
+                f"{cand.note}{borrowed}; {cand.detector}, {severity})."
             )
         else:
             message = (
                 f"{spec.column} of {_describe_key(win.key)} shifted {cand.direction}: recent "
                 f"level {_fmt(spec, cand.level)} against a baseline of {_fmt(spec, baseline)} "
                 f"({_change(spec, baseline, cand.level)}), {_fmt(spec, x)} in the window "
-                f"starting {_iso(win.start_us)} ({cand.detector}, {severity})."
+                f"starting {_iso(win.start_us)} ({cand.detector}, {severity}{borrowed})."
             )
         self._row(win, spec, cond, cand.kind, cand.detector, x, severity, cand.score, message)
 

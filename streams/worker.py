@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from mode import Service
 
 from pipeline.config import Settings
-from pipeline.kafka import Headers, client_kwargs, send_batches, start_producer
+from pipeline.kafka import Headers, client_kwargs, dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import (
     ANOMALIES,
@@ -42,6 +42,7 @@ from sinks.catalog import (
     EVENTS,
     METRICS,
     RELEASE_VERDICTS,
+    QueryError,
     connect,
     prepare,
 )
@@ -50,29 +51,27 @@ from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams.budgets import BudgetTracker, land_budgets, load_budgets
 from streams.dedupe import Deduplicator
 from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
+from streams.explain import explain
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
 from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
+from streams.rules import RuleEngine, load_rules
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
+from streams.warmstart import history_lookup, metrics_history, spend_history
 from streams.windows import DIMENSIONS, WindowAggregator, metric_records
 
 log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
-# The copy of a dead letter on the DLQ topic is cut to this size (the lake keeps it whole):
-# the producer's max_request_size and a topic's default max.message.bytes are 1 MiB, and a
-# copy that cannot be sent would stop every later commit behind it.
-DLQ_VALUE_LIMIT = 900 * 1024
-DLQ_KEY_LIMIT = 16 * 1024
 BUDGET_STATUS_EVERY_S = 10.0
 
 
 class WorkerState(msgspec.Struct, frozen=True):
     """What a snapshot holds: open windows, remembered event ids, drift detectors, spend,
-    releases.
+    releases, rule conditions.
 
-    ``budgets`` and ``releases`` default to empty so an older snapshot still loads.
+    ``budgets``, ``releases`` and ``rules`` default to empty so an older snapshot still loads.
     """
 
     windows: bytes
@@ -80,6 +79,7 @@ class WorkerState(msgspec.Struct, frozen=True):
     detector: bytes
     budgets: bytes = b""
     releases: bytes = b""
+    rules: bytes = b""
 
 
 class _Stopwatch:
@@ -179,6 +179,7 @@ class EventConsumer(Service):
         self.budgets = self._budget_tracker()
         self._budgets_landed = 0.0
         self.judge = ReleaseJudge(self._judge_config())
+        self.rules = self._rule_engine()
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
         self._partition_ts: dict[int, datetime] = {}
@@ -331,10 +332,56 @@ class EventConsumer(Service):
         self.detector = DriftDetector()
         self.budgets = self._budget_tracker()
         self.judge = ReleaseJudge(self._judge_config())
+        self.rules = self._rule_engine()
+        self._warm_start()
         self._saved = self._state()
+
+    def _warm_start(self) -> None:
+        """Prime detectors, rules and budgets from the lake (``streams.warmstart``): a start
+        without a snapshot is then not blind for ``warmup_windows``."""
+        self._prime(rules=True)
+        if self.budgets.budgets and self._offsets:
+            since = self.budgets.history_start(self._newest_landed())
+            if since is not None:
+                spend = spend_history(self.settings.data_dir, since, self._offsets)
+                self.budgets.update(spend)
+                log.info("warm start: %d spend minutes primed the budgets", spend.num_rows)
+
+    def _prime(self, *, rules: bool) -> None:
+        """Feed the last windows of every key in the lake to the detectors (and rules)."""
+        n = self.settings.warm_start_windows
+        if n <= 0:
+            return
+        try:
+            history = metrics_history(self.settings.data_dir, n)
+        except QueryError as exc:
+            log.warning("warm start skipped, the lake's metrics are unreadable: %s", exc)
+            return
+        if history.num_rows:
+            newest = history["window_end"][-1].as_py()
+            # What these windows raised was published when they closed (same ids): drop it.
+            self.detector.observe(history, detected_at=newest)
+            if rules:
+                self.rules.observe(history, detected_at=newest)
+            log.info(
+                "warm start: %d metrics rows from the lake up to %s primed %d keys",
+                history.num_rows,
+                newest.isoformat(),
+                self.detector.tracked_keys(),
+            )
+
+    def _newest_landed(self) -> datetime | None:
+        try:
+            got = metrics_history(self.settings.data_dir, 1)
+        except QueryError:
+            return None
+        return None if got.num_rows == 0 else pc.max(got["window_end"]).as_py()
 
     def _budget_tracker(self) -> BudgetTracker:
         return BudgetTracker(load_budgets(self.settings.budgets))
+
+    def _rule_engine(self) -> RuleEngine:
+        return RuleEngine(load_rules(self.settings.rules))
 
     def _state(self) -> WorkerState:
         return WorkerState(
@@ -343,17 +390,28 @@ class EventConsumer(Service):
             self.detector.snapshot(),
             self.budgets.snapshot(),
             self.judge.snapshot(),
+            self.rules.snapshot(),
         )
 
     def _rewind(self) -> None:
         """Windows, ids and detectors back to the last committed state (a flush is retried)."""
         self.windows = WindowAggregator.restore(self._saved.windows)
         self.dedupe = Deduplicator.restore(self._saved.dedupe)
-        self.detector = DriftDetector.restore(self._saved.detector)
+        try:
+            self.detector = DriftDetector.restore(self._saved.detector)
+        except ValueError as exc:
+            # A snapshot of another version (an upgrade): fresh detectors, primed from the
+            # lake, instead of a worker that cannot start.
+            log.warning("detector state not restored (%s): priming new detectors", exc)
+            self.detector = DriftDetector()
+            self._prime(rules=False)
         self.budgets = self._budget_tracker()
         if self._saved.budgets:
             self.budgets.restore(self._saved.budgets)
         self.judge = ReleaseJudge.restore(self._saved.releases, self._judge_config())
+        self.rules = self._rule_engine()
+        if self._saved.rules:
+            self.rules.restore(self._saved.rules)
 
     def _judge_config(self) -> JudgeConfig:
         # The judge keeps latency histograms per window: they must be the metrics' windows.
@@ -573,6 +631,7 @@ class EventConsumer(Service):
         self.landed_events += events.num_rows
         self.dead_lettered += dead.num_rows
         self.telemetry.events_landed.inc(events.num_rows)
+        self.telemetry.observe_events(events)
         self.telemetry.dead_letters.inc(dead.num_rows)
         self.telemetry.batch_events.observe(total)
         steps.lap("commit")
@@ -644,7 +703,12 @@ class EventConsumer(Service):
         if emit_open:
             metrics = pa.concat_tables([metrics, self.windows.flush_all()])
         detected_at = datetime.now(UTC)
-        anomalies = self.detector.observe(metrics, detected_at=detected_at)
+        anomalies = pa.concat_tables(
+            [
+                self.detector.observe(metrics, detected_at=detected_at),
+                self.rules.observe(metrics, detected_at=detected_at),
+            ]
+        )
         # Releases before metrics: a release and the first window it covers may close in
         # the same flush.
         self.judge.register(events)
@@ -652,6 +716,8 @@ class EventConsumer(Service):
         if regressions.num_rows:
             anomalies = pa.concat_tables([anomalies, regressions])
         if anomalies.num_rows:
+            history = history_lookup(self.settings.data_dir, metrics)
+            anomalies = explain(anomalies, metrics, history)
             anomalies = self._with_examples(anomalies, events)
             self.telemetry.anomalies.inc(anomalies.num_rows)
         burns = ANOMALIES_SCHEMA.empty_table()
@@ -759,13 +825,5 @@ def _dead_letter_copy(
     record: Record, rejection: Rejection
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """Value, key and headers of a dead letter's copy on the DLQ topic, cut to fit a request."""
-    headers = [
-        ("agentstream.reason", rejection.reason.encode()[:4096]),
-        ("agentstream.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-    ]
-    key = record.key if record.key is None else record.key[:DLQ_KEY_LIMIT]
-    value = record.value
-    if value is not None and len(value) > DLQ_VALUE_LIMIT:
-        headers.append(("agentstream.truncated_from", str(len(value)).encode()))
-        value = value[:DLQ_VALUE_LIMIT]
-    return value, key, headers
+    source = f"{record.topic}/{record.partition}/{record.offset}"
+    return dead_letter_copy(record.value, record.key, rejection.reason, source)

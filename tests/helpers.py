@@ -157,6 +157,21 @@ def scalar(data_dir: Path, sql: str) -> Any:
     return value
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``agentstream ARGS`` in a subprocess; a bare environment unless ``env`` is given."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env if env is not None else {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=check,
+    )
+
+
 def side_by_side(configs: dict[str, TrafficConfig]) -> list[Any]:
     """The streams of ``configs`` as one, in event-time order, each under agents of its own
     (``<name>/<agent>``, event ids alike) so their keys never meet in one worker; a last task

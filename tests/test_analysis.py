@@ -20,6 +20,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -59,13 +60,18 @@ def detect(metrics: pa.Table) -> pa.Table | None:
     the module is not there. Short warm-up and sample floor: the test lake is 50 windows."""
     try:
         from streams.detect import DetectorConfig, DriftDetector
+        from streams.explain import explain
+        from streams.warmstart import frame_lookup
     except ImportError:
         return None
     detector = DriftDetector(DetectorConfig(warmup_windows=10, min_samples=10))
+    frame = pl.from_arrow(metrics)
+    assert isinstance(frame, pl.DataFrame)
+    lookup = frame_lookup(frame)
     out = []
     for start in sorted(pc.unique(metrics["window_start"]).to_pylist()):
         rows = metrics.filter(pc.equal(metrics["window_start"], start))
-        out.append(detector.observe(rows, start + DETECTED_AT_DELAY))
+        out.append(explain(detector.observe(rows, start + DETECTED_AT_DELAY), rows, lookup))
     result: pa.Table = pa.concat_tables(out)
     return result
 

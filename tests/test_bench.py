@@ -70,3 +70,18 @@ def test_profile_summary_views() -> None:
     }
     only_main = profile.parse(raw, thread="MainThread")
     assert only_main.total == 9
+
+
+@pytest.mark.timeout(120)
+def test_otlp_bench_posts_every_span_and_publishes_its_events(
+    bootstrap: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import otlp
+
+    code = otlp.main(["--broker", bootstrap, "--spans", "3500", "--batch", "500", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["statuses"] == {"200": 7}
+    # Per agent run: 7 spans, the HTTP one skipped, the agent span two task events.
+    assert (result["accepted"], result["skipped"], result["events"]) == (3000, 500, 3500)
+    assert result["spans_per_s"] > 0 and result["spans_per_cpu_s"] > 0

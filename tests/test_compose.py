@@ -335,11 +335,126 @@ def test_dockerfile_and_dockerignore() -> None:
         if line.strip() and not line.startswith("#")
     ]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    needed = ["pyproject.toml", *project["tool"]["setuptools"]["packages"]]
+    packages = [p.replace(".", "/") for p in project["tool"]["setuptools"]["packages"]]
+    needed = ["pyproject.toml", *packages]
     for path in needed:
         assert (ROOT / path).exists()
         hits = [p for p in ignored if fnmatch.fnmatch(path, p.lstrip("/"))]
         assert not hits, f".dockerignore drops {path} ({hits})"
+
+
+def _bind_sources(service: Mapping[str, Any]) -> dict[str, str]:
+    """Host path -> container path of the service's bind mounts (``./...:/...``)."""
+    out = {}
+    for entry in service.get("volumes") or []:
+        source, target = str(entry).split(":")[:2]
+        if source.startswith((".", "/")):
+            out[source] = target
+    return out
+
+
+def _exposed_metric_names() -> set[str]:
+    """Every sample name the worker's /metrics can show (counters with _total, histograms
+    with _bucket/_sum/_count)."""
+    from streams.telemetry import WorkerTelemetry
+
+    names = set()
+    for metric in WorkerTelemetry().registry.collect():
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("_bucket", "_sum", "_count", "_created"),
+        }.get(metric.type, ("",))
+        names.update(metric.name + s for s in suffixes)
+    return names
+
+
+def test_prometheus_scrapes_the_worker(services: dict[str, dict[str, Any]]) -> None:
+    prom = services["prometheus"]
+    binds = _bind_sources(prom)
+    ((source, target),) = [(s, d) for s, d in binds.items() if d.endswith("prometheus.yml")]
+    assert f"--config.file={target}" in _argv(prom["command"])
+    config = ROOT / source
+    assert config.is_file(), config
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    port = _env(services["worker"]).get("AGENTSTREAM_WEB_PORT", str(Settings.web_port))
+    (job,) = data["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"worker:{port}"]
+
+
+def test_grafana_dashboard_is_provisioned_and_names_real_metrics(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    binds = _bind_sources(grafana)
+    for src in binds:
+        assert (ROOT / src).exists(), f"grafana mounts {src}, which does not exist"
+    provisioning = next(ROOT / s for s, d in binds.items() if d == "/etc/grafana/provisioning")
+    dashboards_dir = next(d for s, d in binds.items() if d != "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text(encoding="utf-8")
+    )["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load(
+        (provisioning / "dashboards" / "agentstream.yml").read_text(encoding="utf-8")
+    )["providers"]
+    assert provider["options"]["path"] == dashboards_dir
+    host_dir = next(ROOT / s for s, d in binds.items() if d == dashboards_dir)
+    (path,) = host_dir.glob("*.json")
+    dashboard = json.loads(path.read_text(encoding="utf-8"))
+    exposed = _exposed_metric_names()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"]]
+    assert len(exprs) >= 10
+    used = {n for e in exprs for n in re.findall(r"\bagentstream_[a-z_]+", e)}
+    assert used, "the dashboard queries no agentstream metric"
+    assert used <= exposed, f"not on /metrics: {sorted(used - exposed)}"
+    per_agent = {n for n in used if n.startswith("agentstream_agent_")}
+    assert len(per_agent) >= 5, per_agent
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+
+
+def test_ui_runs_as_composed(
+    services: dict[str, dict[str, Any]], bootstrap: str, tmp_path: Path
+) -> None:
+    """The ui service's command, with a token, serves the lake the worker's volume holds."""
+    from sinks.catalog import prepare
+
+    svc = services["ui"]
+    assert "ui" in svc.get("profiles", []), "the page needs a token: started on request"
+    assert _depends(svc)["worker"]["condition"] == HEALTHY
+    assert any(
+        t == f"{COMPOSE_DATA}:ro" or t == COMPOSE_DATA
+        for t in (str(v).split(":", 1)[1] for v in svc.get("volumes") or [])
+    )
+    data_dir = tmp_path / "data"
+    prepare(data_dir)
+    port = free_port()
+    local = Local(bootstrap, data_dir, free_port(), suffix=uuid.uuid4().hex[:10])
+    argv = _full_command(svc)
+    composed_port = argv[argv.index("--port") + 1]
+    assert [c for _, _, c in _port_mappings(svc)] == [int(composed_port)]
+    argv = [str(port) if a == composed_port else a for a in argv]
+    token = uuid.uuid4().hex
+    env = {**local.env(svc), "AGENTSTREAM_UI_TOKEN": token}
+    log = tmp_path / "ui.log"
+    proc = _spawn(local.argv(argv), tmp_path, env, log)
+    try:
+        deadline = time.monotonic() + 45
+        while "agentstream ui:" not in _tail(log):
+            assert proc.poll() is None, f"ui exited {proc.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, _tail(log)
+            time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}/api/view/overview"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            # An empty lake: no time range yet, every tile empty.
+            assert set(json.loads(resp.read())["data"]["tiles"].values()) == {None}
+        assert _get(url)[0] == 401
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, _tail(log)
 
 
 # --------------------------------------------------------------------------------------
@@ -439,6 +554,22 @@ class Local:
         return env
 
 
+def _spawn(
+    argv: list[str], cwd: Path, env: Mapping[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """A service's process in a session of its own, its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     return "\n".join(text.splitlines()[-lines:])
@@ -450,6 +581,20 @@ def _get(url: str) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, what: str) -> None:
+    """Until ``url`` answers 200 (45 s at most); fails if the process exits first."""
+    deadline = time.monotonic() + 45
+    status = 0
+    while status != 200:
+        assert proc.poll() is None, f"{what} exited {proc.returncode}:\n{_tail(log)}"
+        assert time.monotonic() < deadline, f"no healthy {what}:\n{_tail(log)}"
+        time.sleep(0.3)
+        try:
+            status, _ = _get(url)
+        except OSError:
+            status = 0
 
 
 def _count(env: Mapping[str, str], data_dir: Path) -> int | None:
@@ -492,28 +637,10 @@ def test_worker_and_demo_traffic_run_as_composed(
 
     log = tmp_path / "worker.log"
     cmd = local.argv(_full_command(worker_svc))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = _spawn(cmd, tmp_path, env, log)
     try:
         health = f"http://127.0.0.1:{web_port}/health"
-        deadline = time.monotonic() + 45
-        status = 0
-        while status != 200:
-            assert proc.poll() is None, f"worker exited {proc.returncode}:\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"no healthy worker:\n{_tail(log)}"
-            time.sleep(0.3)
-            try:
-                status, _ = _get(health)
-            except OSError:
-                status = 0
+        _wait_healthy(proc, health, log, "worker")
 
         # The demo-traffic one-shot, as composed (its shell pipeline included).
         demo_argv = _full_command(demo_svc)
@@ -696,3 +823,70 @@ def test_kafka_service_config_boots_a_broker(
         except subprocess.TimeoutExpired:
             os.killpg(broker.pid, signal.SIGKILL)
             broker.wait()
+
+
+# -- the otlp service ----------------------------------------------------------------------
+
+
+def test_otlp_service_is_loopback_published_and_health_checked(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    otlp = services["otlp"]
+    argv = _full_command(otlp)
+    port = int(_option(argv, "--port"))
+    assert _option(argv, "--host") == "0.0.0.0", "inside a container, listen beyond lo"
+    assert _port_mappings(otlp) == [("127.0.0.1", port, port)]
+    assert f"http://127.0.0.1:{port}/health" in " ".join(_argv(otlp["healthcheck"]["test"]))
+    assert _depends(otlp)["kafka"]["condition"] == HEALTHY
+
+
+def test_otlp_service_runs_as_composed(
+    services: dict[str, dict[str, Any]], bootstrap: str, tmp_path: Path
+) -> None:
+    """The otlp service's command takes a span from the OTel SDK's OTLP/HTTP exporter and
+    publishes its event; SIGTERM stops it cleanly."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from tests.helpers import consume_all
+
+    svc = services["otlp"]
+    local = Local(bootstrap, tmp_path / "data", free_port(), suffix=uuid.uuid4().hex[:10])
+    argv = local.argv(_full_command(svc))
+    port = free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--kafka-topic") + 1] = f"compose-{local.suffix}-otlp"
+    argv[argv.index("--kafka-logs-topic") + 1] = f"compose-{local.suffix}-otlp-logs"
+    env = local.env(svc)
+    log = tmp_path / "otlp.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log, "otlp")
+        tp = TracerProvider(resource=Resource.create({"service.name": "composed-agent"}))
+        tp.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
+        )
+        with tp.get_tracer("t").start_as_current_span(
+            "chat", attributes={"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5}
+        ):
+            pass
+        assert tp.force_flush()
+        settings = Settings.load(env={}, broker=bootstrap)
+        (record,) = consume_all(settings, env["AGENTSTREAM_EVENTS_TOPIC"], expected=1)
+        event = json.loads(record.value)
+        assert (event["agent_id"], event["model"], event["input_tokens"]) == (
+            "composed-agent", "gpt-4o", 5,
+        )  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=_seconds(svc.get("stop_grace_period", "10s")))
+        assert code == 0, f"otlp exited {code} on SIGTERM:\n{_tail(log)}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

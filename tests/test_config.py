@@ -100,7 +100,12 @@ def test_cli_errors_and_worker_logs_never_show_the_password(bootstrap: str, tmp_
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
-        time.sleep(8)
+        # Until the worker has logged for a few seconds (its start, settings, connection
+        # attempts); starting alone can take 10 s and more on a busy 2-core machine.
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and log.stat().st_size == 0:
+            time.sleep(0.5)
+        time.sleep(6)
         proc.kill()
         proc.wait()
     text = log.read_text(errors="replace")

@@ -263,6 +263,12 @@ def test_anomalies_tables(lake: Path, page: Page) -> None:
     assert {r["measure"] for r in rows} >= {"cost_per_task"}
     cost = next(r for r in rows if r["measure"] == "cost_per_task")
     assert cost["baseline"].startswith("$") and cost["observed"].startswith("$")
+    # Alerts of an agent say which of its versions, models, tenants the change comes from.
+    agent_alerts = [
+        r for r in rows if r["kind"] != "recovery" and r["subject"] == "support-bot (agent)"
+    ]
+    assert agent_alerts and all(r["explanation"] not in ("", "–") for r in agent_alerts)
+    assert any("by dimension: agent_version v4" in r["explanation"] for r in agent_alerts)
     conditions = page.records("anomaly-conditions")
     assert conditions and all(c["severity"] in ("info", "warning", "critical") for c in conditions)
 

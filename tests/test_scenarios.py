@@ -152,11 +152,17 @@ def test_registry_and_list() -> None:
         "good-rollout",
         "regressing-rollout",
         "budget-burn",
+        "early-cost-spike-5m",
+        "early-escalation-jump-5m",
+        "early-cost-spike-10m",
+        "early-escalation-jump-10m",
+        "new-version-regresses",
         "hallucination-rise",
         "tone-regression",
         "feedback-sours",
     ]
     assert tuple(names) == scenarios.SCENARIO_NAMES
+    assert tuple(names[9:14]) == scenarios.STARTUP_SCENARIOS
     assert (*names[:6], "hallucination-rise", "feedback-sours") == scenarios.DRIFT_SCENARIOS
     assert (*names[6:8], "tone-regression") == scenarios.ROLLOUT_SCENARIOS
     assert all(description for _, description in scenarios.list_scenarios())
@@ -343,7 +349,9 @@ def test_tenant_and_down_incidents_are_injected() -> None:
 # --- the streams ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", scenarios.SCENARIO_NAMES[1:])
+@pytest.mark.parametrize(
+    "name", [n for n in scenarios.SCENARIO_NAMES[1:] if n not in scenarios.EARLY_SCENARIOS]
+)
 def test_before_the_incident_the_stream_is_steady(name: str) -> None:
     """Every event before ``starts_at`` is byte for byte the steady stream's (ids included)."""
     steady, r = run("steady"), run(name)
@@ -478,3 +486,36 @@ def test_scenario_streams_are_deterministic_across_processes() -> None:
     steady = io.BytesIO()
     gen.generate_jsonl(TrafficConfig(events=20_000, seed=3), steady)
     assert buf.getvalue() != steady.getvalue()
+
+
+@pytest.mark.parametrize("name", scenarios.EARLY_SCENARIOS)
+def test_early_incidents_start_minutes_into_the_stream(name: str) -> None:
+    minutes = int(name.removesuffix("m").rsplit("-", 1)[1])
+    at = START + timedelta(minutes=minutes)
+    config = TrafficConfig(events=N, seed=SEED, scenario=name)
+    assert {i.starts_at for i in scenarios.ground_truth(config)} == {at}
+    steady, r = run("steady"), run(name)
+    n = r.df["ts"].search_sorted(at)
+    assert n > 0 and r.lines[:n] == steady.lines[:n]
+    assert r.lines[n : n + 5000] != steady.lines[n : n + 5000]
+
+
+def test_new_version_regresses() -> None:
+    r = run("new-version-regresses")
+    research = pl.col("agent_id") == "research-agent"
+    versions = (
+        r.df.filter(research).group_by(pl.col("ts") >= T).agg(pl.col("agent_version").unique())
+    )
+    by_half = {after: sorted(v) for after, v in versions.iter_rows()}
+    assert by_half[False] == ["v7"]
+    # Tasks started before the deploy finish on v7; every task started after it is v8.
+    assert "v8" in by_half[True]
+    started = (TYPE == "task") & (pl.col("outcome") == "started")
+    tasks = r.df.filter(research & started & (pl.col("ts") >= T))
+    assert set(tasks["agent_version"]) == {"v8"}
+    tokens = r.df.filter(research & (TYPE == "llm_call"))
+    per_version = dict(
+        tokens.group_by("agent_version").agg(pl.col("input_tokens").mean()).iter_rows()
+    )
+    # x6 asked; research-agent's long contexts hit the 150k input cap: about x3.8.
+    assert 3.5 <= per_version["v8"] / per_version["v7"] <= 4.2

@@ -1,0 +1,1 @@
+"""The live web page: ``agentstream ui`` (server, queries, static files)."""
