@@ -558,7 +558,8 @@ class ReleaseJudge:
             return
         cfg = self.config
         for m in cfg.measures:
-            acc = rel.accs[m.name]
+            # setdefault: a release restored from a snapshot older than some measure
+            acc = rel.accs.setdefault(m.name, _Acc(_Sums(), _Sums()))
             if acc.verdict != "running":
                 continue
             if m.statistic == "paired_log":

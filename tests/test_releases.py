@@ -498,3 +498,16 @@ def test_worker_state_from_before_releases_still_loads() -> None:
     state = msgspec.msgpack.decode(old, type=WorkerState)
     assert (state.windows, state.releases) == (b"w", b"")
     assert ReleaseJudge.restore(state.releases).releases() == []
+
+
+def test_a_release_from_before_the_quality_measures_is_judged_on_them_too() -> None:
+    judge = ReleaseJudge(JudgeConfig(alpha=ALPHA))
+    judge.register(_events(_release()))
+    old = {m.name for m in OPERATIONAL}
+    for rel in judge._releases.values():  # as a snapshot of an older worker holds it
+        rel.accs = {k: v for k, v in rel.accs.items() if k in old}
+    restored = ReleaseJudge.restore(judge.snapshot(), JudgeConfig(alpha=ALPHA))
+    metrics, steps = _window(np.random.default_rng(1), 0, STEADY, STEADY)
+    restored.register(steps)
+    verdicts, _ = restored.observe(metrics, T0 + 2 * W)
+    assert sorted(verdicts["measure"].to_pylist()) == sorted(m.name for m in MEASURES)
