@@ -44,8 +44,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.broker import BrokerError
     from sinks.catalog import QueryError
+    from sinks.lake import LakeError
 
-    return (*USER_ERRORS, BrokerError, QueryError)
+    return (*USER_ERRORS, BrokerError, QueryError, LakeError)
 
 
 def friendly(fn: F) -> F:
@@ -75,7 +76,7 @@ data_dir_option = click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folder of the Parquet lake [env AGENTSTREAM_DATA_DIR; default ./agentstream-data]",
+    help="Folder of the lake [env AGENTSTREAM_DATA_DIR; default ./agentstream-data]",
 )
 
 
@@ -1029,6 +1030,79 @@ def _wait_landed(
             bar.update(now - done)
             done = now
             time.sleep(0.5)
+
+
+@main.group()
+def lake() -> None:
+    """Lake maintenance, status and import (the DuckLake tables under the data dir)."""
+
+
+@lake.command()
+@data_dir_option
+@click.option("--retention", default=None, help="Time travel kept, e.g. 1d, 12h [default 1d]")
+@friendly
+def maintain(data_dir: Path | None, retention: str | None) -> None:
+    """Merge small files, expire old snapshots, delete unused files: one pass now."""
+    from datetime import timedelta
+
+    from pipeline.config import parse_duration
+    from sinks.maintenance import maintain as run_pass
+
+    settings = Settings.load(data_dir=data_dir)
+    if retention:
+        settings = settings.with_(lake_retention=retention)
+    done = run_pass(
+        settings.data_dir,
+        settings.catalog,
+        retention=timedelta(seconds=parse_duration(settings.lake_retention, "lake_retention")),
+        events_retention_days=settings.events_retention_days,
+    )
+    click.echo(f"maintained {settings.data_dir}: {done.summary()}")
+
+
+@lake.command()
+@data_dir_option
+@friendly
+def status(data_dir: Path | None) -> None:
+    """Tables (rows, files, bytes), snapshots and the stored Kafka positions."""
+    from sinks.maintenance import status as lake_status
+
+    settings = Settings.load(data_dir=data_dir)
+    click.echo(lake_status(settings.data_dir, settings.catalog))
+
+
+@lake.command(
+    name="bench",
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lake_bench(args: tuple[str, ...]) -> None:
+    """Build a lake through the real worker and time the dashboard queries (--help)."""
+    from bench.lake import main as bench_main
+
+    sys.exit(bench_main(list(args)))
+
+
+@lake.command(name="import")
+@data_dir_option
+@click.argument("old_dir", type=click.Path(path_type=Path))
+@friendly
+def import_(data_dir: Path | None, old_dir: Path) -> None:
+    """Bring a lake of Parquet folders (older agentstream) into the lake, exactly once."""
+    from sinks.catalog import TABLES, prepare
+    from sinks.migrate import import_lake
+
+    settings = Settings.load(data_dir=data_dir)
+    writer = prepare(settings.data_dir, settings.catalog)
+    try:
+        done = import_lake(writer, old_dir, TABLES)
+    finally:
+        writer.close()
+    click.echo(
+        f"imported {done.files} files ({done.rows} rows) from {old_dir} into "
+        f"{settings.data_dir}; {done.skipped} already imported"
+    )
 
 
 # Control records (a release announcement) are landed but count in no window.

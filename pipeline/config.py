@@ -73,6 +73,20 @@ def parse_brokers(value: str) -> str:
     return ",".join(hosts)
 
 
+_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def parse_duration(value: str, name: str) -> float:
+    """Seconds in ``value`` ("90s", "30m", "12h", "1d", "0s"), else ``ConfigError``."""
+    m = _DURATION.match(value)
+    if m is None:
+        raise ConfigError(
+            f"bad {name} {value!r}: expected a number and a unit s, m, h or d (e.g. 1d, 12h)"
+        )
+    return float(m[1]) * _UNIT_S[m[2]]
+
+
 def check_topic(name: str, what: str) -> str:
     """Return ``name`` if Kafka accepts it as a topic name, else raise ``ConfigError``."""
     if not _TOPIC.match(name) or name in {".", ".."}:
@@ -111,6 +125,15 @@ class Settings:
     redact: str = "email,phone,api_key"
     # Spend budgets: inline "tenant:acme=50/day,agent:bot=1000/month" or "@budgets.toml".
     budgets: str = ""
+    # The lake's catalog: empty for the SQLite file in the data directory (one worker), or
+    # postgres:DSN (several workers), e.g. "postgres:dbname=lake host=127.0.0.1".
+    catalog: str = ""
+    # Lake maintenance in the worker: a pass every so often (0: never; `agentstream lake
+    # maintain` runs one by hand), keeping this much time travel, and raw events for this many
+    # days (0: forever).
+    maintain_interval_s: float = 300.0
+    lake_retention: str = "1d"
+    events_retention_days: int = 0
     # Alert rules: inline JSON or "@rules.toml" / "@rules.json" (see streams.rules).
     rules: str = ""
     # Windows of each key's history read from the lake to prime the detectors at a start
@@ -206,6 +229,13 @@ class Settings:
                 load_budgets(self.budgets)
             except BudgetError as exc:
                 raise ConfigError(f"bad AGENTSTREAM_BUDGETS: {exc}") from None
+        parse_duration(self.lake_retention, "lake_retention")
+        from sinks.lake import LakeError, catalog_spec
+
+        try:
+            catalog_spec(self.data_dir, self.catalog)
+        except LakeError as exc:
+            raise ConfigError(str(exc)) from None
         if self.rules:
             from streams.rules import RuleError, load_rules  # the parser lives with them
 
@@ -215,7 +245,13 @@ class Settings:
                 raise ConfigError(f"bad AGENTSTREAM_RULES: {exc}") from None
         if self.warm_start_windows < 0:
             raise ConfigError(f"bad warm_start_windows {self.warm_start_windows!r}: must be >= 0")
-        for name in ("flush_interval_s", "allowed_lateness_s", "dedupe_horizon_s"):
+        for name in (
+            "flush_interval_s",
+            "allowed_lateness_s",
+            "dedupe_horizon_s",
+            "maintain_interval_s",
+            "events_retention_days",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 0")
         for name in ("partitions", "flush_max_events", "fetch_max_records", "max_message_bytes"):

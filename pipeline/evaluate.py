@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.generate import TrafficConfig, generate
 from pipeline.scenarios import (
@@ -319,8 +318,7 @@ def history_config(config: TrafficConfig, minutes: int = HISTORY_MINUTES) -> Tra
 def land_history(
     config: TrafficConfig, data_dir: Path, window_s: int = 60, minutes: int = HISTORY_MINUTES
 ) -> None:
-    """Land ``history_config(config, minutes)``'s closed windows as ``metrics`` in a lake,
-    named as the worker names them."""
+    """Land ``history_config(config, minutes)``'s closed windows as ``metrics`` in a lake."""
     lake = prepare(data_dir)
     windows = WindowAggregator(window_s, 60.0)
     closed = []
@@ -328,10 +326,7 @@ def land_history(
         windows.update(table, now=newest)
         closed.append(windows.close_due(now=newest))
     closed.append(windows.flush_all())
-    metrics = pa.concat_tables(closed)
-    for start in pc.unique(metrics["window_start"]).to_pylist():
-        mine = metrics.filter(pc.equal(metrics["window_start"], start))
-        lake.write_named(METRICS, mine, f"history~{start:%Y%m%dT%H%M%S}.parquet")
+    lake.append(METRICS.name, pa.concat_tables(closed))
 
 
 def replay_with_history(config: TrafficConfig, windows: int = 60) -> pa.Table:

@@ -81,9 +81,9 @@ Views and macros, with their columns (``readme_table()`` renders the README's ta
     (``cost_usd``, ``tasks_*``, ``escalations``, rates), ``anomalies`` (alerts, recoveries
     excluded) and ``conditions``.
 
-The ``anomalies`` view belongs to the detector stage. ``install_views`` tolerates its absence:
-it then defines ``anomalies`` over ``<data_dir>/anomalies/**/*.parquet`` if such files exist,
-else as an empty view with the expected columns.
+The ``anomalies`` view comes with the lake's tables. ``install_views`` tolerates its absence
+(base views made some other way): it then defines ``anomalies`` as an empty view with the
+expected columns.
 
 Plots use matplotlib only, through the object API (``matplotlib.figure.Figure``, never
 ``pyplot``): static PNGs that need no JavaScript, work headless in CI, embed in one HTML file
@@ -107,14 +107,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
-from sinks.parquet import glob_of
-from streams.windows import (
-    DIMENSIONS,
-    EVALUATORS,
-    METRICS_SCHEMA,
-    QUALITY_COUNTS,
-    QUALITY_SUMS,
-)
+from sinks.contracts import DIMENSIONS, EVALUATORS, METRICS_SCHEMA, QUALITY_COUNTS, QUALITY_SUMS
 
 if TYPE_CHECKING:  # matplotlib is imported by the plotting functions only: the views are
     # installed on every `agentstream sql` and at worker start-up, which draw nothing.
@@ -774,18 +767,9 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def anomalies_stand_in(data_dir: Path | None) -> str:
-    """``CREATE VIEW anomalies``: over the anomaly files of ``data_dir`` if it has any (the
-    layout ``anomalies/date=YYYY-MM-DD/*.parquet``), else empty with ``ANOMALY_COLUMNS``."""
-    cols = ", ".join(f"CAST({c} AS {t}) AS {c}" for c, t in ANOMALY_COLUMNS)
-    folder = None if data_dir is None else Path(data_dir).absolute() / "anomalies"
-    if folder is not None and any(folder.glob("**/*.parquet")):
-        glob = _quote(glob_of(folder, "**/*.parquet"))
-        return _view(
-            "anomalies",
-            f"SELECT {cols} FROM read_parquet({glob}, hive_partitioning = true, "
-            "union_by_name = true)",
-        )
+def anomalies_stand_in() -> str:
+    """``CREATE VIEW anomalies``, empty with ``ANOMALY_COLUMNS``: for a connection whose base
+    views come from elsewhere than ``sinks.catalog.connect`` and lack it."""
     nulls = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in ANOMALY_COLUMNS)
     return _view("anomalies", f"SELECT {nulls} WHERE false")
 
@@ -800,9 +784,7 @@ def uses_analysis(sql: str) -> bool:
     return _NAMES.search(sql) is not None
 
 
-def install_views(
-    con: duckdb.DuckDBPyConnection, data_dir: Path | None = None, *, only_for: str | None = None
-) -> bool:
+def install_views(con: duckdb.DuckDBPyConnection, *, only_for: str | None = None) -> bool:
     """Create every view and macro of ``ANALYSIS_VIEWS`` on ``con`` (which must have the base
     views), with its doc as the view's comment; return whether it did.
 
@@ -817,7 +799,7 @@ def install_views(
     if only_for is not None and not uses_analysis(only_for):
         return False
     if not _has_relation(con, "anomalies"):
-        con.execute(anomalies_stand_in(data_dir))
+        con.execute(anomalies_stand_in())
     for name, sql, doc in ANALYSIS_VIEWS:
         con.execute(sql)
         if sql.startswith("CREATE OR REPLACE VIEW"):
@@ -830,7 +812,7 @@ def connect(data_dir: Path | str) -> duckdb.DuckDBPyConnection:
     from sinks import catalog  # here, so catalog may import this module
 
     con = catalog.connect(Path(data_dir))
-    install_views(con, Path(data_dir))
+    install_views(con)
     return con
 
 

@@ -1,9 +1,11 @@
-"""DuckDB over the lake: the views users query, and the runner behind ``agentstream sql``.
+"""The one read path of the lake: DuckDB views over its DuckLake tables, and ``agentstream sql``.
 
-Views read the Parquet files directly, so a query always sees everything landed so far and
-needs no lock on anything the worker writes. The database file ``agentstream.duckdb`` in the
-data directory holds the same views for the DuckDB CLI and notebooks; it is only ever opened
-briefly to (re)create them, so DuckDB's one-writer rule never blocks the worker.
+``connect(data_dir)`` attaches the lake read-only as ``lake`` and defines one view per table
+(``events``, ``metrics``, ...) and per event type (``llm_calls``, ...) in the connection's
+own database, so queries name them without a prefix; a query sees the lake as of its last
+whole commit and never blocks the worker. The table contracts (names, schemas, partitioning)
+are ``TABLES`` here; the per-type views are stored in the lake's catalog too, so the DuckDB
+CLI sees them after a plain ``ATTACH`` (README, "Lake").
 """
 
 from __future__ import annotations
@@ -15,25 +17,32 @@ from typing import Any, Final
 import duckdb
 
 from pipeline import schema
-from sinks.parquet import LakeTable, ParquetLake, glob_of
-from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
-from streams.budgets import BUDGETS_SCHEMA
-from streams.detect import ANOMALIES_SCHEMA
-from streams.releases import VERDICTS_SCHEMA
-from streams.windows import METRICS_SCHEMA
-
-DB_FILE: Final = "agentstream.duckdb"
-
-EVENTS: Final = LakeTable("events", EVENTS_SCHEMA, ("date", "type"), "ts", "kafka_offset")
-DEAD_LETTERS: Final = LakeTable(
-    "dead_letters", DEAD_LETTERS_SCHEMA, ("date",), "received_at", "offset"
+from sinks.contracts import (
+    ANOMALIES,
+    BUDGETS,
+    DEAD_LETTERS,
+    EVENTS,
+    METRICS,
+    RELEASE_VERDICTS,
+    TABLES,
 )
-METRICS: Final = LakeTable("metrics", METRICS_SCHEMA, ("date",), "window_start")
-ANOMALIES: Final = LakeTable("anomalies", ANOMALIES_SCHEMA, ("date",), "window_start")
-# Budget status: one row per budget and period, its file rewritten while the period is current.
-BUDGETS: Final = LakeTable("budgets", BUDGETS_SCHEMA, ("date",), "period_start")
-RELEASE_VERDICTS: Final = LakeTable("release_verdicts", VERDICTS_SCHEMA, ("date",), "window_start")
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES, BUDGETS, RELEASE_VERDICTS]
+from sinks.lake import LakeError, LakeTable, LakeWriter, attach, data_path, lake_connection
+from sinks.tables import EVENTS_SCHEMA
+
+__all__ = [
+    "ANOMALIES",
+    "BUDGETS",
+    "DEAD_LETTERS",
+    "EVENTS",
+    "METRICS",
+    "RELEASE_VERDICTS",
+    "TABLES",
+    "QueryError",
+    "connect",
+    "prepare",
+    "read_only_query",
+    "type_views",
+]
 
 _PLURAL: Final = {
     "llm_call": "llm_calls",
@@ -62,43 +71,48 @@ def _quote(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def _table_view(lake: ParquetLake, table: LakeTable) -> str:
-    depth = "/".join("*" for _ in table.partition_by)
-    glob = glob_of(lake.table_dir(table), f"{depth}/*.parquet")
-    types = ", ".join(f"'{c}': {'DATE' if c == 'date' else 'VARCHAR'}" for c in table.partition_by)
-    names = [f'"{n}"' for n in table.schema.names]
-    if "date" in table.partition_by and "date" not in table.schema.names:
-        names.append('"date"')
-    return (
-        f"CREATE OR REPLACE VIEW {table.name} AS SELECT {', '.join(names)} FROM read_parquet("
-        f"{_quote(glob)}, hive_partitioning = true, hive_types = {{{types}}}, "
-        "union_by_name = true)"
-    )
-
-
-def view_statements(lake: ParquetLake, con: duckdb.DuckDBPyConnection | None = None) -> list[str]:
-    """SQL that defines every view over ``lake`` (one per table, one per event type).
-
-    With ``con``, a table with no file yet (a lake written by an older version, or not
-    prepared) gets an empty view of the right columns instead of failing to bind.
-    """
-    stmts = []
-    for t in TABLES:
-        if con is not None and not any(lake.table_dir(t).glob("**/*.parquet")):
-            con.register(f"_empty_{t.name}", t.schema.empty_table())
-            stmts.append(f"CREATE OR REPLACE VIEW {t.name} AS SELECT * FROM _empty_{t.name}")
-        else:
-            stmts.append(_table_view(lake, t))
+def type_views() -> list[tuple[str, str]]:
+    """(name, SELECT) of the view of each event type over ``events``."""
     envelope = [n for n in EVENTS_SCHEMA.names if n in _envelope_names()]
+    views = []
     for cls in schema.EVENT_CLASSES:
         own = [f.name for f in _fields(cls) if f.name not in envelope]
         cols = ", ".join(
             f'"{n}"' for n in [*envelope, *own, "cost_estimated", "late"] if _keep(cls, n)
         )
-        stmts.append(
-            f'CREATE OR REPLACE VIEW {_PLURAL[cls.type_name]} AS SELECT {cols}, "date" '
-            f"FROM events WHERE type = '{cls.type_name}'"
+        views.append(
+            (
+                _PLURAL[cls.type_name],
+                f"SELECT {cols}, \"date\" FROM events WHERE type = '{cls.type_name}'",
+            )
         )
+    return views
+
+
+def view_statements(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """SQL that defines every view over the lake attached to ``con`` as ``lake``.
+
+    A table the lake does not have yet (a lake of an older version) gets an empty view of
+    the right columns instead of failing to bind.
+    """
+    present = {
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'lake'"
+        ).fetchall()
+    }
+    stmts = []
+    for t in TABLES:
+        if t.name in present:
+            stmts.append(f"CREATE OR REPLACE VIEW {t.name} AS SELECT * FROM lake.{t.name}")
+        else:
+            con.register(f"_empty_{t.name}", t.schema.empty_table())
+            stmts.append(
+                f"CREATE OR REPLACE VIEW {t.name} AS SELECT *, NULL::DATE AS date "
+                f"FROM _empty_{t.name}"
+            )
+    for name, select in type_views():
+        stmts.append(f"CREATE OR REPLACE VIEW {name} AS {select}")
     return stmts
 
 
@@ -114,16 +128,14 @@ def _envelope_names() -> set[str]:
     return {f.name for f in _fields(schema.Envelope)} | {"type"}
 
 
-def prepare(data_dir: Path) -> ParquetLake:
-    """Make sure the lake folder exists with a seed file per table, so every view binds."""
-    lake = ParquetLake(data_dir)
-    for table in TABLES:
-        lake.ensure_seed(table)
-    return lake
+def prepare(data_dir: Path, catalog: str = "") -> LakeWriter:
+    """A writer of the lake of ``data_dir``, with every table and view (created if missing)."""
+    return LakeWriter(data_dir, TABLES, type_views(), catalog)
 
 
 def connect(data_dir: Path, *, analysis: bool | str = False) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with every view over ``data_dir``.
+    """An in-memory DuckDB connection with the lake of ``data_dir`` attached read-only as
+    ``lake`` and every view over it.
 
     ``analysis`` adds the analysis views and macros of ``sinks.analysis``: True for all, or
     the SQL about to run, to add them only if it names one (binding them costs time).
@@ -135,14 +147,18 @@ def connect(data_dir: Path, *, analysis: bool | str = False) -> duckdb.DuckDBPyC
         )
     from sinks.analysis import install_views
 
-    lake = ParquetLake(data_dir)
-    con = duckdb.connect(":memory:")
+    con = lake_connection()
     try:
-        for stmt in view_statements(lake, con):
+        attach(con, Path(data_dir), read_only=True)
+        for stmt in view_statements(con):
             con.execute(stmt)
         if analysis:
-            install_views(con, lake.root, only_for=None if analysis is True else analysis)
+            install_views(con, only_for=None if analysis is True else analysis)
+    except LakeError as exc:
+        con.close()
+        raise QueryError(str(exc)) from None
     except duckdb.Error as exc:
+        con.close()
         raise QueryError(
             f"cannot read the lake in {data_dir}: {str(exc).splitlines()[0]}"
         ) from None
@@ -171,8 +187,7 @@ def read_only_query(data_dir: Path, sql: str) -> duckdb.DuckDBPyRelation | None:
             )
     con = connect(data_dir, analysis=sql)
     root = Path(data_dir).absolute()
-    # The views read globs: a folder name with wildcard characters appears escaped in them.
-    allowed = sorted({f"{root}/", glob_of(root, "")})
+    allowed = sorted({f"{root}/", f"{data_path(root)}/"})
     con.execute(f"SET allowed_directories = [{', '.join(_quote(a) for a in allowed)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -180,23 +195,3 @@ def read_only_query(data_dir: Path, sql: str) -> duckdb.DuckDBPyRelation | None:
         return con.sql(sql)
     except duckdb.Error as exc:
         raise QueryError(str(exc).splitlines()[0]) from None
-
-
-def write_database(data_dir: Path) -> Path | None:
-    """(Re)create ``agentstream.duckdb`` with the views; returns None if another process holds it."""
-    from sinks.analysis import install_views
-
-    path = Path(data_dir) / DB_FILE
-    lake = prepare(data_dir)
-    try:
-        con = duckdb.connect(str(path))
-    except duckdb.IOException:
-        return None
-    try:
-        for stmt in view_statements(lake):
-            # Absolute paths: the file must work from any current directory.
-            con.execute(stmt)
-        install_views(con, lake.root)
-    finally:
-        con.close()
-    return path

@@ -11,7 +11,6 @@ from faust.web import Request, Response, View
 
 from pipeline.config import Settings
 from pipeline.kafka import ssl_context
-from sinks.catalog import write_database
 from streams.telemetry import WorkerTelemetry
 from streams.worker import EventConsumer
 
@@ -91,8 +90,6 @@ def faust_credentials(settings: Settings) -> faust.auth.Credentials | None:
 def run(settings: Settings, *, loglevel: str = "info") -> int:
     """Run a worker in the foreground until SIGINT/SIGTERM; returns the exit code."""
     worker = Worker(settings)
-    if write_database(settings.data_dir) is None:
-        log.warning("agentstream.duckdb is open elsewhere; its views were not refreshed")
     fw = faust.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     try:
         fw.execute_from_commandline()

@@ -54,25 +54,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from sinks.contracts import BUDGETS_SCHEMA
 from streams.detect import ANOMALIES_SCHEMA, _hash, _iso
 from streams.windows import DIMENSIONS, _from_ipc, _from_us, _ipc, _merge, _to_us
-
-if TYPE_CHECKING:
-    from sinks.parquet import ParquetLake
 
 __all__ = [
     "BUDGETS_SCHEMA",
     "Budget",
     "BudgetError",
     "BudgetTracker",
-    "land_budgets",
     "load_budgets",
     "parse_budgets",
 ]
@@ -205,36 +201,6 @@ def _unique(budgets: list[Budget]) -> list[Budget]:
 # the budgets table
 # --------------------------------------------------------------------------------------
 
-BUDGETS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("budget", pa.string(), nullable=False),
-        pa.field("scope", pa.string(), nullable=False),
-        pa.field("scope_id", pa.string(), nullable=False),
-        pa.field("period", pa.string(), nullable=False),
-        pa.field("period_start", _TS, nullable=False),
-        pa.field("period_end", _TS, nullable=False),
-        pa.field("amount_usd", pa.float64(), nullable=False),
-        pa.field("spent_usd", pa.float64(), nullable=False),
-        pa.field("burn_rate_usd_per_h", pa.float64()),
-        pa.field("burn_rate_low_usd_per_h", pa.float64()),
-        pa.field("projected_usd", pa.float64()),
-        pa.field("projected_exhausted_at", _TS),
-        pa.field("alerted_at", _TS),
-        pa.field("exhausted_at", _TS),
-        pa.field("as_of", _TS, nullable=False),
-    ]
-)
-"""One row per budget and period the tracker holds, as of the last ``check``.
-
-``budget`` is the inline spec (``tenant:acme=50/day``); ``spent_usd`` the cost of the
-scope's events in ``[period_start, period_end)``; ``burn_rate_usd_per_h`` the trailing-window
-rate and ``burn_rate_low_usd_per_h`` its lower bound, ``projected_usd`` spent + low rate x
-time left, and ``projected_exhausted_at`` when that forecast reaches the amount (within the
-period) -- all null until the budget has the minimum evidence (module docstring) and once
-the period is over.
-``alerted_at`` / ``exhausted_at`` are the event times of the forecast alert and of the check
-that found the budget spent; ``as_of`` the event time of the check.
-"""
 
 _BUCKETS: Final = pl.Schema(
     {
@@ -680,29 +646,3 @@ def _anomalies(alerts: Iterable[tuple[str, _Alert]], now_us: int, detected_us: i
             }
         )
     return pa.Table.from_pylist(rows, schema=ANOMALIES_SCHEMA)
-
-
-def land_budgets(lake: ParquetLake, group_id: str, anomalies: pa.Table, status: pa.Table) -> None:
-    """Land ``budget_burn`` rows in ``anomalies`` and the status in ``budgets``, replay-safe.
-
-    Files are named so that landing again replaces instead of duplicating: an alert by its
-    ``anomaly_id`` (budget rows cover a whole period, so naming them by ``window_start`` as
-    the detectors' rows are would overwrite those of the window starting at midnight), the
-    status by period (one file per period kind and start, rewritten while it is current).
-    """
-    from sinks.catalog import ANOMALIES, BUDGETS
-
-    for anomaly_id in anomalies.column("anomaly_id").to_pylist():
-        one = anomalies.filter(pc.equal(anomalies["anomaly_id"], anomaly_id))
-        lake.write_named(ANOMALIES, one, f"{group_id}~budget~{anomaly_id}.parquet")
-    keys = status.select(["period", "period_start"]).to_pylist()
-    for key in {(k["period"], k["period_start"]) for k in keys}:
-        period, start = key
-        mine = status.filter(
-            pc.and_(
-                pc.equal(status["period"], period),
-                pc.equal(status["period_start"], start),
-            )
-        )
-        name = f"{group_id}~{period}~{start.strftime('%Y%m%dT%H%M%S')}.parquet"
-        lake.write_named(BUDGETS, mine, name)

@@ -88,6 +88,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from river import anomaly, compose, drift, preprocessing
 
+from sinks.contracts import ANOMALIES_SCHEMA, CONTRIBUTOR
 from streams.windows import DIMENSIONS, EVALUATORS, METRICS_SCHEMA, ROLLUPS
 
 __all__ = [
@@ -112,63 +113,6 @@ _TS: Final = pa.timestamp("us", tz="UTC")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
 
-CONTRIBUTOR: Final = pa.struct(
-    [
-        pa.field("dimension", pa.string()),
-        pa.field("value", pa.string()),
-        pa.field("share", pa.float64()),
-    ]
-)
-"""One entry of ``contributors``: a dimension (``model``, ``tenant_id``, ``tool_name``, ...),
-its value, and its share of the change (1.0 = all of it)."""
-
-ANOMALIES_SCHEMA: Final = pa.schema(
-    [
-        pa.field("anomaly_id", pa.string(), nullable=False),
-        pa.field("condition_id", pa.string(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
-        pa.field("detected_at", _TS, nullable=False),
-        pa.field("window_start", _TS, nullable=False),
-        pa.field("window_end", _TS, nullable=False),
-        pa.field("level", pa.string(), nullable=False),
-        *(pa.field(d, pa.string()) for d in DIMENSIONS),
-        pa.field("measure", pa.string(), nullable=False),
-        pa.field("detector", pa.string(), nullable=False),
-        pa.field("baseline", pa.float64(), nullable=False),
-        pa.field("observed", pa.float64(), nullable=False),
-        pa.field("direction", pa.string(), nullable=False),
-        pa.field("severity", pa.string(), nullable=False),
-        pa.field("score", pa.float64(), nullable=False),
-        pa.field("example_event_ids", pa.list_(pa.string()), nullable=False),
-        pa.field("message", pa.string(), nullable=False),
-        pa.field("rule", pa.string()),
-        pa.field("contributors", pa.list_(CONTRIBUTOR)),
-        pa.field("explanation", pa.string()),
-    ]
-)
-"""One row per alert. Notes on the columns:
-
-``anomaly_id`` is blake2b of (condition_id, kind, window_start): replaying the same windows
-gives the same ids, so consumers de-duplicate on it. ``condition_id`` is blake2b of (level,
-dimensions, measure, first window_start) of the ongoing condition; its drift, outlier and
-recovery rows share it. ``kind`` is one of ``Kind`` (``release_regression``: see
-``streams.releases``). ``detected_at`` is the wall-clock time passed to ``observe``;
-``window_start``/``window_end`` the window the row is about (for the recovery of an evicted
-key: its last window). ``level`` and the dimensions
-identify the key as in ``METRICS_SCHEMA`` (null where the level does not group by them).
-``measure`` is a ``METRICS_SCHEMA`` column (for a ``half_space_trees`` row: the measure that
-deviated most). ``detector``: 'ewma_zscore', 'page_hinkley' or 'half_space_trees'
-(for a recovery: the detector that opened the condition). ``baseline`` is the measure's level
-before the change (the frozen baseline: geometric mean on log scales, mean for rates),
-``observed`` this window's value. ``direction`` 'up'|'down', ``severity`` see the module
-docstring. ``score``: ``|z|`` of the window (outlier, recovery) or of the recent level (drift),
-the HalfSpaceTrees score in [0, 1] for 'half_space_trees'. ``example_event_ids`` is empty
-here (the worker may fill it). ``message`` is one readable sentence. ``rule`` is the rule's
-name on ``kind = 'rule'`` rows and their recoveries (``streams.rules``), null otherwise.
-``contributors`` (the dimension values that contribute most to the change, with their share
-of it) and ``explanation`` (the same as a sentence) are filled by ``streams.explain``; null
-where there is nothing to break down (releases, budgets).
-"""
 
 _EMPTY: Final = ANOMALIES_SCHEMA.empty_table()
 _OPTIONAL: Final = ("rule", "contributors", "explanation")

@@ -78,6 +78,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sinks.contracts import VERDICTS_SCHEMA
 from streams import sketch
 from streams.detect import ANOMALIES_SCHEMA, _from_us, _hash, _to_us
 from streams.windows import EVALUATORS
@@ -102,51 +103,6 @@ Statistic = Literal["rate", "ratio", "paired_log"]
 
 _TS: Final = pa.timestamp("us", tz="UTC")
 
-VERDICTS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("verdict_id", pa.string(), nullable=False),
-        pa.field("release_id", pa.string(), nullable=False),
-        pa.field("agent_id", pa.string(), nullable=False),
-        pa.field("tenant_id", pa.string()),
-        pa.field("dimension", pa.string(), nullable=False),
-        pa.field("candidate_version", pa.string(), nullable=False),
-        pa.field("baseline_version", pa.string(), nullable=False),
-        pa.field("traffic_share", pa.float64(), nullable=False),
-        pa.field("measure", pa.string(), nullable=False),
-        pa.field("verdict", pa.string(), nullable=False),
-        pa.field("effect", pa.float64()),
-        pa.field("effect_low", pa.float64()),
-        pa.field("effect_high", pa.float64()),
-        pa.field("effect_scale", pa.string(), nullable=False),
-        pa.field("confidence", pa.float64(), nullable=False),
-        pa.field("p_value", pa.float64(), nullable=False),
-        pa.field("alpha", pa.float64(), nullable=False),
-        pa.field("candidate_value", pa.float64()),
-        pa.field("baseline_value", pa.float64()),
-        pa.field("candidate_samples", pa.int64(), nullable=False),
-        pa.field("baseline_samples", pa.int64(), nullable=False),
-        pa.field("windows", pa.int64(), nullable=False),
-        pa.field("started_at", _TS, nullable=False),
-        pa.field("window_start", _TS, nullable=False),
-        pa.field("window_end", _TS, nullable=False),
-        pa.field("decided_at", _TS, nullable=False),
-    ]
-)
-"""One row per (release, measure, closed window) while running, and one at the decision.
-
-``verdict_id`` is blake2b of (release_id, measure, window_start): de-duplicate on it.
-``verdict`` is one of ``VERDICTS``. ``effect`` is candidate minus baseline: a difference of
-rates (``effect_scale = 'difference'``, 0.03 = 3 points) or a relative change
-(``'relative'``, 0.25 = 25 % more) for cost and latency; ``effect_low``/``effect_high`` the
-always-valid confidence interval at level ``1 - alpha``. ``confidence`` is ``1 - p_value``,
-``p_value`` the always-valid p-value (running minimum over the looks since the minimum
-sample was reached; 1 before), ``alpha`` the per-measure level. ``candidate_value`` and
-``baseline_value`` are the measure on each side over all windows so far, ``*_samples`` the
-samples behind them (tasks, retrievals, tool calls, ended or completed tasks, steps),
-``windows`` the windows with data on both sides. ``window_start``/``window_end`` is the
-window this verdict was made at; ``decided_at`` the wall-clock time it was made (for
-``running`` rows too: the time of that look).
-"""
 
 _EMPTY_VERDICTS: Final = VERDICTS_SCHEMA.empty_table()
 _EMPTY_ANOMALIES: Final = ANOMALIES_SCHEMA.empty_table()

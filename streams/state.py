@@ -1,10 +1,10 @@
 """Window state that survives a restart: a snapshot saved with every offset commit.
 
-A snapshot is written (atomically) after a flush has landed its files and before its offsets
-are committed, tagged with those offsets. A crash between the two leaves a snapshot one step
-ahead of the commit, so the last two are kept and the one whose offsets equal the group's
-committed offsets is restored: the window state then holds exactly the events of the
-committed offsets, and the replay adds the rest once.
+A snapshot is written (atomically) before the lake transaction of its flush, tagged with the
+offsets after that flush and numbered; the transaction stores the number. A crash before the
+commit leaves snapshots ahead of the lake, so the snapshots from the last committed number on
+are kept, and the one the lake names is restored: the window state then holds exactly the
+events of the stored positions, and the replay adds the rest once.
 
 Each worker of a group keeps its own *lineage* of snapshots (``windows~<group>~<lineage>~``):
 two workers of one group must not prune or restore each other's. A restarted worker finds
@@ -21,10 +21,17 @@ from pathlib import Path
 
 import msgspec
 
-from sinks.parquet import fsync_dir
-
 log = logging.getLogger("agentstream.state")
-KEEP = 2
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 STALE_AFTER_S = 7 * 86_400
 
 
@@ -52,8 +59,9 @@ class SnapshotStore:
             log.warning("ignoring unreadable window snapshot %s: %s", path, exc)
             return None
 
-    def save(self, state: bytes, offsets: dict[int, int], lineage: str) -> None:
-        """Durably store ``state`` as ``lineage``'s state after ``offsets`` (partition -> next)."""
+    def save(self, state: bytes, offsets: dict[int, int], lineage: str) -> int:
+        """Durably store ``state`` as ``lineage``'s state after ``offsets`` (partition -> next);
+        returns its number."""
         mine = self._paths(lineage)
         seq = int(mine[-1].name.rsplit("~", 1)[1].split(".")[0]) + 1 if mine else 1
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -65,8 +73,6 @@ class SnapshotStore:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(self.folder)
-        for old in self._paths(lineage)[:-KEEP]:
-            old.unlink(missing_ok=True)
         stale = time.time() - STALE_AFTER_S
         for other in self._paths():
             try:
@@ -74,16 +80,27 @@ class SnapshotStore:
                     other.unlink(missing_ok=True)
             except OSError:
                 continue
+        return seq
 
-    def load(self, committed: dict[int, int]) -> bytes | None:
+    def committed(self, lineage: str, seq: int) -> None:
+        """``lineage``'s snapshot ``seq`` is the lake's now: drop its older ones."""
+        for old in self._paths(lineage):
+            if int(old.name.rsplit("~", 1)[1].split(".")[0]) < seq:
+                old.unlink(missing_ok=True)
+
+    def load(self, committed: dict[int, int], landed: dict[str, int]) -> bytes | None:
         """The state saved at exactly the ``committed`` offsets, or None if there is none.
 
-        ``committed`` maps every partition that has a committed offset to it. The newest such
-        snapshot of any lineage wins.
+        ``committed`` maps every partition that has a stored position to it; ``landed`` is the
+        number each lineage's last lake commit stored: a lineage's other snapshots are of
+        flushes that never landed (or were superseded). The newest match of any lineage wins.
         """
         found: list[tuple[float, bytes]] = []
         for path in self._paths():
             saved = self._read(path)
+            lineage = path.name[len(self.prefix) :].rsplit("~", 1)[0]
+            if lineage in landed and saved is not None and saved.seq != landed[lineage]:
+                continue
             if saved is not None and saved.offsets == committed:
                 found.append((path.stat().st_mtime, saved.state))
         return max(found, key=lambda f: f[0])[1] if found else None

@@ -53,6 +53,11 @@ class WorkerTelemetry:
         self.landing_errors = Counter(
             "agentstream_landing_errors", "Flushes that failed to land or publish", registry=r
         )
+        self.lake_conflicts = Counter(
+            "agentstream_lake_conflicts",
+            "Flushes retried because another writer committed to the lake first",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "agentstream_consumer_lag", "Messages behind the end of the events topic", registry=r
         )

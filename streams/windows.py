@@ -41,6 +41,18 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.schema import ACTIVITY_TYPES, CONTROL_TYPES
+from sinks.contracts import (
+    DIMENSIONS,
+    EVALUATORS,
+    METRICS_SCHEMA,
+    NEGATIVE_RATING,
+    QUALITY_COUNTS,
+    QUALITY_SUMS,
+    QUANTILES,
+    ROLLUPS,
+    STEP_TYPES,
+    TASK_OUTCOMES,
+)
 from streams import sketch
 
 __all__ = [
@@ -57,49 +69,6 @@ __all__ = [
     "metric_records",
 ]
 
-DIMENSIONS: tuple[str, ...] = ("agent_id", "agent_version", "prompt_version", "model", "tenant_id")
-ROLLUPS: dict[str, tuple[str, ...]] = {
-    "key": DIMENSIONS,
-    "agent": ("agent_id",),
-    "tenant": ("tenant_id",),
-}
-# Event types with a latency, and the prefix of their quantile columns.
-STEP_TYPES: Final[dict[str, str]] = {
-    "llm_call": "llm",
-    "tool_call": "tool",
-    "retrieval": "retrieval",
-}
-QUANTILES: Final[dict[str, float]] = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
-TASK_OUTCOMES: Final = ("started", "completed", "failed", "abandoned")
-# Evaluators with columns of their own (``eval_<name>_*``): the usual dimensions of
-# continuous evaluation. Other evaluator names count in the totals (``evaluations``, ...) and
-# stay queryable in the ``evaluations`` view; a fixed list keeps the metrics schema fixed.
-EVALUATORS: Final = (
-    "hallucination",
-    "helpfulness",
-    "accuracy",
-    "compliance",
-    "tone",
-    "prompt_adherence",
-)
-# Feedback ratings are 1-5 stars; 1 and 2 are negative.
-NEGATIVE_RATING: Final = 2.0
-# The summable evaluation and feedback measures of a metrics row: counts, then float sums.
-QUALITY_COUNTS: Final = (
-    "evaluations",
-    "evaluations_judged",
-    "evaluations_passed",
-    "evaluations_scored",
-    *(f"eval_{e}_{c}" for e in EVALUATORS for c in ("evaluations", "judged", "passed", "scored")),
-    "feedback_ratings",
-    "feedback_negative",
-    "feedback_corrections",
-)
-QUALITY_SUMS: Final = (
-    "evaluation_score_sum",
-    *(f"eval_{e}_score_sum" for e in EVALUATORS),
-    "feedback_rating_sum",
-)
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
@@ -181,101 +150,8 @@ _SKETCH_SCHEMA: Final = pl.Schema(
     }
 )
 
-_TOOL_STRUCT: Final = pa.struct(
-    [("tool_name", pa.string()), ("calls", pa.int64()), ("errors", pa.int64())]
-)
-_ACTION_STRUCT: Final = pa.struct([("action", pa.string()), ("count", pa.int64())])
 _TS: Final = pa.timestamp("us", tz="UTC")
 
-
-def _quantile_columns() -> list[str]:
-    names = []
-    for prefix in ["", *(f"{p}_" for p in STEP_TYPES.values())]:
-        names += [f"{prefix}latency_{q}_ms" for q in QUANTILES]
-    return names
-
-
-_QUANTILE_COLUMNS: Final = _quantile_columns()
-
-METRICS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("metric_id", pa.string(), nullable=False),
-        pa.field("level", pa.string(), nullable=False),
-        pa.field("window_start", _TS, nullable=False),
-        pa.field("window_end", _TS, nullable=False),
-        *(pa.field(d, pa.string()) for d in DIMENSIONS),
-        pa.field("events", pa.int64()),
-        *(pa.field(f"events_{t}", pa.int64()) for t in ACTIVITY_TYPES),
-        pa.field("llm_calls", pa.int64()),
-        pa.field("input_tokens", pa.int64()),
-        pa.field("output_tokens", pa.int64()),
-        pa.field("cached_input_tokens", pa.int64()),
-        pa.field("tokens_per_call", pa.float64()),
-        pa.field("cost_usd", pa.float64()),
-        pa.field("cost_estimated_usd", pa.float64()),
-        *(pa.field(f"tasks_{o}", pa.int64()) for o in TASK_OUTCOMES),
-        pa.field("task_success_rate", pa.float64()),
-        pa.field("cost_per_task", pa.float64()),
-        pa.field("cost_per_completed_task", pa.float64()),
-        pa.field("escalations", pa.int64()),
-        pa.field("escalation_rate", pa.float64()),
-        pa.field("retrievals", pa.int64()),
-        pa.field("retrieval_misses", pa.int64()),
-        pa.field("retrieval_miss_rate", pa.float64()),
-        pa.field("tool_calls", pa.int64()),
-        pa.field("tool_errors", pa.int64()),
-        pa.field("tool_error_rate", pa.float64()),
-        pa.field("tool_errors_by_tool", pa.list_(_TOOL_STRUCT)),
-        pa.field("guardrail_incidents", pa.int64()),
-        pa.field("guardrail_by_action", pa.list_(_ACTION_STRUCT)),
-        *(pa.field(c, pa.float64()) for c in _QUANTILE_COLUMNS),
-        pa.field("late_events", pa.int64()),
-        pa.field("evaluations", pa.int64()),
-        pa.field("evaluations_judged", pa.int64()),
-        pa.field("evaluations_passed", pa.int64()),
-        pa.field("eval_pass_rate", pa.float64()),
-        pa.field("evaluations_scored", pa.int64()),
-        pa.field("evaluation_score_sum", pa.float64()),
-        pa.field("eval_score_mean", pa.float64()),
-        pa.field("hallucination_rate", pa.float64()),
-        *(
-            pa.field(f"eval_{e}_{c}", dtype)
-            for e in EVALUATORS
-            for c, dtype in (
-                ("evaluations", pa.int64()),
-                ("judged", pa.int64()),
-                ("passed", pa.int64()),
-                ("pass_rate", pa.float64()),
-                ("scored", pa.int64()),
-                ("score_sum", pa.float64()),
-                ("score_mean", pa.float64()),
-            )
-        ),
-        pa.field("feedback_ratings", pa.int64()),
-        pa.field("feedback_rating_sum", pa.float64()),
-        pa.field("feedback_rating_mean", pa.float64()),
-        pa.field("feedback_negative", pa.int64()),
-        pa.field("feedback_negative_share", pa.float64()),
-        pa.field("feedback_corrections", pa.int64()),
-    ]
-)
-"""One row per (level, window, key). Notes on the columns:
-
-``metric_id`` is a stable id (blake2b of level, window start and end, and the dimensions) to
-de-duplicate on. ``level`` is 'key' (all ``DIMENSIONS``), 'agent' or 'tenant'; dimensions a
-level does not group by are null. Counts and sums are 0 when nothing happened; ratios are
-null when their denominator is 0: ``task_success_rate = completed / (completed + failed +
-abandoned)``, ``cost_per_task = cost_usd / tasks_started``, ``cost_per_completed_task =
-cost_usd / tasks_completed``, ``escalation_rate = escalations / tasks_started``,
-``retrieval_miss_rate``, ``tool_error_rate``, ``tokens_per_call = (input + output) /
-llm_calls``. ``cost_usd`` sums known and estimated costs; ``cost_estimated_usd`` is the
-estimated part. ``tool_errors_by_tool`` is a list of {tool_name, calls, errors} sorted by
-tool name and ``guardrail_by_action`` of {action, count} (every action, 'allow' included),
-both empty lists when there were none; ``guardrail_incidents`` counts actions other than
-'allow'. Latency quantiles (``latency_*`` over llm, tool and retrieval steps together, the
-others per step type) are null without samples and within 1 % of DuckDB's
-``quantile_disc`` (see ``streams.sketch``). ``late_events``: see the module docstring.
-"""
 
 _EMPTY_METRICS: Final = METRICS_SCHEMA.empty_table()
 

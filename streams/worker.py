@@ -6,14 +6,16 @@ inside the faust worker. Faust keeps what it is good at: the worker life cycle, 
 endpoint, and agents for the low-volume derived topics.
 
 Fetching and validating go on while the previous flush runs (in a thread: polars, pyarrow and
-the file system release the GIL), one flush at a time. Order of a flush, which is what makes
-landing exactly-once: (1) repeated event ids dropped, windows updated, due windows closed
-and judged by the detectors, (2) Parquet files durable (events, dead letters, metrics,
-anomalies, release verdicts), (3) dead letters, metrics and anomalies acknowledged by the broker, (4) state
-snapshot saved, (5) offsets committed. A crash anywhere before (5) replays the same offsets; the files from the first
-attempt are removed on reassignment (``ParquetLake.discard_uncommitted``), metrics files are
-named by window so they are rewritten, and the window state is restored from the snapshot
-saved with the committed offsets (``streams.state``).
+DuckDB release the GIL), one flush at a time. Order of a flush: (1) repeated event ids
+dropped, windows updated, due windows closed and judged by the detectors, (2) dead letters,
+metrics, anomalies and verdicts acknowledged by the broker, (3) state snapshot saved, (4) one
+lake transaction: the rows of every table, the next offset of every partition covered and
+the snapshot's number (``sinks.lake.LakeWriter.commit``), (5) offsets committed to Kafka too
+(best effort: the lake's positions are the ones that count). A crash anywhere before (4)
+lands nothing: the partitions are read again from the positions stored in the lake (seek on
+assignment) and the window state is the snapshot that the lake's last commit names
+(``streams.state``), so every record lands exactly once. Derived topics are at least once
+(consumers de-duplicate on the records' stable ids).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,11 +37,12 @@ import pyarrow.compute as pc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from mode import Service
 
-from pipeline.config import Settings
+from pipeline.config import Settings, parse_duration
 from pipeline.kafka import Headers, client_kwargs, dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import (
     ANOMALIES,
+    BUDGETS,
     DEAD_LETTERS,
     EVENTS,
     METRICS,
@@ -46,9 +51,10 @@ from sinks.catalog import (
     connect,
     prepare,
 )
-from sinks.parquet import ParquetLake
+from sinks.lake import Fenced, Flush, is_conflict
+from sinks.maintenance import maintain
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
-from streams.budgets import BudgetTracker, land_budgets, load_budgets
+from streams.budgets import BudgetTracker, load_budgets
 from streams.dedupe import Deduplicator
 from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
 from streams.explain import explain
@@ -65,6 +71,10 @@ EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
 BUDGET_STATUS_EVERY_S = 10.0
+# A commit refused because another writer committed first is retried at once this many times
+# in a row; a lock held longer than that is an outage (/health degraded).
+MAX_QUICK_RETRIES = 5
+_MAINTENANCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-maintenance")
 
 
 class WorkerState(msgspec.Struct, frozen=True):
@@ -144,14 +154,16 @@ class EventConsumer(Service):
         super().__init__(**kwargs)
         self.settings = settings
         self.telemetry = telemetry
-        self.lake: ParquetLake = prepare(settings.data_dir)
+        self.lake = prepare(settings.data_dir, settings.catalog)
         self.processor = BatchProcessor(
             max_message_bytes=settings.max_message_bytes, redact=settings.redact_kinds
         )
         self._pending: list[Processed] = []
-        # A batch whose flush failed is retried alone, as it was: its files are named by its
-        # offset ranges, so the retry overwrites what the failed attempt landed.
+        # A batch whose flush failed is retried alone, as it was (nothing of it was committed).
         self._retry: list[Processed] = []
+        # Whether the batch to retry had its dead letters and derived records published: the
+        # retry computes the same records (same ids) and need not send them again.
+        self._retry_published = False
         self._paused = False
         self._inflight = 0  # records in the flush being attempted
         # Whether the window state is this worker's own, consistent with what it committed
@@ -164,6 +176,8 @@ class EventConsumer(Service):
         self._flush_lock = asyncio.Lock()
         self._flush_task: asyncio.Task[None] | None = None
         self._next_offset: dict[int, int] = {}
+        self._resumed = False  # whether the lake held positions of the partitions assigned
+        self._seeks: dict[int, int] = {}  # seeks per partition, to tell a stale fetch
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.healthy = False
@@ -182,6 +196,8 @@ class EventConsumer(Service):
         self.rules = self._rule_engine()
         self._saved = self._state()
         self._offsets: dict[int, int] = {}
+        self._published = False
+        self._conflicts = 0  # failed attempts in a row
         self._partition_ts: dict[int, datetime] = {}
         self._last_flush = time.monotonic()
 
@@ -257,11 +273,10 @@ class EventConsumer(Service):
                 self._rewind()
 
     async def recover(self, assigned: Sequence[TopicPartition]) -> None:
-        """Drop files landed for offsets that were never committed, before reading them again,
-        and restore the window state saved with the committed offsets."""
+        """Resume newly assigned partitions from the positions stored in the lake, and restore
+        the window state that the lake's last commit names."""
         assert self._consumer is not None
-        # Under the flush lock: the fetcher may already deliver records of these partitions,
-        # and nothing may be landed for them before their uncommitted files are gone.
+        # Under the flush lock: no flush may run between reading the positions and seeking.
         async with self._flush_lock:
             await self._recover(assigned)
 
@@ -272,25 +287,40 @@ class EventConsumer(Service):
             ",".join(str(tp.partition) for tp in sorted(assigned)) or "none",
             self.settings.events_topic,
         )
+        loop = asyncio.get_running_loop()
+        topic = self.settings.events_topic
+        stored = await loop.run_in_executor(None, self.lake.positions, topic)
         self._offsets = {}
+        # Partitions new to the lake start where Kafka's group stands (a topic read before),
+        # else at their beginning.
+        new = [tp for tp in assigned if tp.partition not in stored]
+        first: dict[int, int] = {}
+        if new:
+            committed = await asyncio.gather(*(self._consumer.committed(tp) for tp in new))
+            beginning = await self._consumer.beginning_offsets(new)
+            first = {
+                tp.partition: beginning[tp] if c is None else c
+                for tp, c in zip(new, committed, strict=True)
+            }
         for tp in assigned:
-            committed = await self._consumer.committed(tp)
-            if committed is not None:
-                self._offsets[tp.partition] = committed
-            else:
-                committed = (await self._consumer.beginning_offsets([tp]))[tp]
-            removed = sum(
-                self.lake.discard_uncommitted(t, tp.topic, tp.partition, committed)
-                for t in (EVENTS, DEAD_LETTERS)
+            position = stored.get(tp.partition, first.get(tp.partition, 0))
+            self._offsets[tp.partition] = position
+        async with self._lock:
+            # Records fetched before the seek are dropped with it (no await in between), and
+            # so is a fetch in flight (``_seeks``): the partitions are read from the position.
+            gone = {tp.partition for tp in assigned}
+            self._pending = [p for p in (_without(b, gone) for b in self._pending) if p.records]
+            for tp in assigned:
+                self._consumer.seek(tp, self._offsets[tp.partition])
+                self._next_offset[tp.partition] = self._offsets[tp.partition]
+                self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
+        await loop.run_in_executor(None, self.lake.claim, topic, first, self.settings.group_id)
+        self._resumed = bool(stored)
+        if stored:
+            log.info(
+                "resuming from the lake's positions %s",
+                ",".join(f"{p}@{o}" for p, o in sorted(self._offsets.items())),
             )
-            if removed:
-                log.warning(
-                    "partition %s: removed %d files landed after committed offset %d "
-                    "(replaying them)",
-                    tp.partition,
-                    removed,
-                    committed,
-                )
         self._restore_windows()
 
     def _restore_windows(self) -> None:
@@ -306,7 +336,7 @@ class EventConsumer(Service):
             )
             return
         self._live = True
-        saved = self.snapshots.load(self._offsets)
+        saved = self.snapshots.load(self._offsets, self.lake.checkpoints())
         if saved is not None:
             self._saved = msgspec.msgpack.decode(saved, type=WorkerState)
             self._rewind()
@@ -317,7 +347,7 @@ class EventConsumer(Service):
                 self.detector.tracked_keys(),
             )
             return
-        if self._offsets:
+        if self._resumed:
             log.warning(
                 "no window snapshot matches the committed offsets %s: windows open at the last "
                 "stop start empty (their metrics will be partial)",
@@ -457,6 +487,7 @@ class EventConsumer(Service):
         consumer = self._consumer
         s = self.settings
         while not self.should_stop:
+            seeks = dict(self._seeks)
             fetched = await consumer.getmany(timeout_ms=200, max_records=s.fetch_max_records)
             records = [r for batch in fetched.values() for r in batch]
             if records:
@@ -465,7 +496,15 @@ class EventConsumer(Service):
                     # A rebalance may have taken partitions away while this fetch was being
                     # validated; their new owner reads them from the committed offset.
                     assigned = {tp.partition for tp in consumer.assignment()}
-                    processed = _without(processed, set(processed.ranges) - assigned)
+                    # Fetched before a seek to the lake's position (on assignment): the
+                    # consumer reads those partitions again from the position.
+                    stale = {p for p in processed.ranges if self._seeks.get(p) != seeks.get(p)}
+                    processed = _without(processed, set(processed.ranges) - assigned | stale)
+                    for part in stale & assigned:
+                        # The fetcher may have moved past the dropped records: back to where
+                        # this worker reads on.
+                        consumer.seek(TopicPartition(s.events_topic, part), self._next_offset[part])
+                        self._seeks[part] = self._seeks.get(part, 0) + 1
                     if not self._pending:
                         self._pending_since = time.monotonic()
                     if processed.records:
@@ -504,6 +543,36 @@ class EventConsumer(Service):
             consumer.resume(*consumer.paused())
             self._paused = False
 
+    @Service.task
+    async def _maintain(self) -> None:
+        """Lake maintenance every ``maintain_interval_s``, in a thread of its own: landing
+        goes on meanwhile (each step waits only for a commit in progress)."""
+        s = self.settings
+        if s.maintain_interval_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        retention = timedelta(seconds=parse_duration(s.lake_retention, "lake_retention"))
+        while not self.should_stop:
+            await self.sleep(s.maintain_interval_s)
+            if self.should_stop:
+                return
+            try:
+                done = await loop.run_in_executor(
+                    _MAINTENANCE,
+                    lambda: maintain(
+                        s.data_dir,
+                        s.catalog,
+                        retention=retention,
+                        events_retention_days=s.events_retention_days,
+                    ),
+                )
+            except Exception as exc:  # retried at the next pass; landing is unaffected
+                log.warning(
+                    "lake maintenance failed, retrying in %gs: %s", s.maintain_interval_s, exc
+                )
+                continue
+            log.info("lake maintenance: %s", done.summary())
+
     def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
         lag = 0
         for tp in consumer.assignment():
@@ -529,6 +598,9 @@ class EventConsumer(Service):
                         batch, self._pending = self._pending, []
                     batch = self._assigned_only(batch)
                 last = not (retrying and reason != "batch")
+                # A retry computes the same records as the failed attempt (same ids): if
+                # that attempt got them to the broker, they are not sent again.
+                self._published = retrying and self._retry_published
                 if not await self._attempt(batch, emit_open=emit_open and last):
                     return
                 if last:
@@ -553,11 +625,27 @@ class EventConsumer(Service):
         self._inflight = sum(len(p.records) for p in batch)
         try:
             await self._flush(batch, emit_open=emit_open)
+        except Fenced as exc:
+            # Another worker owns these partitions now and landed them: drop what this one
+            # holds and read on from where the lake stands.
+            log.error("flush not landed: %s", exc)
+            self.last_error = str(exc)
+            await self._resync()
+            return False
         except Exception as exc:
             # Nothing was committed: keep the batch as it is, and rewind the state to the
-            # last commit, so the retry lands the same files and counts every event once.
+            # last commit, so the retry lands the same rows and counts every event once.
+            self._retry_published = self._published
             self._retry = batch
             self._rewind()
+            self._conflicts += 1
+            if is_conflict(exc) and self._conflicts <= MAX_QUICK_RETRIES:
+                # Another writer of the lake committed first (several workers on a
+                # PostgreSQL catalog): not an error, the retry lands on top of its commit.
+                self.telemetry.lake_conflicts.inc()
+                log.info("lake commit conflicted with another writer's; retrying")
+                await asyncio.sleep(random.uniform(0.05, 0.3))
+                return False
             self.telemetry.landing_errors.inc()
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
@@ -566,6 +654,8 @@ class EventConsumer(Service):
         finally:
             self._inflight = 0
         self._retry = []
+        self._retry_published = False
+        self._conflicts = 0
         self.last_error = None
         self.telemetry.batch_seconds.observe(time.perf_counter() - started)
         return True
@@ -592,37 +682,36 @@ class EventConsumer(Service):
         rejected = [bad for p in pending for bad in p.rejected] + repeats
         if repeats:
             dead = pa.concat_tables([dead, dead_letter_table(repeats)])
-        await loop.run_in_executor(
-            None, self._land, events, dead, metrics, anomalies, burns, verdicts, ranges
-        )
-        steps.lap("land")
-        dead_copies = (_dead_letter_copy(record, rejection) for record, rejection in rejected)
-        derived = [
-            (s.dlq_topic, ((key, value, headers) for value, key, headers in dead_copies)),
-            (s.metrics_topic, _unkeyed(metric_records(metrics))),
-            (s.anomalies_topic, _unkeyed(anomaly_records(pa.concat_tables([anomalies, burns])))),
-            (s.verdicts_topic, _unkeyed(verdict_records(verdicts))),
-        ]
-        sends = [
-            f for topic, out in derived for f in await send_batches(self._producer, topic, out)
-        ]
-        if sends:
-            await asyncio.gather(*sends)
+        if not self._published:
+            await self._publish(rejected, metrics, pa.concat_tables([anomalies, burns]), verdicts)
+            self._published = True
         steps.lap("publish")
         offsets = {**self._offsets, **{part: hi + 1 for part, (_, hi) in ranges.items()}}
         state = await loop.run_in_executor(None, self._state)
-        await loop.run_in_executor(
-            None,
-            self.snapshots.save,
-            msgspec.msgpack.encode(state),
-            offsets,
-            self.windows.source or "default",
+        lineage = self.windows.source or "default"
+        seq = await loop.run_in_executor(
+            None, self.snapshots.save, msgspec.msgpack.encode(state), offsets, lineage
         )
         steps.lap("snapshot")
+        flush = Flush(
+            rows=self._rows(events, dead, metrics, pa.concat_tables([anomalies, burns]), verdicts),
+            positions={
+                (s.events_topic, part): (self._offsets.get(part, lo), hi + 1)
+                for part, (lo, hi) in ranges.items()
+            },
+            checkpoint=(lineage, seq),
+            group_id=s.group_id,
+        )
+        await loop.run_in_executor(None, self.lake.commit, flush)
+        steps.lap("land")
+        await loop.run_in_executor(None, self.snapshots.committed, lineage, seq)
         if ranges:
-            await self._consumer.commit(
-                {TopicPartition(s.events_topic, part): hi + 1 for part, (_, hi) in ranges.items()}
-            )
+            try:
+                await self._consumer.commit(
+                    {TopicPartition(s.events_topic, p): hi + 1 for p, (_, hi) in ranges.items()}
+                )
+            except Exception as exc:  # the lake holds the positions that count
+                log.warning("offsets landed in the lake, not committed to Kafka: %s", exc)
         self._offsets = offsets
         self._saved = state
         self.metrics_emitted += metrics.num_rows
@@ -634,7 +723,6 @@ class EventConsumer(Service):
         self.telemetry.observe_events(events)
         self.telemetry.dead_letters.inc(dead.num_rows)
         self.telemetry.batch_events.observe(total)
-        steps.lap("commit")
         log.info(
             "flush: %d messages, %d events landed, %d dead letters, %d metrics rows, "
             "%d anomalies, partitions %s; %s",
@@ -753,42 +841,65 @@ class EventConsumer(Service):
             index, anomalies.schema.field(index), pa.array(examples, pa.list_(pa.string()))
         ).cast(anomalies.schema)
 
-    def _land(
+    async def _publish(
+        self,
+        rejected: list[tuple[Record, Rejection]],
+        metrics: pa.Table,
+        anomalies: pa.Table,
+        verdicts: pa.Table,
+    ) -> None:
+        """Send dead letters and derived records to their topics (one record batch per
+        partition); wait for the broker."""
+        assert self._producer is not None
+        s = self.settings
+        dead_copies = (_dead_letter_copy(record, rejection) for record, rejection in rejected)
+        derived = [
+            (s.dlq_topic, ((key, value, headers) for value, key, headers in dead_copies)),
+            (s.metrics_topic, _unkeyed(metric_records(metrics))),
+            (s.anomalies_topic, _unkeyed(anomaly_records(anomalies))),
+            (s.verdicts_topic, _unkeyed(verdict_records(verdicts))),
+        ]
+        sends = [
+            f for topic, out in derived for f in await send_batches(self._producer, topic, out)
+        ]
+        if sends:
+            await asyncio.gather(*sends)
+
+    def _rows(
         self,
         events: pa.Table,
         dead: pa.Table,
         metrics: pa.Table,
         anomalies: pa.Table,
-        burns: pa.Table,
         verdicts: pa.Table,
-        ranges: dict[int, tuple[int, int]],
-    ) -> None:
-        # Derived rows are named by their window and the state that emitted them: a replay
-        # rewrites the same files, and two workers of a group do not overwrite each other's.
-        for table, rows in (
-            (METRICS, metrics),
-            (ANOMALIES, anomalies),
-            (RELEASE_VERDICTS, verdicts),
-        ):
-            for start in pc.unique(rows["window_start"]).to_pylist():
-                mine = rows.filter(pc.equal(rows["window_start"], start))
-                name = f"{self.settings.group_id}~{start.strftime('%Y%m%dT%H%M%S')}"
-                if self.windows.source:
-                    name += f"~{self.windows.source}"
-                self.lake.write_named(table, mine, name + ".parquet")
+    ) -> dict[str, pa.Table]:
+        """The rows of each lake table that this flush lands."""
+        rows = {
+            EVENTS.name: events,
+            DEAD_LETTERS.name: dead,
+            METRICS.name: metrics,
+            ANOMALIES.name: anomalies,
+            RELEASE_VERDICTS.name: verdicts,
+        }
         # The budgets' status is a running figure: landed every few seconds, and with alerts.
         if self.budgets.budgets and (
-            burns.num_rows or time.monotonic() - self._budgets_landed >= BUDGET_STATUS_EVERY_S
+            anomalies.num_rows or time.monotonic() - self._budgets_landed >= BUDGET_STATUS_EVERY_S
         ):
-            owner = f"{self.settings.group_id}~{self.windows.source}"
-            land_budgets(self.lake, owner, burns, self.budgets.status())
+            rows[BUDGETS.name] = self.budgets.status()
             self._budgets_landed = time.monotonic()
-        topic = self.settings.events_topic
-        for table, rows, column in (
-            (EVENTS, events, "kafka_partition"),
-            (DEAD_LETTERS, dead, "partition"),
-        ):
-            self.lake.land_partitions(table, rows, topic=topic, column=column, ranges=ranges)
+        return rows
+
+    async def _resync(self) -> None:
+        """Drop every batch held and seek each assigned partition to the lake's position."""
+        assert self._consumer is not None
+        async with self._lock:
+            self._pending, self._retry, self._retry_published = [], [], False
+        self._rewind()
+        stored = self.lake.positions(self.settings.events_topic)
+        for tp in self._consumer.assignment():
+            if tp.partition in stored:
+                self._consumer.seek(tp, stored[tp.partition])
+                self._offsets[tp.partition] = stored[tp.partition]
 
 
 def _lineage(group: str, offsets: dict[int, int]) -> str:

@@ -4,7 +4,7 @@
 ``shared_lake``, built once per session): generated traffic with an incident scenario, costs
 estimated as the worker does, window metrics from ``WindowAggregator``, anomalies from
 ``streams.detect.DriftDetector`` (hand-written rows in the same layout if the detector is
-missing or finds nothing), landed with ``sinks.parquet.ParquetLake``.
+missing or finds nothing), landed through ``sinks.catalog.prepare``.
 
 Every view is checked against an independent computation: straight from ``events`` (task
 outcomes, costs, tool errors, latencies with numpy) or from the metrics rows themselves.
@@ -23,13 +23,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generate import DEFAULT_START, TrafficConfig, generate
 from pipeline.publisher import release_event
 from sinks import analysis, catalog
 from sinks.catalog import EVENTS, METRICS, prepare
+from sinks.lake import attach
 from sinks.tables import events_to_table
 from streams.enrich import CostEstimator
 from streams.releases import ReleaseJudge
@@ -118,17 +118,8 @@ def hand_written_anomalies(metrics: pa.Table) -> pa.Table:
 
 
 def write_anomalies(root: Path, table: pa.Table) -> None:
-    """Land anomaly rows: through the catalog's table once it has one, else in the layout
-    ``anomalies/date=YYYY-MM-DD/<name>.parquet`` (date of the window)."""
-    registered = getattr(catalog, "ANOMALIES", None)
-    if registered is not None:
-        prepare(root).write_named(registered, table, "test~anomalies.parquet")
-        return
-    days = pc.strftime(table["window_start"], format="%Y-%m-%d")
-    for day in pc.unique(days).to_pylist():
-        folder = root / "anomalies" / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.filter(pc.equal(days, day)), folder / "test~anomalies.parquet")
+    """Land anomaly rows in the lake."""
+    prepare(root).append("anomalies", table)
 
 
 def build_lake(
@@ -180,10 +171,7 @@ def write_verdicts(root: Path, metrics: pa.Table) -> pa.Table:
         )
     )
     verdicts, _ = judge.observe(metrics, RELEASE_AT)
-    lake = prepare(root)
-    for start in pc.unique(verdicts["window_start"]).to_pylist():
-        rows = verdicts.filter(pc.equal(verdicts["window_start"], start))
-        lake.write_named(catalog.RELEASE_VERDICTS, rows, f"test~{start:%Y%m%dT%H%M%S}.parquet")
+    prepare(root).append("release_verdicts", verdicts)
     return verdicts
 
 
@@ -206,10 +194,8 @@ def land(root: Path, evs: list[Any]) -> pa.Table:
     table = table.set_column(table.schema.get_field_index("late"), "late", late)
     metrics = pa.concat_tables([windows.close_due(now=now), windows.flush_all()])
     lake = prepare(root)
-    lake.land(EVENTS, table, topic="agent-events", partition=0, first=0, last=n - 1)
-    for start in pc.unique(metrics["window_start"]).to_pylist():
-        rows = metrics.filter(pc.equal(metrics["window_start"], start))
-        lake.write_named(METRICS, rows, f"test~{start:%Y%m%dT%H%M%S}.parquet")
+    lake.append(EVENTS.name, table)
+    lake.append(METRICS.name, metrics)
     return metrics
 
 
@@ -253,10 +239,10 @@ def close(a: float | None, b: float | None, rel: float = 1e-9) -> bool:
 
 
 def raw_events(lake: Path) -> duckdb.DuckDBPyConnection:
-    """A connection with ``ev``: the landed event files read directly, no catalog view."""
+    """A connection with ``ev``: the lake's events table itself, none of the views."""
     c = duckdb.connect()
-    glob = str(lake / "events" / "*" / "*" / "*.parquet")
-    c.execute(f"CREATE VIEW ev AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true)")
+    attach(c, lake, read_only=True)
+    c.execute("CREATE VIEW ev AS SELECT * FROM lake.events")
     return c
 
 
@@ -281,10 +267,10 @@ def test_every_view_answers(con: duckdb.DuckDBPyConnection) -> None:
 def test_release_summary_is_the_latest_look_of_each_measure(
     con: duckdb.DuckDBPyConnection, lake: Path
 ) -> None:
-    """Recomputed in Python from the verdict files, read without any view."""
-    raw = pa.concat_tables(
-        pq.read_table(p) for p in sorted((lake / "release_verdicts").glob("*/test~*.parquet"))
-    ).to_pylist()
+    """Recomputed in Python from the verdicts table, read without any view."""
+    raw = (
+        raw_events(lake).execute("SELECT * FROM lake.release_verdicts").to_arrow_table().to_pylist()
+    )
     assert raw, "the shared lake has verdicts"
     expected: dict[tuple[str, str], dict[str, Any]] = {}
     looks: dict[tuple[str, str], int] = {}
@@ -664,8 +650,8 @@ def test_metric_windows_count_a_replayed_file_once(lake: Path, tmp_path: Path) -
 
     copy = tmp_path / "lake"
     shutil.copytree(lake, copy)
-    for path in list((copy / "metrics").glob("*/test~*.parquet"))[:10]:
-        shutil.copy(path, path.with_name(path.name.replace("test~", "other~")))
+    again = raw_events(copy).execute("SELECT * EXCLUDE (date) FROM lake.metrics LIMIT 10")
+    prepare(copy).append(METRICS.name, again.to_arrow_table())
     a, b = analysis.connect(lake), analysis.connect(copy)
     assert (
         b.execute("SELECT count(*) FROM metrics").fetchone()
@@ -692,22 +678,18 @@ def test_empty_lake_binds_every_view_and_draws(tmp_path: Path) -> None:
 
 
 def test_without_anomalies_the_stand_in_is_empty(lake: Path, tmp_path: Path) -> None:
-    import shutil
-
-    copy = tmp_path / "lake"
-    shutil.copytree(lake, copy, ignore=shutil.ignore_patterns("anomalies"))
-    con = catalog.connect(copy)
+    con = catalog.connect(lake)
+    con.execute("DROP VIEW anomalies")
     if not analysis._has_relation(con, "anomalies"):
-        analysis.install_views(con, copy)
+        analysis.install_views(con)
         assert con.execute("SELECT count(*) FROM anomalies").fetchone() == (0,)
         assert con.execute("SELECT count(*) FROM anomaly_context").fetchone() == (0,)
         assert [c[0] for c in con.execute("DESCRIBE anomalies").fetchall()] == [
             c for c, _ in analysis.ANOMALY_COLUMNS
         ]
     # An anomalies view that exists is used as it is, never replaced.
-    con = catalog.connect(copy)
-    con.execute(analysis.anomalies_stand_in(lake))
-    analysis.install_views(con, copy)
+    con = catalog.connect(lake)
+    analysis.install_views(con)
     assert con.execute("SELECT count(*) FROM anomalies").fetchone()[0] > 0  # type: ignore[index]
 
 
@@ -718,30 +700,10 @@ def test_install_only_for_queries_that_use_the_views(lake: Path) -> None:
     # A column of the same name matches too: a false positive only costs the install.
     assert analysis.uses_analysis("SELECT sum(tool_errors) FROM metrics")
     con = catalog.connect(lake)
-    assert not analysis.install_views(con, lake, only_for="SELECT count(*) FROM events")
+    assert not analysis.install_views(con, only_for="SELECT count(*) FROM events")
     assert not analysis._has_relation(con, "task_funnel")
-    assert analysis.install_views(con, lake, only_for="SELECT * FROM task_funnel")
+    assert analysis.install_views(con, only_for="SELECT * FROM task_funnel")
     assert analysis._has_relation(con, "task_funnel")
-
-
-def test_views_persist_in_a_database_file(lake: Path, tmp_path: Path) -> None:
-    """What ``catalog.write_database`` does, plus ``install_views``: the DuckDB CLI sees them."""
-    path = tmp_path / "views.duckdb"
-    con = duckdb.connect(str(path))
-    for stmt in catalog.view_statements(prepare(lake)):
-        con.execute(stmt)
-    analysis.install_views(con, lake)
-    con.close()
-    again = duckdb.connect(str(path), read_only=True)
-    assert again.execute("SELECT events FROM lake_summary").fetchone() == (EVENTS_N,)
-    assert again.execute("SELECT count(*) FROM kpis_every(INTERVAL 1 hour, 'all')").fetchone() == (
-        1,
-    )
-
-
-# --------------------------------------------------------------------------------------
-# formatting, tables, plots
-# --------------------------------------------------------------------------------------
 
 
 def test_fmt() -> None:

@@ -15,14 +15,13 @@ from pipeline import schema
 from pipeline.config import ConfigError, Settings
 from pipeline.generate import TrafficConfig, generate
 from pipeline.scenarios import budget_truth
-from sinks.catalog import EVENTS, connect, prepare
+from sinks.catalog import BUDGETS, EVENTS, connect, prepare
 from sinks.tables import EVENTS_SCHEMA
 from streams.budgets import (
     BUDGETS_SCHEMA,
     Budget,
     BudgetError,
     BudgetTracker,
-    land_budgets,
     load_budgets,
     parse_budgets,
 )
@@ -292,9 +291,9 @@ def test_budgets_view_matches_duckdb(tmp_path: Path) -> None:
     now = max(batch.column("ts").to_pylist())
     tracker.check(now, detected_at=now)
     lake = prepare(tmp_path)
-    lake.land(EVENTS, batch, topic="t", partition=0, first=0, last=batch.num_rows - 1)
-    land_budgets(lake, "g", ANOMALIES_SCHEMA.empty_table(), tracker.status())
-    land_budgets(lake, "g", ANOMALIES_SCHEMA.empty_table(), tracker.status())  # idempotent
+    lake.append(EVENTS.name, batch)
+    lake.append(BUDGETS.name, tracker.status())
+    lake.append(BUDGETS.name, tracker.status())  # replaces: one row per budget and period
     con = connect(tmp_path)
     got = con.sql(
         """

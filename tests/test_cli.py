@@ -117,7 +117,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "kafka_offset": [0, 1, 2],
         },
     )
-    prepare(root).land(EVENTS, table, topic="cli", partition=0, first=0, last=2)
+    prepare(root).append(EVENTS.name, table)
     return root
 
 

@@ -1,10 +1,12 @@
-"""The Parquet lake (sinks/parquet.py) and its DuckDB views (sinks/catalog.py)."""
+"""The lake (sinks/lake.py): DuckLake tables, one transaction a flush, positions, maintenance,
+import, and its read path (sinks/catalog.py). Real DuckDB and DuckLake, a real SQLite catalog
+(PostgreSQL: tests/test_lake_postgres.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
+from pipeline.config import ConfigError, Settings
 from pipeline.schema import (
     Escalation,
     Feedback,
@@ -25,16 +28,10 @@ from pipeline.schema import (
     Task,
     ToolCall,
 )
-from sinks.catalog import (
-    DB_FILE,
-    DEAD_LETTERS,
-    EVENTS,
-    connect,
-    prepare,
-    read_only_query,
-    write_database,
-)
-from sinks.parquet import ParquetLake
+from sinks.catalog import DEAD_LETTERS, EVENTS, QueryError, connect, prepare, read_only_query
+from sinks.lake import CATALOG_FILE, Fenced, Flush, LakeError, LakeWriter
+from sinks.maintenance import maintain, status
+from sinks.migrate import import_lake
 from sinks.tables import DEAD_LETTERS_SCHEMA, events_to_table
 from tests.helpers import REPO
 
@@ -64,218 +61,198 @@ def table_of(
     )
 
 
-def land_range(
-    lake: ParquetLake, topic: str, partition: int, first: int, last: int, ts: datetime = T0
-) -> list[Path]:
-    """Land one tool call per offset ``first..last``, all on one date."""
+def tools(partition: int, first: int, last: int, ts: datetime = T0) -> pa.Table:
+    """One tool call per offset ``first..last``."""
     offsets = range(first, last + 1)
-    events = [tool(f"{topic}-{partition}-{o}", ts) for o in offsets]
-    landed = lake.land(
-        EVENTS,
-        table_of(events, partition, offsets),
-        topic=topic,
-        partition=partition,
-        first=first,
-        last=last,
-    )
-    return [f.path for f in landed]
+    return table_of([tool(f"p{partition}-{o}", ts) for o in offsets], partition, list(offsets))
 
 
 def rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
     return connect(data_dir).sql(sql).fetchall()
 
 
-def names(lake: ParquetLake) -> list[str]:
-    return sorted(str(p.relative_to(lake.root)) for p in lake.files(EVENTS))
+# --- landing ---------------------------------------------------------------------------------
 
 
-def name(topic: str, p: int, first: int, last: int) -> str:
-    return f"{topic}~{p}~{first:019d}~{last:019d}.parquet"
-
-
-# --- landing -------------------------------------------------------------------------------
-
-
-def test_land_writes_the_hive_layout(tmp_path: Path) -> None:
-    lake = prepare(tmp_path / "lake")
-    events: list[schema.AgentEvent] = [
-        tool("e0", T0),
-        Task(**env_("e1", T0 + timedelta(minutes=5)), outcome="started"),
-        tool("e2", T0 + timedelta(days=1)),
-        tool("e3", T0 + timedelta(days=1, hours=1)),
-        Task(**env_("e4", datetime(2026, 1, 6, 23, 59, 59, tzinfo=UTC)), outcome="completed"),
-    ]
-    landed = lake.land(
-        EVENTS, table_of(events, 3, range(40, 45)), topic="ev.x-1", partition=3, first=40, last=44
-    )
-    file = name("ev.x-1", 3, 40, 44)
-    expected = {
-        f"events/date=2026-01-05/type=tool_call/{file}": 1,
-        f"events/date=2026-01-05/type=task/{file}": 1,
-        f"events/date=2026-01-06/type=tool_call/{file}": 2,
-        f"events/date=2026-01-06/type=task/{file}": 1,
-    }
-    assert {str(f.path.relative_to(lake.root)): f.rows for f in landed} == expected
-    assert names(lake) == sorted(expected)
-    # Hive columns live in the path, not in the file; no temporaries are left.
-    some = pq.read_table(landed[0].path)
-    assert "date" not in some.column_names
-    assert "type" not in some.column_names
-    assert list(Path(lake.root).rglob("*.tmp")) == []
-    assert rows(
-        lake.root,
-        "SELECT event_id, type, date::VARCHAR, kafka_partition, kafka_offset FROM events "
-        "ORDER BY kafka_offset",
-    ) == [
-        ("e0", "tool_call", "2026-01-05", 3, 40),
-        ("e1", "task", "2026-01-05", 3, 41),
-        ("e2", "tool_call", "2026-01-06", 3, 42),
-        ("e3", "tool_call", "2026-01-06", 3, 43),
-        ("e4", "task", "2026-01-06", 3, 44),
-    ]
-
-
-def test_land_uses_the_utc_date_of_offset_timestamps(tmp_path: Path) -> None:
-    lake = prepare(tmp_path / "lake")
-    # 23:30 at -05:00 is 04:30 UTC the next day.
-    ev = tool("late-evening", datetime.fromisoformat("2026-01-05T23:30:00-05:00"))
-    (landed,) = lake.land(EVENTS, table_of([ev], 0, [7]), topic="t", partition=0, first=7, last=7)
-    assert landed.path.parent.parent.name == "date=2026-01-06"
-
-
-def test_land_nothing_writes_nothing(tmp_path: Path) -> None:
-    lake = prepare(tmp_path / "lake")
-    assert lake.land(EVENTS, table_of([], 0, []), topic="t", partition=0, first=0, last=0) == []
-    assert names(lake) == []
-
-
-def test_landing_the_same_range_twice_leaves_one_file(tmp_path: Path) -> None:
-    lake = prepare(tmp_path / "lake")
-    first = land_range(lake, "t", 0, 0, 99)
-    before = rows(lake.root, "SELECT * EXCLUDE (date) FROM events ORDER BY kafka_offset")
-    second = land_range(lake, "t", 0, 0, 99)
-    assert first == second
-    assert names(lake) == [f"events/date=2026-01-05/type=tool_call/{name('t', 0, 0, 99)}"]
-    after = rows(lake.root, "SELECT * EXCLUDE (date) FROM events ORDER BY kafka_offset")
-    assert after == before
-    assert len(after) == 100
-    assert rows(
-        lake.root,
-        "SELECT count(DISTINCT event_id), min(kafka_offset), max(kafka_offset) FROM events",
-    ) == [(100, 0, 99)]
-
-
-# --- discard_uncommitted -------------------------------------------------------------------
-
-
-@pytest.fixture
-def three_batches(tmp_path: Path) -> ParquetLake:
-    """Topic t partition 0 in batches 0-9, 10-19, 20-29; partition 1 and topic u alongside."""
-    lake = prepare(tmp_path / "lake")
-    for first in (0, 10, 20):
-        land_range(lake, "t", 0, first, first + 9)
-    land_range(lake, "t", 1, 0, 29)
-    land_range(lake, "u", 0, 0, 29)
-    land_range(lake, "t", 10, 0, 29)  # partition 10 must not be taken for partition 1 or 0
-    return lake
-
-
-def offsets_by_source(lake: ParquetLake) -> dict[tuple[str, int], list[int]]:
-    got: dict[tuple[str, int], list[int]] = {}
-    for (event_id,) in rows(lake.root, "SELECT event_id FROM events ORDER BY event_id"):
-        topic, part, offset = event_id.split("-")
-        got.setdefault((topic, int(part)), []).append(int(offset))
-    return {k: sorted(v) for k, v in got.items()}
-
-
-def test_discard_removes_later_files_and_trims_the_straddling_one(
-    three_batches: ParquetLake,
-) -> None:
-    lake = three_batches
-    stale_tmp = (
-        lake.table_dir(EVENTS) / "date=2026-01-05/type=tool_call" / f".{name('t', 0, 30, 39)}.tmp"
-    )
-    other_tmp = (
-        lake.table_dir(EVENTS) / "date=2026-01-05/type=tool_call" / f".{name('t', 1, 30, 39)}.tmp"
-    )
-    stale_tmp.write_bytes(b"half a file")
-    other_tmp.write_bytes(b"someone else's")
-
-    assert lake.discard_uncommitted(EVENTS, "t", 0, 15) == 2
-
-    folder = "events/date=2026-01-05/type=tool_call"
-    assert names(lake) == sorted(
-        [
-            f"{folder}/{name('t', 0, 0, 9)}",
-            f"{folder}/{name('t', 0, 10, 14)}",
-            f"{folder}/{name('t', 1, 0, 29)}",
-            f"{folder}/{name('t', 10, 0, 29)}",
-            f"{folder}/{name('u', 0, 0, 29)}",
-        ]
-    )
-    trimmed = pq.read_table(lake.root / folder / name("t", 0, 10, 14))
-    assert trimmed.column("kafka_offset").to_pylist() == [10, 11, 12, 13, 14]
-    assert trimmed.column("event_id").to_pylist() == [f"t-0-{o}" for o in range(10, 15)]
-    assert offsets_by_source(lake) == {
-        ("t", 0): list(range(15)),
-        ("t", 1): list(range(30)),
-        ("t", 10): list(range(30)),
-        ("u", 0): list(range(30)),
-    }
-    assert not stale_tmp.exists()
-    assert other_tmp.exists()
-
-
-def test_discard_at_a_file_boundary_removes_whole_files_only(three_batches: ParquetLake) -> None:
-    lake = three_batches
-    assert lake.discard_uncommitted(EVENTS, "t", 0, 20) == 1
-    assert offsets_by_source(lake)[("t", 0)] == list(range(20))
-    assert lake.discard_uncommitted(EVENTS, "t", 0, 20) == 0  # idempotent
-    assert lake.discard_uncommitted(EVENTS, "t", 0, 30) == 0  # nothing at/after 30
-    assert lake.discard_uncommitted(EVENTS, "t", 0, 0) == 2
-    assert ("t", 0) not in offsets_by_source(lake)
-    assert offsets_by_source(lake)[("t", 1)] == list(range(30))
-
-
-def test_discard_then_replay_lands_each_row_once(three_batches: ParquetLake) -> None:
-    lake = three_batches
-    lake.discard_uncommitted(EVENTS, "t", 0, 15)
-    # The replay comes with different batch boundaries.
-    land_range(lake, "t", 0, 15, 22)
-    land_range(lake, "t", 0, 23, 29)
-    assert offsets_by_source(lake)[("t", 0)] == list(range(30))
-    assert rows(lake.root, "SELECT count(*), count(DISTINCT event_id) FROM events") == [(120, 120)]
-
-
-def test_discard_dead_letters(tmp_path: Path) -> None:
-    lake = prepare(tmp_path / "lake")
-
-    def dead(offsets: range) -> pa.Table:
-        n = len(offsets)
-        return pa.Table.from_pydict(
-            {
-                "reason": ["malformed JSON"] * n,
-                "field": [None] * n,
-                "topic": ["t"] * n,
-                "partition": [2] * n,
-                "offset": list(offsets),
-                "key": [b"k"] * n,
-                "raw": [b"{"] * n,
-                "raw_text": ["{"] * n,
-                "kafka_timestamp": [T0] * n,
-                "received_at": [T0 + timedelta(seconds=o) for o in offsets],
-            },
-            schema=DEAD_LETTERS_SCHEMA,
+def test_a_flush_lands_rows_positions_and_checkpoint_together(tmp_path: Path) -> None:
+    lake = prepare(tmp_path)
+    lake.claim("t", {0: 0, 1: 0}, "g")
+    lake.commit(
+        Flush(
+            rows={EVENTS.name: pa.concat_tables([tools(0, 0, 9), tools(1, 0, 4)])},
+            positions={("t", 0): (0, 10), ("t", 1): (0, 5)},
+            checkpoint=("lin", 1),
+            group_id="g",
         )
+    )
+    assert lake.positions("t") == {0: 10, 1: 5}
+    assert lake.checkpoints() == {"lin": 1}
+    assert rows(tmp_path, "SELECT count(*), count(DISTINCT event_id) FROM events") == [(15, 15)]
+    # The partition column is the UTC date of the time column.
+    late_evening = datetime(2026, 1, 5, 23, 30, tzinfo=UTC).astimezone(
+        __import__("zoneinfo").ZoneInfo("America/New_York")
+    )
+    lake.commit(Flush(rows={EVENTS.name: tools(2, 0, 0, late_evening)}))
+    assert rows(tmp_path, "SELECT DISTINCT date FROM events ORDER BY 1") == [(T0.date(),)]
 
-    lake.land(DEAD_LETTERS, dead(range(0, 5)), topic="t", partition=2, first=0, last=5)
-    lake.land(DEAD_LETTERS, dead(range(6, 9)), topic="t", partition=2, first=6, last=8)
-    assert lake.discard_uncommitted(DEAD_LETTERS, "t", 2, 3) == 2
-    assert rows(lake.root, 'SELECT "offset" FROM dead_letters ORDER BY 1') == [(0,), (1,), (2,)]
-    assert sorted(p.name for p in lake.files(DEAD_LETTERS)) == [name("t", 2, 0, 2)]
+
+def test_a_failed_flush_lands_nothing(tmp_path: Path) -> None:
+    lake = prepare(tmp_path)
+    lake.claim("t", {0: 0}, "g")
+    with pytest.raises(KeyError):
+        # events are inserted, then the unknown table fails the transaction
+        lake.commit(
+            Flush(
+                rows={EVENTS.name: tools(0, 0, 9), "no_such_table": tools(0, 0, 0)},
+                positions={("t", 0): (0, 10)},
+            )
+        )
+    assert lake.positions("t") == {0: 0}
+    assert rows(tmp_path, "SELECT count(*) FROM events") == [(0,)]
 
 
-# --- views ---------------------------------------------------------------------------------
+def test_a_second_writer_of_a_partition_is_fenced(tmp_path: Path) -> None:
+    """Two writers start from the same position: the second one's flush lands nothing."""
+    a = prepare(tmp_path)
+    b = LakeWriter(tmp_path, [EVENTS, DEAD_LETTERS])
+    a.claim("t", {0: 0}, "g")
+    a.commit(Flush(rows={EVENTS.name: tools(0, 0, 9)}, positions={("t", 0): (0, 10)}))
+    with pytest.raises(Fenced, match="no longer at offset 0"):
+        b.commit(Flush(rows={EVENTS.name: tools(0, 0, 9)}, positions={("t", 0): (0, 10)}))
+    assert rows(tmp_path, "SELECT count(*), count(DISTINCT event_id) FROM events") == [(10, 10)]
+    assert b.positions("t") == {0: 10}
+
+
+def test_concurrent_writers_of_one_partition_never_both_land(tmp_path: Path) -> None:
+    """Both transactions open before either commits (two processes' view of the catalog):
+    the catalog lets one of them through."""
+    prepare(tmp_path).claim("t", {0: 0}, "g")
+    cons = []
+    for _ in range(2):
+        con = duckdb.connect()
+        from sinks.lake import attach
+
+        attach(con, tmp_path, read_only=False)
+        con.execute("BEGIN")
+        con.execute(
+            "UPDATE lake.kafka_offsets SET next_offset = 10 WHERE partition = 0 AND next_offset = 0"
+        )
+        con.register("r", tools(0, 0, 9))
+        con.execute("INSERT INTO lake.events BY NAME SELECT *, ts::DATE AS date FROM r")
+        cons.append(con)
+    cons[0].execute("COMMIT")
+    with pytest.raises(duckdb.Error):
+        cons[1].execute("COMMIT")
+    assert rows(tmp_path, "SELECT count(*) FROM events") == [(10,)]
+
+
+def test_replaced_rows_keep_one_per_key(tmp_path: Path) -> None:
+    from sinks.catalog import BUDGETS
+
+    lake = prepare(tmp_path)
+    row = {f.name: None for f in BUDGETS.schema}
+    row.update(
+        budget="tenant:a=1/day",
+        scope="tenant",
+        scope_id="a",
+        period="day",
+        period_start=T0,
+        period_end=T0 + timedelta(days=1),
+        amount_usd=1.0,
+        spent_usd=0.5,
+        as_of=T0,
+    )
+    for spent in (0.5, 0.7, 0.9):
+        lake.append(
+            BUDGETS.name, pa.Table.from_pylist([{**row, "spent_usd": spent}], BUDGETS.schema)
+        )
+    assert rows(tmp_path, "SELECT spent_usd FROM budgets") == [(0.9,)]
+
+
+def test_readers_see_whole_flushes_while_the_writer_lands(tmp_path: Path) -> None:
+    lake = prepare(tmp_path)
+    lake.claim("t", {0: 0}, "g")
+    seen: list[int] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            seen.append(connect(tmp_path).sql("SELECT count(*) FROM events").fetchall()[0][0])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(20):
+            lake.commit(
+                Flush(
+                    rows={EVENTS.name: tools(0, i * 50, i * 50 + 49)},
+                    positions={("t", 0): (i * 50, i * 50 + 50)},
+                )
+            )
+    finally:
+        done.set()
+        reader.join()
+    assert seen and all(n % 50 == 0 for n in seen), seen
+    assert rows(tmp_path, "SELECT count(*) FROM events") == [(1000,)]
+
+
+# --- maintenance and status ----------------------------------------------------------------
+
+
+def test_maintenance_merges_small_files_and_keeps_every_row(tmp_path: Path) -> None:
+    lake = prepare(tmp_path)
+    lake.claim("t", {0: 0}, "g")
+    for i in range(30):
+        lake.commit(
+            Flush(
+                rows={EVENTS.name: tools(0, i * 100, i * 100 + 99)},
+                positions={("t", 0): (i * 100, i * 100 + 100)},
+            )
+        )
+    before = rows(
+        tmp_path, "SELECT count(*), count(DISTINCT event_id), sum(kafka_offset) FROM events"
+    )
+    done = maintain(tmp_path, retention=timedelta(0))
+    assert done.files_before >= 30
+    files = dict(
+        connect(tmp_path)
+        .execute("SELECT table_name, file_count FROM ducklake_table_info('lake')")
+        .fetchall()
+    )
+    assert files["events"] == 1  # one table, one date
+    # Positions stay one file per writer's rows (sinks.lake): only the current one is left.
+    assert done.files_after == files["events"] + files["kafka_offsets"] == 2
+    assert done.snapshots_expired > 0 and done.files_deleted >= 30
+    assert (
+        rows(tmp_path, "SELECT count(*), count(DISTINCT event_id), sum(kafka_offset) FROM events")
+        == before
+    )
+    on_disk = list((tmp_path / "lake" / "main" / "events").rglob("*.parquet"))
+    assert len(on_disk) == 1, on_disk
+    text = status(tmp_path)
+    assert "events" in text and "3,000" in text and "t/0 @ 3,000" in text
+
+
+def test_maintenance_with_a_day_of_time_travel_keeps_old_snapshots(tmp_path: Path) -> None:
+    lake = prepare(tmp_path)
+    for i in range(5):
+        lake.append(EVENTS.name, tools(0, i * 10, i * 10 + 9))
+    done = maintain(tmp_path)
+    assert done.files_after == 1 and done.snapshots_expired == 0 and done.files_deleted == 0
+    assert rows(tmp_path, "SELECT count(*) FROM events") == [(50,)]
+
+
+def test_raw_event_retention_drops_old_days_only(tmp_path: Path) -> None:
+    lake = prepare(tmp_path)
+    now = datetime.now(UTC)
+    lake.append(EVENTS.name, tools(0, 0, 9, now - timedelta(days=10)))
+    lake.append(EVENTS.name, tools(0, 10, 14, now))
+    done = maintain(tmp_path, events_retention_days=3)
+    assert done.rows_expired == 10
+    assert rows(tmp_path, "SELECT count(*) FROM events") == [(5,)]
+
+
+# --- the read path ---------------------------------------------------------------------------
 
 EXPECTED_EVENT_COLUMNS = {
     "event_id": "VARCHAR",
@@ -338,13 +315,6 @@ def test_views_bind_on_an_empty_lake(tmp_path: Path) -> None:
         assert con.sql(f"SELECT count(*) FROM {view}").fetchall() == [(0,)], view
 
 
-def test_connect_refuses_a_missing_dir(tmp_path: Path) -> None:
-    from sinks.catalog import QueryError
-
-    with pytest.raises(QueryError, match="does not exist"):
-        connect(tmp_path / "nowhere")
-
-
 def all_types() -> list[schema.AgentEvent]:
     out: list[schema.AgentEvent] = []
     for i in range(2):
@@ -388,14 +358,7 @@ PER_TYPE = {
 def test_per_type_views_return_only_their_type(tmp_path: Path) -> None:
     lake = prepare(tmp_path / "lake")
     events = all_types()
-    lake.land(
-        EVENTS,
-        table_of(events, 0, range(len(events))),
-        topic="t",
-        partition=0,
-        first=0,
-        last=len(events) - 1,
-    )
+    lake.append(EVENTS.name, table_of(events, 0, range(len(events))))
     con = connect(lake.root)
     assert con.sql("SELECT count(*) FROM events").fetchall() == [(len(events),)]
     for view, (type_, ids) in PER_TYPE.items():
@@ -421,95 +384,140 @@ def test_per_type_views_return_only_their_type(tmp_path: Path) -> None:
     ]
 
 
-# --- the database file ---------------------------------------------------------------------
-
-READER = """
-import duckdb, sys
-con = duckdb.connect(sys.argv[1], read_only=True)
-print(con.sql("SELECT count(*) FROM events").fetchall()[0][0])
-print(con.sql("SELECT count(*) FROM tasks").fetchall()[0][0])
-print(con.sql("SELECT count(*) FROM dead_letters").fetchall()[0][0])
-"""
-
-
-def test_write_database_works_from_another_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    relative = Path("lake")
-    path = write_database(relative)
-    assert path == relative / DB_FILE
-    assert (tmp_path / "lake" / DB_FILE).is_file()
+def test_the_duckdb_one_liner_opens_the_lake(tmp_path: Path) -> None:
+    """What the README shows: plain duckdb, ATTACH, USE: tables and per-type views."""
+    lake = prepare(tmp_path / "lake")
     events = all_types()
-    lake = ParquetLake(relative)
-    lake.land(
-        EVENTS,
-        table_of(events, 0, range(len(events))),
-        topic="t",
-        partition=0,
-        first=0,
-        last=len(events) - 1,
+    lake.append(EVENTS.name, table_of(events, 0, range(len(events))))
+    code = (
+        "import duckdb, sys; con = duckdb.connect(); "
+        "con.execute(f\"ATTACH 'ducklake:sqlite:{sys.argv[1]}/lake.sqlite' AS lake (READ_ONLY)\"); "
+        "con.execute('USE lake'); "
+        "print(con.sql('SELECT count(*) FROM events').fetchall()[0][0], "
+        "con.sql('SELECT count(*) FROM tasks').fetchall()[0][0])"
     )
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    db = str(tmp_path / "lake" / DB_FILE)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # Our own read-only connection stays open while another process reads too.
-    mine = duckdb.connect(db, read_only=True)
-    try:
-        assert mine.sql("SELECT count(*) FROM guardrails").fetchall() == [(2,)]
-        proc = subprocess.run(
-            [sys.executable, "-c", READER, db],
-            cwd=elsewhere,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split() == [str(len(events)), "4", "0"]
-    finally:
-        mine.close()
-
-
-def test_write_database_gives_way_to_another_writer(tmp_path: Path) -> None:
-    data_dir = tmp_path / "lake"
-    path = write_database(data_dir)
-    assert path is not None
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('ready', flush=True); "
-            "sys.stdin.read()",
-            str(path),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "lake")],
+        capture_output=True,
         text=True,
+        check=True,
+        cwd=REPO,
     )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
-        assert write_database(data_dir) is None
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
-    assert write_database(data_dir) == path
+    assert out.stdout.split() == [str(len(events)), "4"]
 
 
-@pytest.mark.parametrize(("name", "lookalike"), [("lake [1]", "lake 1"), ("lake*?", "lake-x")])
-def test_views_bind_when_the_data_dir_has_glob_characters(
-    tmp_path: Path, name: str, lookalike: str
-) -> None:
+def test_a_moved_lake_still_reads(tmp_path: Path) -> None:
+    import shutil
+
+    lake = prepare(tmp_path / "a")
+    lake.append(EVENTS.name, tools(0, 0, 9))
+    lake.close()
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert rows(tmp_path / "b", "SELECT count(*) FROM events") == [(10,)]
+
+
+@pytest.mark.parametrize("name", ["lake [1]", "lake*?", "it's"])
+def test_the_lake_reads_when_the_data_dir_has_odd_characters(tmp_path: Path, name: str) -> None:
     data_dir = tmp_path / name
-    lake = prepare(data_dir)
-    land_range(lake, "t", 0, 0, 4)
-    # A folder the name would match as a wildcard pattern must not be read.
-    land_range(prepare(tmp_path / lookalike), "t", 0, 0, 2)
+    prepare(data_dir).append(EVENTS.name, tools(0, 0, 4))
     assert rows(data_dir, "SELECT count(*) FROM events") == [(5,)]
-    assert rows(data_dir, "SELECT count(*) FROM metrics") == [(0,)]
-    # `agentstream sql` reads only under the data dir: its escaped globs included.
     got = read_only_query(data_dir, "SELECT count(*) FROM events")
     assert got is not None and got.fetchall() == [(5,)]
+
+
+# --- mistakes --------------------------------------------------------------------------------
+
+
+def test_connect_refuses_a_missing_dir(tmp_path: Path) -> None:
+    with pytest.raises(QueryError, match="does not exist"):
+        connect(tmp_path / "nowhere")
+
+
+def test_a_folder_that_is_not_a_lake_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(QueryError, match=f"is not an agentstream lake \\(no {CATALOG_FILE}\\)"):
+        connect(tmp_path)
+    (tmp_path / "events").mkdir()
+    with pytest.raises(QueryError, match="agentstream lake import"):
+        connect(tmp_path)
+
+
+def test_a_lake_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
+    lake = prepare(tmp_path)
+    lake.con.execute("INSERT INTO lake.agentstream_lake VALUES (99, now())")
+    with pytest.raises(QueryError, match="layout version 99, newer"):
+        connect(tmp_path)
+
+
+def test_a_catalog_from_a_newer_ducklake_is_refused(tmp_path: Path) -> None:
+    prepare(tmp_path).close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / CATALOG_FILE) as db:
+        db.execute("UPDATE ducklake_metadata SET value = '9.0' WHERE key = 'version'")
+    db.close()
+    with pytest.raises(QueryError) as err:
+        connect(tmp_path)
+    assert "9.0" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"AGENTSTREAM_LAKE_RETENTION": "forever"}, "bad lake_retention 'forever'"),
+        ({"AGENTSTREAM_LAKE_RETENTION": "-1d"}, "bad lake_retention"),
+        ({"AGENTSTREAM_EVENTS_RETENTION_DAYS": "-2"}, "must be >= 0"),
+        ({"AGENTSTREAM_CATALOG": "mysql:db"}, "bad catalog 'mysql:db'"),
+    ],
+)
+def test_bad_lake_settings_are_one_line(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace("(", "\\(")):
+        Settings.load(env)
+
+
+# --- import of a lake of Parquet folders -----------------------------------------------------
+
+
+def old_lake(root: Path) -> None:
+    """The layout agentstream wrote before DuckLake: hive folders, files named by offsets."""
+    for part, (first, last) in {0: (0, 9), 1: (0, 4)}.items():
+        folder = root / "events" / "date=2026-01-05" / "type=tool_call"
+        folder.mkdir(parents=True, exist_ok=True)
+        t = tools(part, first, last).drop_columns(["type"])
+        pq.write_table(t, folder / f"ev~{part}~{first:019d}~{last:019d}.parquet")
+    folder = root / "dead_letters" / "date=2026-01-05"
+    folder.mkdir(parents=True)
+    dead = pa.Table.from_pylist(
+        [
+            {
+                "reason": "bad",
+                "topic": "ev",
+                "partition": 0,
+                "offset": 10,
+                "raw": b"x",
+                "received_at": T0,
+            }
+        ],
+        DEAD_LETTERS_SCHEMA,
+    )
+    pq.write_table(dead, folder / f"ev~0~{10:019d}~{10:019d}.parquet")
+    pq.write_table(EVENTS.schema.empty_table(), root / "events" / "_schema.parquet")
+
+
+def test_import_brings_an_old_lake_in_exactly_once(tmp_path: Path) -> None:
+    old_lake(tmp_path / "old")
+    lake = prepare(tmp_path / "new")
+    first = import_lake(lake, tmp_path / "old", [EVENTS, DEAD_LETTERS])
+    assert (first.files, first.rows, first.skipped) == (3, 16, 0)
+    again = import_lake(lake, tmp_path / "old", [EVENTS, DEAD_LETTERS])
+    assert (again.files, again.rows, again.skipped) == (0, 0, 3)
+    assert rows(tmp_path / "new", "SELECT type, count(*) FROM events GROUP BY 1") == [
+        ("tool_call", 15)
+    ]
+    assert rows(tmp_path / "new", "SELECT count(*) FROM dead_letters") == [(1,)]
+    # A worker reads on after the imported offsets.
+    assert lake.positions("ev") == {0: 11, 1: 5}
+
+
+def test_import_of_a_folder_that_is_no_lake_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(LakeError, match="is not a lake of Parquet folders"):
+        import_lake(prepare(tmp_path / "new"), tmp_path, [EVENTS])

@@ -58,7 +58,7 @@ def test_views_over_a_filtered_source_equal_the_view(tmp_path: Path) -> None:
     """``over`` shadows a view's source with a CTE: over the whole source it is the view."""
     prepare(tmp_path)
     con = connect(tmp_path)
-    install_views(con, tmp_path)
+    install_views(con)
     for view, source in (
         ("tool_errors", "tool_calls"),
         ("latency_by_model", "events"),

@@ -42,6 +42,7 @@ from pipeline.config import Settings
 from pipeline.kafka import committed_lag
 from pipeline.publisher import Publisher
 from sinks.catalog import connect
+from sinks.lake import data_path
 from tests.helpers import REPO, worker_env
 
 GiB = 1 << 30
@@ -573,12 +574,34 @@ def audit_offsets(settings: Settings) -> OffsetAudit:
     return OffsetAudit(*map(int, row))
 
 
+def table_folder(data_dir: Path, table: str) -> Path:
+    """Where the lake writes the data files of ``table`` (created if nothing landed yet, so a
+    fault can replace it)."""
+    folder = data_path(data_dir) / "main" / table
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def landed_files(data_dir: Path, table: str = "events") -> set[str]:
-    """Names of the data files of ``table`` (cheap enough to poll every few milliseconds)."""
+    """Data files of ``table`` on disk, committed or not (cheap enough to poll every few
+    milliseconds): a new one appears while a flush writes, before its commit."""
     found: set[str] = set()
-    for folder, _, names in os.walk(Path(data_dir) / table):
-        found.update(f"{folder}/{n}" for n in names if n.endswith(".parquet") and "~" in n)
+    for folder, _, names in os.walk(data_path(data_dir) / "main" / table):
+        found.update(f"{folder}/{n}" for n in names if n.endswith(".parquet"))
     return found
+
+
+def orphaned_files(data_dir: Path, table: str = "events") -> int:
+    """Files of ``table`` on disk that no snapshot of the lake references: written by a flush
+    that was killed before its commit (and so never seen by a reader)."""
+    con = connect(data_dir)
+    known = {
+        str(Path(r[0]))
+        for r in con.execute(
+            f"SELECT data_file FROM ducklake_list_files('lake', '{table}')"
+        ).fetchall()
+    }
+    return len({f for f in landed_files(data_dir, table)} - known)
 
 
 def lake_sql(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -33,6 +33,7 @@ from tests.faults.support import (
     committed,
     publish,
     report,
+    table_folder,
     wait_until,
     worker_pool,
 )
@@ -143,7 +144,7 @@ def test_sink_outage_with_a_backlog_keeps_memory_bounded(bootstrap: str, tmp_pat
     )
     values = generated_values(OUTAGE_BACKLOG, seed=62)
     records = [(b"k%d" % (i % 251), v) for i, v in enumerate(values)]
-    folder, away = settings.data_dir / "events", settings.data_dir / "events.away"
+    folder, away = table_folder(settings.data_dir, "events"), settings.data_dir / "events.away"
     with worker_pool(settings, tmp_path) as make:
         worker = make("worker").start()
         sampler = RssSampler(lambda: [worker])

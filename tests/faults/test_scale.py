@@ -1,8 +1,8 @@
 """Scale out and in: a second worker joins the group mid-stream, later leaves on SIGTERM.
 
 Both rebalances move partitions between live workers: the one giving a partition up flushes
-and commits on revocation, the one taking it over removes uncommitted files and reads from the
-committed offset. ``events`` must hold every event exactly once throughout.
+and commits on revocation, the one taking it over resumes from the partition's position in
+the lake. ``events`` must hold every event exactly once throughout.
 
 Metrics: the README says window state is per worker and that several workers on one group
 "each emit partial rows" (run one worker per group until scale-out lands). What that promise
@@ -40,6 +40,7 @@ from tests.faults.support import (
     publish,
     read_topic,
     report,
+    table_folder,
     wait_until,
     wait_window_emitted,
     worker_pool,
@@ -94,9 +95,12 @@ def scale_run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Scale
         a = make("worker-a").start()
         b = make("worker-b", web_port=free_port())
         wait_until("a ready", lambda: "consuming" in a.log_text(), 120, alive=[a])
+        # Scale out: B joins while A consumes the stream. B's start-up (imports) can take
+        # longer than the whole stream on a busy machine, so the stream starts once B runs.
+        b.start()
+        wait_until("b starting", lambda: "Starting..." in b.log_text(), 120, alive=[a, b])
         feeder = Feeder(settings, records, rate=len(records) / 18)
         feeder.start()
-        b.start()  # scale out: B takes seconds to start, and joins while A consumes the stream
         wait_until(
             "b landing",
             lambda: (h := b.health()) is not None and h[1].get("events_landed", 0) > 0,
@@ -212,7 +216,7 @@ def test_sink_fault_during_a_rebalance_neither_duplicates_nor_stalls(
         wait_until("a committing", lambda: committed(settings) >= 2000, 60, alive=[a])
         # The fault: the events folder of the traffic's date becomes a file (the seed folder
         # stays, so a new worker can still start on this lake).
-        folder = settings.data_dir / "events" / f"date={events[0].ts.date()}"
+        folder = table_folder(settings.data_dir, "events") / f"date={events[0].ts.date()}"
         away = settings.data_dir / "events-date.away"
         folder.rename(away)
         folder.write_bytes(b"not a folder\n")

@@ -1,0 +1,184 @@
+"""Keeping the lake healthy: merge small files, expire old snapshots, delete unused files.
+
+Every flush is a DuckLake commit with a small file per table (or rows inlined in the
+catalog). A pass, run by the worker on a schedule in a thread of its own and by ``agentstream
+lake maintain``:
+
+1. flushes rows inlined in the catalog into Parquet files,
+2. merges adjacent small files of each table and date into larger ones,
+3. drops raw events (and dead letters) older than ``events_retention_days`` when set,
+4. expires snapshots older than the retention (time travel kept: a day by default),
+5. deletes the files no snapshot references any more, and orphaned files (of commits that
+   never happened, e.g. a writer killed between writing and committing) older than the
+   retention.
+
+Each step is its own transaction, taken in turn with the worker's commits (one at a time in
+a process), so landing waits at most for one step. Readers keep seeing whole snapshots: files
+are deleted only once the snapshots referencing them are expired.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from sinks.lake import (
+    ALIAS,
+    CHECKPOINTS,
+    INFO,
+    POSITIONS,
+    LakeError,
+    attach,
+    commit_lock,
+    lake_connection,
+)
+
+
+@dataclass
+class Pass:
+    """What one maintenance pass did."""
+
+    inlined_flushed: int = 0
+    files_before: int = 0
+    files_after: int = 0
+    rows_expired: int = 0
+    snapshots_expired: int = 0
+    files_deleted: int = 0
+    orphans_deleted: int = 0
+    seconds: float = 0.0
+    steps: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"data files {self.files_before} -> {self.files_after}, inlined rows flushed "
+            f"{self.inlined_flushed}, raw rows dropped {self.rows_expired}, snapshots expired "
+            f"{self.snapshots_expired}, files deleted {self.files_deleted} (+{self.orphans_deleted} "
+            f"orphaned), {self.seconds:.1f} s"
+        )
+
+
+def _open(
+    data_dir: Path, catalog: str, *, read_only: bool
+) -> tuple[duckdb.DuckDBPyConnection, str]:
+    con = lake_connection()
+    con.execute("SET TimeZone = 'UTC'")
+    try:
+        spec = attach(con, data_dir, catalog, read_only=read_only)
+    except BaseException:
+        con.close()
+        raise
+    return con, spec
+
+
+def data_files(con: duckdb.DuckDBPyConnection) -> int:
+    """Data files of the current snapshot, all tables."""
+    row = con.execute(
+        f"SELECT coalesce(sum(file_count), 0) FROM ducklake_table_info('{ALIAS}')"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def maintain(
+    data_dir: Path,
+    catalog: str = "",
+    *,
+    retention: timedelta = timedelta(days=1),
+    events_retention_days: int = 0,
+) -> Pass:
+    """One maintenance pass over the lake of ``data_dir`` (see the module docstring)."""
+    started = time.perf_counter()
+    con, spec = _open(data_dir, catalog, read_only=False)
+    done = Pass()
+    lock = commit_lock(spec)
+
+    def step(sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        with lock:
+            return con.execute(sql, params or []).fetchall()
+
+    try:
+        done.files_before = data_files(con)
+        # Positions and checkpoints are left unmerged: one file per writer's row keeps the
+        # writers of other partitions from conflicting (sinks.lake); their old files expire.
+        tables = [
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = ? "
+                "AND table_name NOT IN (?, ?, ?)",
+                [ALIAS, POSITIONS, CHECKPOINTS, INFO],
+            ).fetchall()
+        ]
+        for table in tables:
+            rows = step(f"CALL ducklake_flush_inlined_data('{ALIAS}', table_name => '{table}')")
+            done.inlined_flushed += sum(int(r[-1] or 0) for r in rows)
+            step(f"CALL ducklake_merge_adjacent_files('{ALIAS}', '{table}')")
+        if events_retention_days > 0:
+            cutoff = (datetime.now(UTC) - timedelta(days=events_retention_days)).date()
+            for table in ("events", "dead_letters"):
+                if table in tables:
+                    gone = step(f"DELETE FROM {ALIAS}.{table} WHERE date < ?", [cutoff])
+                    done.rows_expired += int(gone[0][0]) if gone else 0
+        older = datetime.now(UTC) - retention
+        done.snapshots_expired = len(
+            step(f"CALL ducklake_expire_snapshots('{ALIAS}', older_than => ?)", [older])
+        )
+        done.files_deleted = len(
+            step(f"CALL ducklake_cleanup_old_files('{ALIAS}', older_than => ?)", [older])
+        )
+        # Orphans: files of a flush killed before its commit. A grace period, because a
+        # live writer's files are orphans until it commits.
+        grace = min(older, datetime.now(UTC) - timedelta(minutes=10))
+        done.orphans_deleted = len(
+            step(f"CALL ducklake_delete_orphaned_files('{ALIAS}', older_than => ?)", [grace])
+        )
+        done.files_after = data_files(con)
+    except duckdb.Error as exc:
+        raise LakeError(f"maintenance failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()
+    done.seconds = time.perf_counter() - started
+    return done
+
+
+def status(data_dir: Path, catalog: str = "") -> str:
+    """Tables (rows, files, bytes), snapshots and the stored Kafka positions, as text."""
+    con, spec = _open(data_dir, catalog, read_only=True)
+    try:
+        info = {
+            r[0]: r[1:]
+            for r in con.execute(
+                f"SELECT table_name, file_count, file_size_bytes FROM ducklake_table_info('{ALIAS}')"
+            ).fetchall()
+        }
+        lines = [
+            f"catalog: {spec.split(' password', 1)[0]}",
+            "",
+            f"{'table':<18} {'rows':>12} {'files':>7} {'bytes':>14}",
+        ]
+        for name in sorted(info):
+            if name in (POSITIONS, CHECKPOINTS, INFO):
+                continue
+            rows = con.execute(f"SELECT count(*) FROM {ALIAS}.{name}").fetchone()
+            files, size = info[name]
+            lines.append(f"{name:<18} {rows[0] if rows else 0:>12,} {files:>7,} {size:>14,}")
+        snaps = con.execute(
+            f"SELECT count(*), min(snapshot_time), max(snapshot_time) FROM {ALIAS}.snapshots()"
+        ).fetchone()
+        assert snaps is not None
+        lines += ["", f"snapshots: {snaps[0]:,} (oldest {snaps[1]}, newest {snaps[2]})", ""]
+        positions = con.execute(
+            f"SELECT topic, partition, next_offset, group_id, updated_at FROM {ALIAS}.{POSITIONS} "
+            "ORDER BY topic, partition"
+        ).fetchall()
+        lines.append("kafka positions (next offset to read):")
+        lines += [
+            f"  {topic}/{part} @ {offset:,}  ({group}, {when})"
+            for topic, part, offset, group, when in positions
+        ] or ["  none yet"]
+        return "\n".join(lines)
+    finally:
+        con.close()
