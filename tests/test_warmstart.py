@@ -12,6 +12,7 @@ from pipeline.evaluate import land_history, replay
 from pipeline.generate import TrafficConfig, generate
 from pipeline.scenarios import NEW_VERSION, ground_truth
 from sinks.catalog import EVENTS, connect, prepare
+from sinks.lake import Flush
 from sinks.tables import events_to_table
 from streams.budgets import BudgetTracker, load_budgets
 from streams.detect import DetectorConfig, DriftDetector
@@ -81,9 +82,8 @@ def test_budget_spend_is_primed_from_events_below_the_committed_offsets(tmp_path
         },
     )
     lake = prepare(tmp_path)
-    lake.land_partitions(
-        EVENTS, table, topic="ev", column="kafka_partition", ranges={0: (0, n - 1)}
-    )
+    lake.claim("ev", {0: 0}, "g")
+    lake.commit(Flush(rows={EVENTS.name: table}, positions={("ev", 0): (0, n)}, group_id="g"))
     committed = n // 2
     tracker = BudgetTracker(load_budgets("tenant:tenant-01=1000/day,agent:support-bot=5000/month"))
     newest = max(e.ts for e in events)
