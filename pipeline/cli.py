@@ -518,38 +518,68 @@ def bench(args: tuple[str, ...]) -> None:
     sys.exit(run_bench(list(args)))
 
 
-@main.command()
-@broker_option
-@click.argument("stage", type=click.Choice(["start", "end"]))
-@click.option("--agent", "agent_id", required=True, help="The agent_id the release is for")
-@click.option("--tenant", "tenant_id", default=None, help="Only this tenant's traffic")
-@click.option(
-    "--dimension",
-    type=click.Choice(["agent_version", "prompt_version", "model"]),
-    required=True,
-    help="Which version changes",
-)
-@click.option("--candidate", required=True, help="The new version")
-@click.option("--baseline", required=True, help="The version it replaces")
-@click.option(
-    "--share",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Share of the agent's traffic the candidate serves, 0 < share <= 1",
-)
-@click.option("--id", "release_id", default=None, help="Release id [default: from the above]")
-@click.option(
-    "--at",
-    "at",
-    default=None,
-    metavar="TIME",
-    help="When the stage begins, RFC 3339 with an offset [default: now]",
-)
-@friendly
-def release(
-    broker: str | None,
+@main.group()
+def release() -> None:
+    """Announce rollouts (start, end) and ask whether one may be promoted (gate)."""
+
+
+def _announce_options(fn: F) -> F:
+    options = [
+        broker_option,
+        click.option("--agent", "agent_id", required=True, help="The agent_id the release is for"),
+        click.option("--tenant", "tenant_id", default=None, help="Only this tenant's traffic"),
+        click.option(
+            "--dimension",
+            type=click.Choice(["agent_version", "prompt_version", "model"]),
+            required=True,
+            help="Which version changes",
+        ),
+        click.option("--candidate", required=True, help="The new version"),
+        click.option("--baseline", required=True, help="The version it replaces"),
+        click.option(
+            "--share",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Share of the agent's traffic the candidate serves, 0 < share <= 1",
+        ),
+        click.option(
+            "--id", "release_id", default=None, help="Release id [default: from the above]"
+        ),
+        click.option(
+            "--at",
+            "at",
+            default=None,
+            metavar="TIME",
+            help="When the stage begins, RFC 3339 with an offset [default: now]",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return friendly(fn)
+
+
+@release.command("start")
+@_announce_options
+def release_start(**announce: Any) -> None:
+    """Announce that a version starts serving part of an agent's traffic.
+
+    The worker then compares the candidate with the baseline on every closed window and
+    publishes verdicts (view release_verdicts, `agentstream tail verdicts`).
+    """
+    _announce("started", **announce)
+
+
+@release.command("end")
+@_announce_options
+def release_end(**announce: Any) -> None:
+    """Announce that a rollout ends: windows after it are not judged."""
+    _announce("ended", **announce)
+
+
+def _announce(
     stage: str,
+    broker: str | None,
     agent_id: str,
     tenant_id: str | None,
     dimension: str,
@@ -559,11 +589,6 @@ def release(
     release_id: str | None,
     at: str | None,
 ) -> None:
-    """Announce that a version starts (or stops) serving part of an agent's traffic.
-
-    The worker then compares the candidate with the baseline on every closed window and
-    publishes verdicts (view release_verdicts, `agentstream tail verdicts`).
-    """
     from pipeline.publisher import Publisher, release_event
 
     when = _time_option("at", at)
@@ -573,7 +598,7 @@ def release(
         candidate=candidate,
         baseline=baseline,
         traffic_share=share,
-        stage="started" if stage == "start" else "ended",
+        stage=stage,
         release_id=release_id,
         tenant_id=tenant_id,
         ts=when,
@@ -590,6 +615,40 @@ def release(
         f"release {event.release_id} {event.stage} at {event.ts.isoformat()}: {agent_id} "
         f"{dimension} {candidate} (baseline {baseline}) on {share:.0%} of its traffic"
     )
+
+
+@release.command("gate")
+@data_dir_option
+@click.option("--id", "release_id", required=True, help="The release to decide on")
+@click.option("--json", "as_json", is_flag=True, help="Print the decision and verdicts as JSON")
+@friendly
+def release_gate(data_dir: Path | None, release_id: str, as_json: bool) -> None:
+    """Promote or roll back? Exit 0: promote (every measure decided, none regressed);
+    1: roll back (a measure regressed); 3: wait (measures still running); 2: usage error.
+
+    For deploy pipelines and rollout controllers: call it after each analysis interval.
+    """
+    from pipeline.gate import gate
+
+    settings = Settings.load(data_dir=data_dir)
+    result = gate(settings.data_dir, release_id)
+    if as_json:
+        click.echo(msgspec.json.encode(result.as_dict()).decode())
+    else:
+        columns = [
+            "measure",
+            "verdict",
+            "candidate_value",
+            "baseline_value",
+            "effect",
+            "confidence",
+        ]
+        columns += ["candidate_samples", "baseline_samples"]
+        click.echo(
+            _table(columns, [tuple(m[c] for c in columns) for m in result.measures]), nl=False
+        )
+        click.echo(f"{result.decision}: release {release_id} {result.reason}")
+    sys.exit(result.exit_code)
 
 
 TAIL_TOPICS = {

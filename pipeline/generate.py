@@ -44,6 +44,7 @@ from pipeline import schema
 from pipeline.schema import (
     AgentEvent,
     Escalation,
+    Evaluation,
     Feedback,
     Guardrail,
     LlmCall,
@@ -319,7 +320,10 @@ class ScenarioParams:
     price table); ``latency_multiplier`` scales every step's latency and ``llm_latency``
     the latency of model calls, per model (``(model, multiplier)``, ``None`` = any model);
     the probabilities are per retrieval, per tool call and per task (escalation, drawn when
-    the task starts). ``prompt_version`` replaces the prompt version of tasks starting now
+    the task starts). ``hallucination`` holds ``(model, failure probability)`` of the
+    hallucination evaluator for tasks whose answer came from that model (``None`` = any;
+    default ``HALLUCINATION_PROB``), ``tone_fail_prob`` the tone evaluator's failure
+    probability, and ``negative_rating_factor`` scales the chance of a negative in-app rating. ``prompt_version`` replaces the prompt version of tasks starting now
     and ``data_source`` the data source of retrievals (a deploy, an index change).
     ``candidate_share`` below 1 makes that a rollout: only that share of the tasks starting
     now get these params (the candidate), the others stay ``STEADY``.
@@ -331,6 +335,9 @@ class ScenarioParams:
     tool_error_prob: float = 0.05
     escalation_prob: float = 0.06
     llm_latency: tuple[tuple[str | None, float], ...] = ()
+    hallucination: tuple[tuple[str | None, float], ...] = ()
+    tone_fail_prob: float = 0.06
+    negative_rating_factor: float = 1.0
     prompt_version: str | None = None
     data_source: str | None = None
     candidate_share: float = 1.0
@@ -423,6 +430,19 @@ class TrafficConfig:
 MIN_STEPS: Final = 3
 MAX_STEPS: Final = 12
 FEEDBACK_PROB: Final = 0.10
+# Continuous evaluation of ended tasks (drawn from a generator of their own, see
+# ``_Traffic.evaluations``): an LLM judge checks every answer for hallucination and a tenth
+# for helpfulness; the tone of user-facing agents is judged on every task; and an in-app
+# rating (1-5 stars) comes back for RATING_PROB of them.
+HALLUCINATION_PROB: Final = 0.03
+HELPFULNESS_SAMPLE: Final = 0.10
+HELPFULNESS_FAIL_PROB: Final = 0.12
+RATING_PROB: Final = 0.50
+NEGATIVE_RATING_PROB: Final = {True: 0.10, False: 0.70}  # by "task completed"
+USER_FACING: Final = frozenset(
+    {"support-bot", "sales-assistant", "onboarding-guide", "travel-planner", "hr-helper"}
+)
+_EVAL_EVENTS_PER_ENDED_TASK: Final = 1 + HELPFULNESS_SAMPLE + RATING_PROB + 0.4  # ~40 % user-facing
 GUARDRAIL_PROB: Final = 0.03
 OPEN_PROB: Final = 0.05  # the task's end event never arrives
 ABANDONED_PROB: Final = 0.05
@@ -436,7 +456,7 @@ _EVENTS_PER_TASK: Final = (
     + STEADY.escalation_prob
     + FEEDBACK_PROB
     + GUARDRAIL_PROB
-    + (1 - OPEN_PROB)
+    + (1 - OPEN_PROB) * (1 + _EVAL_EVENTS_PER_ENDED_TASK)
 )
 
 _LLM, _RETRIEVAL, _TOOL = 0, 1, 2
@@ -450,6 +470,19 @@ _STEADY_TOOL_ERROR: Final = STEADY.tool_error_prob
 def tenant_weights(n: int) -> list[tuple[str, float]]:
     """The ``n`` tenants and their relative traffic (a few large, a long tail)."""
     return [(f"tenant-{i + 1:02d}", 1.0 / (i + 1) ** 0.8) for i in range(n)]
+
+
+_TASK_ENVELOPE: Final = (
+    "schema_version",
+    "agent_id",
+    "agent_version",
+    "prompt_version",
+    "tenant_id",
+    "session_id",
+    "task_id",
+    "trace_id",
+    "span_id",
+)
 
 
 def _no_draw() -> float:
@@ -582,6 +615,9 @@ class _Traffic:
         self.rng = random.Random(config.seed)
         self.rand = self.rng.random
         self.aux = random.Random(f"agentstream-incidents-{config.seed}")
+        # Evaluations and in-app ratings draw from their own generator: adding them left
+        # every draw of the traffic they evaluate as it was.
+        self.evals = random.Random(f"agentstream-evaluations-{config.seed}")
         self.params = params_fn(config)
         self.agents = _Pick([(_agent(p), p.weight) for p in _profiles(config.agents)])
         self.tenants = _Pick(tenant_weights(config.tenants))
@@ -749,6 +785,62 @@ class _Traffic:
                 **common,
             )
             out.append((t, feedback))
+        if outcome is not None:
+            final = next((e.model for _, e in reversed(out) if isinstance(e, LlmCall)), None)
+            at_end = params(agent_id, version, tenant, t)
+            out += self.evaluations(started, final, outcome == "completed", t, at_end)
+        return out
+
+    def evaluations(
+        self, task: Task, model: str | None, completed: bool, t: float, p: ScenarioParams
+    ) -> list[_Planned]:
+        """The evaluations of an ended task and its in-app rating, a few seconds after ``t``.
+
+        Every draw is made whatever ``p`` says, so incidents never shift this generator.
+        """
+        rand = self.evals.random
+        out: list[_Planned] = []
+        fail_hallucination = HALLUCINATION_PROB
+        for only, prob in p.hallucination:
+            if only is None or only == model:
+                fail_hallucination = prob
+        checks = [("hallucination", fail_hallucination, True)]
+        checks.append(("helpfulness", HELPFULNESS_FAIL_PROB, rand() < HELPFULNESS_SAMPLE))
+        if task.agent_id in USER_FACING:
+            checks.append(("tone", p.tone_fail_prob, True))
+        common = {f: getattr(task, f) for f in _TASK_ENVELOPE}
+        for evaluator, fail, wanted in checks:
+            t += 0.5 + 1.5 * rand()  # an online judge, seconds after the answer
+            passed = rand() >= fail
+            score = 0.6 + 0.4 * rand() if passed else 0.6 * rand()
+            if not wanted:
+                continue
+            label = (
+                ("grounded" if passed else "hallucinated") if evaluator == "hallucination" else None
+            )
+            out.append(
+                (
+                    t,
+                    Evaluation(
+                        event_id="",
+                        ts=self.ts(t),
+                        model=model,
+                        evaluator=evaluator,
+                        score=round(score, 4),
+                        label=label,
+                        passed=passed,
+                        **common,
+                    ),
+                )
+            )
+        u, stars = rand(), rand()
+        if u < RATING_PROB:
+            negative = u / RATING_PROB < NEGATIVE_RATING_PROB[completed] * p.negative_rating_factor
+            rating = float(1 + int(stars * 2)) if negative else float(3 + int(stars * 3))
+            t += 2.0 + 8.0 * rand()
+            out.append((t, Feedback(event_id="", ts=self.ts(t), rating=rating, **common)))
+        else:
+            rand()
         return out
 
     def _llm_call(

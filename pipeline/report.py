@@ -188,6 +188,57 @@ def _sections(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, Callable[[
             ),
         )
 
+    def evaluations() -> str:
+        return _section(
+            "evaluations",
+            "Evaluations and feedback",
+            "Pass rates of the evaluators (LLM judges, heuristics, humans, benchmarks) per "
+            "agent, and what users say: the share of 1-2 star ratings. The table lists each "
+            "agent, prompt version and evaluator, worst pass rate first.",
+            _figure(
+                "evaluation-quality",
+                analysis.plot_quality_over_time(
+                    con,
+                    (
+                        "eval_hallucination_pass_rate",
+                        "eval_tone_pass_rate",
+                        "feedback_negative_share",
+                    ),
+                    "agent",
+                ),
+                "Hallucination and tone pass rates, negative ratings, over time by agent",
+            ),
+            _table(
+                "evaluation-quality",
+                fetch(
+                    con,
+                    "SELECT agent_id, prompt_version, evaluator, evaluator_kind, evaluations, "
+                    "failed, pass_rate, mean_score FROM evaluation_quality",
+                ),
+            ),
+        )
+
+    def fix_next() -> str:
+        return _section(
+            "fix-next",
+            "What to fix next",
+            "The feedback loop: per agent and prompt version, the escalation reasons, "
+            "corrections, failing tools, data sources that miss, blocking guardrails, "
+            "abandoned tasks and failing evaluators, most frequent first, with their rate "
+            "per 100 tasks and its change against the agent's previous prompt version.",
+            _table(
+                "feedback-loop",
+                fetch(
+                    con,
+                    "SELECT agent_id, prompt_version, category, item, count, per_100_tasks, "
+                    "previous_version, change_per_100_tasks FROM feedback_loop "
+                    "ORDER BY count DESC, change_per_100_tasks DESC, agent_id, prompt_version, "
+                    "category, item",
+                ),
+                max_rows=25,
+            ),
+        )
+
     def latency() -> str:
         return _section(
             "latency",
@@ -291,6 +342,8 @@ def _sections(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, Callable[[
     return [
         ("cost", "Cost", cost),
         ("quality", "Quality", quality),
+        ("evaluations", "Evaluations", evaluations),
+        ("fix-next", "What to fix next", fix_next),
         ("latency", "Latency", latency),
         ("tool-errors", "Tool errors", tools),
         ("anomalies", "Anomalies", anomalies),

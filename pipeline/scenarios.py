@@ -60,6 +60,13 @@ re-sending its context): that tenant's spend rate rises about 4x, and its ground
 carries day budgets for every tenant and when tenant-03's runs out (``budget_truth``); the
 budget tracker scores it, not drift detection either.
 
+Quality scenarios (``QUALITY_SCENARIOS``), on the evaluation events and in-app ratings the
+generator adds to every ended task: ``hallucination-rise`` (support-bot's gpt-4o-mini answers
+fail the hallucination evaluator 25 % of the time instead of 3 %: ~82 % over all its answers,
+found at the agent level, ~50 judged answers a window), ``feedback-sours`` (support-bot's
+negative ratings x5, ~30 ratings a window) and the rollout ``tone-regression`` (p14's tone pass
+rate 94 % -> 80 %, judged ``regressed`` on ``eval_tone_pass_rate``).
+
 ``steady`` is the control: no incident. Later scenarios add records
 with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
 ``ScenarioParams``; the registry and the ground-truth format stay as they are.
@@ -79,6 +86,7 @@ import msgspec
 
 from pipeline.generate import (
     AGENT_PROFILES,
+    HALLUCINATION_PROB,
     STEADY,
     ParamsFn,
     ScenarioParams,
@@ -91,6 +99,7 @@ from pipeline.schema import Release
 __all__ = [
     "DRIFT_SCENARIOS",
     "EARLY_SCENARIOS",
+    "QUALITY_SCENARIOS",
     "ROLLOUT_SCENARIOS",
     "SCENARIOS",
     "SCENARIO_NAMES",
@@ -120,6 +129,9 @@ Measure = Literal[
     "tool_error_rate",
     "llm_latency_p95_ms",
     "task_success_rate",
+    "eval_hallucination_pass_rate",
+    "eval_tone_pass_rate",
+    "feedback_negative_share",
 ]
 """Metric names as ``streams.windows`` computes them."""
 Direction = Literal["up", "down"]
@@ -414,8 +426,16 @@ ROLLOUT_SHARE: Final = 0.5
 
 
 def _rollout(
-    config: TrafficConfig, name: str, measure: Measure, direction: Direction, magnitude: float
+    config: TrafficConfig,
+    name: str,
+    measure: Measure,
+    direction: Direction,
+    magnitude: float,
+    *,
+    regresses: bool | None = None,
 ) -> list[Incident]:
+    """support-bot's p14 rollout; it ``regresses`` (default: when the measure goes up)."""
+    regresses = direction == "up" if regresses is None else regresses
     _require(config, name, "support-bot", None)
     return [
         Incident(
@@ -429,7 +449,7 @@ def _rollout(
             release_id=f"{name}-support-bot-p14",
             baseline="p12",
             traffic_share=ROLLOUT_SHARE,
-            expected_verdict="regressed" if direction == "up" else "never_regressed",
+            expected_verdict="regressed" if regresses else "never_regressed",
         )
     ]
 
@@ -440,6 +460,45 @@ def _good_rollout(config: TrafficConfig) -> list[Incident]:
 
 def _regressing_rollout(config: TrafficConfig) -> list[Incident]:
     return _rollout(config, "regressing-rollout", "escalation_rate", "up", 3.0)
+
+
+HALLUCINATING_MODEL: Final = "gpt-4o-mini"
+
+
+def _hallucination_rise(config: TrafficConfig) -> list[Incident]:
+    _require(config, "hallucination-rise", "support-bot", None)
+    return [
+        Incident(
+            kind="hallucination-rise",
+            measure="eval_hallucination_pass_rate",
+            starts_at=incident_start(config),
+            agent_id="support-bot",
+            model=HALLUCINATING_MODEL,
+            direction="down",
+            magnitude=(1 - HALLUCINATION_PROB) / 0.75,
+        )
+    ]
+
+
+def _tone_regression(config: TrafficConfig) -> list[Incident]:
+    # tone pass rate 94 % -> 80 % on the candidate prompt
+    return _rollout(
+        config, "tone-regression", "eval_tone_pass_rate", "down", 0.94 / 0.80, regresses=True
+    )
+
+
+def _feedback_sours(config: TrafficConfig) -> list[Incident]:
+    _require(config, "feedback-sours", "support-bot", None)
+    return [
+        Incident(
+            kind="feedback-sours",
+            measure="feedback_negative_share",
+            starts_at=incident_start(config),
+            agent_id="support-bot",
+            direction="up",
+            magnitude=5.0,
+        )
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -567,10 +626,32 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             _tenant_budgets,
         ),
         *_early_scenarios(),
+        Scenario(
+            "hallucination-rise",
+            f"support-bot's {HALLUCINATING_MODEL} answers hallucinate more from mid-stream: the "
+            "hallucination evaluator's pass rate 97% -> 75% on that route (~82% over all its answers)",
+            _hallucination_rise,
+        ),
+        Scenario(
+            "tone-regression",
+            "support-bot rolls prompt p14 out to half its tasks mid-stream: tone evaluator pass "
+            "rate 94% -> 80%",
+            _tone_regression,
+        ),
+        Scenario(
+            "feedback-sours",
+            "support-bot's users turn on it from mid-stream: 5x the negative in-app ratings "
+            "(~18% -> ~55% of its ratings at 1-2 stars)",
+            _feedback_sours,
+        ),
     )
 }
 SCENARIO_NAMES: Final[tuple[str, ...]] = tuple(SCENARIOS)
-ROLLOUT_SCENARIOS: Final[tuple[str, ...]] = ("good-rollout", "regressing-rollout")
+ROLLOUT_SCENARIOS: Final[tuple[str, ...]] = (
+    "good-rollout",
+    "regressing-rollout",
+    "tone-regression",
+)
 STARTUP_SCENARIOS: Final[tuple[str, ...]] = (*EARLY_SCENARIOS, "new-version-regresses")
 """Blindness at start-up: scored by ``agentstream evaluate`` (early ones with and without
 lake history), not part of ``DRIFT_SCENARIOS``, whose incidents a worker that has seen the
@@ -582,6 +663,12 @@ DRIFT_SCENARIOS: Final[tuple[str, ...]] = tuple(
 )
 """The scenarios drift detection is scored on: rollouts are judged by release verdicts, budget
 scenarios by the budget tracker."""
+QUALITY_SCENARIOS: Final[tuple[str, ...]] = (
+    "hallucination-rise",
+    "tone-regression",
+    "feedback-sours",
+)
+"""The scenarios of evaluation scores and user feedback (drift and rollout alike)."""
 
 
 def list_scenarios() -> list[tuple[str, str]]:
@@ -671,6 +758,10 @@ def release_events(config: TrafficConfig) -> list[Release]:
 
 _COST_MEASURES: Final = frozenset({"cost_per_task", "cost_usd", "tokens_per_call"})
 _LATENCY: Final = "llm_latency_p95_ms"
+_QUALITY: Final = frozenset(
+    {"eval_hallucination_pass_rate", "eval_tone_pass_rate", "feedback_negative_share"}
+)
+_PER_MODEL: Final = frozenset({_LATENCY, "eval_hallucination_pass_rate"})
 _RATE_KNOBS: Final = {
     "escalation_rate": "escalation_prob",
     "retrieval_miss_rate": "retrieval_miss_prob",
@@ -690,9 +781,10 @@ class _Rule:
     @classmethod
     def of(cls, incident: Incident, base: float) -> _Rule:
         measure, model = incident.measure, incident.model
-        if not (measure in _COST_MEASURES or measure in _RATE_KNOBS or measure == _LATENCY):
+        known = measure in _COST_MEASURES or measure in _RATE_KNOBS or measure in _QUALITY
+        if not (known or measure == _LATENCY):
             raise ValueError(f"incident {incident.kind!r}: cannot inject {measure} yet")
-        if model is not None and measure != _LATENCY:
+        if model is not None and measure not in _PER_MODEL:
             raise ValueError(f"incident {incident.kind!r}: {measure} cannot be per model")
         if not incident.magnitude >= 1.0:
             raise ValueError(f"incident {incident.kind!r}: magnitude must be >= 1")
@@ -729,6 +821,13 @@ class _Rule:
         elif inc.measure in _RATE_KNOBS:
             knob = _RATE_KNOBS[inc.measure]
             p = replace(p, **{knob: min(1.0, getattr(p, knob) * f)})
+        elif inc.measure == "eval_hallucination_pass_rate":  # a pass rate times f
+            fail = 1.0 - (1.0 - HALLUCINATION_PROB) * f
+            p = replace(p, hallucination=(*p.hallucination, (inc.model, fail)))
+        elif inc.measure == "eval_tone_pass_rate":
+            p = replace(p, tone_fail_prob=1.0 - (1.0 - p.tone_fail_prob) * f)
+        elif inc.measure == "feedback_negative_share":
+            p = replace(p, negative_rating_factor=p.negative_rating_factor * f)
         else:  # latency of the key's model calls (of one model if set)
             p = replace(p, llm_latency=(*p.llm_latency, (inc.model, f)))
         if inc.prompt_version is not None:

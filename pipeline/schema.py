@@ -49,6 +49,10 @@ GuardrailAction = Literal["allow", "block", "modify", "flag"]
 # version of what serves the agent's traffic (``streams.windows.DIMENSIONS``).
 ReleaseDimension = Literal["agent_version", "prompt_version", "model"]
 ReleaseStage = Literal["started", "ended"]
+EvaluatorKind = Literal["llm_judge", "human", "heuristic", "benchmark"]
+# What an evaluation judged: the envelope id of that name (task_id, session_id, trace_id or
+# span_id) names the evaluated thing, so an evaluation joins the events it is about.
+EvaluationScope = Literal["task", "session", "trace", "span"]
 Share = Annotated[float, Meta(gt=0, le=1)]
 
 
@@ -161,6 +165,39 @@ class Feedback(Envelope, tag="feedback"):
             raise ValueError("feedback needs a rating or a correction - at `$.rating`")
 
 
+class Evaluation(Envelope, tag="evaluation"):
+    """The result of one evaluator on a task, session, trace or span of the agent's work.
+
+    ``evaluator`` names what was judged (helpfulness, accuracy, compliance, tone,
+    hallucination, prompt_adherence, or any other name); ``score`` and/or ``label`` are its
+    result and ``passed`` its pass/fail decision (at least one of the three). ``evaluator_kind``
+    says who judged. ``scope`` says which envelope id names the evaluated thing (it must be
+    set). ``suite_id`` and ``case_id`` tie an offline regression suite's result to its case.
+    The envelope's agent, prompt and model are those of the evaluated work, so evaluations
+    fall into the same metrics keys as that work.
+    """
+
+    evaluator: Name
+    score: Score | None = None
+    label: Name | None = None
+    passed: bool | None = None
+    evaluator_kind: EvaluatorKind = "llm_judge"
+    scope: EvaluationScope = "task"
+    suite_id: Id | None = None
+    case_id: Id | None = None
+    explanation: Text | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.score is None and self.label is None and self.passed is None:
+            raise ValueError("evaluation needs a score, a label or passed - at `$.score`")
+        if getattr(self, f"{self.scope}_id") is None:
+            raise ValueError(
+                f"evaluation of scope {self.scope!r} needs {self.scope}_id (the evaluated "
+                f"{self.scope}) - at `$.{self.scope}_id`"
+            )
+
+
 class Guardrail(Envelope, tag="guardrail"):
     """A guardrail decision on the agent's input or output."""
 
@@ -195,7 +232,9 @@ class Release(Envelope, tag="release"):
             )
 
 
-AgentEvent = LlmCall | ToolCall | Retrieval | Escalation | Task | Feedback | Guardrail | Release
+AgentEvent = (
+    LlmCall | ToolCall | Retrieval | Escalation | Task | Feedback | Evaluation | Guardrail | Release
+)
 EVENT_CLASSES: Final[tuple[type[Envelope], ...]] = (
     LlmCall,
     ToolCall,
@@ -203,6 +242,7 @@ EVENT_CLASSES: Final[tuple[type[Envelope], ...]] = (
     Escalation,
     Task,
     Feedback,
+    Evaluation,
     Guardrail,
     Release,
 )
@@ -252,8 +292,17 @@ OTEL_NAMES: Final[dict[str, str]] = {
     "reason": "agentstream.escalation.reason / gen_ai.guardrail.result.reason",
     "target": "agentstream.escalation.target",
     "outcome": "agentstream.task.outcome",
-    "rating": "gen_ai.evaluation.score.value",
+    "rating": "agentstream.feedback.rating (a user's rating; 1-5, negative at 2 or less)",
     "correction": "agentstream.feedback.correction",
+    "evaluator": "gen_ai.evaluation.name",
+    "score": "gen_ai.evaluation.score.value",
+    "label": "gen_ai.evaluation.score.label",
+    "passed": "agentstream.evaluation.passed",
+    "evaluator_kind": "agentstream.evaluation.evaluator.kind (llm_judge, human, heuristic, benchmark)",
+    "scope": "agentstream.evaluation.scope (task, session, trace or span: what was evaluated)",
+    "suite_id": "agentstream.evaluation.suite.id",
+    "case_id": "agentstream.evaluation.case.id",
+    "explanation": "gen_ai.evaluation.explanation",
     "policy_id": "gen_ai.guardrail.policy.id",
     "action": "gen_ai.guardrail.result.type",
     "release_id": "agentstream.release.id",

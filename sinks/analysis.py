@@ -107,7 +107,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
-from sinks.contracts import DIMENSIONS, METRICS_SCHEMA
+from sinks.contracts import DIMENSIONS, EVALUATORS, METRICS_SCHEMA, QUALITY_COUNTS, QUALITY_SUMS
 
 if TYPE_CHECKING:  # matplotlib is imported by the plotting functions only: the views are
     # installed on every `agentstream sql` and at worker start-up, which draw nothing.
@@ -171,9 +171,10 @@ COUNTS: Final = (
     "tool_errors",
     "guardrail_incidents",
     "late_events",
+    *QUALITY_COUNTS,
 )
 """Metrics columns that are counts: summed as BIGINT."""
-AMOUNTS: Final = ("cost_usd", "cost_estimated_usd")
+AMOUNTS: Final = ("cost_usd", "cost_estimated_usd", *QUALITY_SUMS)
 """Metrics columns that are amounts: summed as DOUBLE."""
 
 
@@ -213,6 +214,18 @@ DERIVED: Final[dict[str, _Derived]] = {
     "retrieval_miss_rate": _Derived(("retrieval_misses",), ("retrievals",)),
     "tool_error_rate": _Derived(("tool_errors",), ("tool_calls",)),
     "tokens_per_call": _Derived(("input_tokens", "output_tokens"), ("llm_calls",)),
+    "eval_pass_rate": _Derived(("evaluations_passed",), ("evaluations_judged",)),
+    "eval_score_mean": _Derived(("evaluation_score_sum",), ("evaluations_scored",)),
+    **{
+        f"eval_{e}_{name}": _Derived((f"eval_{e}_{num}",), (f"eval_{e}_{den}",))
+        for e in EVALUATORS
+        for name, num, den in (
+            ("pass_rate", "passed", "judged"),
+            ("score_mean", "score_sum", "scored"),
+        )
+    },
+    "feedback_rating_mean": _Derived(("feedback_rating_sum",), ("feedback_ratings",)),
+    "feedback_negative_share": _Derived(("feedback_negative",), ("feedback_ratings",)),
 }
 RATIOS: Final = tuple(n for n, d in DERIVED.items() if d.is_ratio)
 
@@ -341,6 +354,51 @@ ANOMALY_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("message", "VARCHAR"),
 )
 """The columns of ``anomalies`` this module relies on (the stand-in view has exactly these)."""
+
+
+# The problems the feedback loop collects, one (category, item) per event that shows one.
+_PROBLEMS: Final = (
+    ("escalation", "coalesce(reason, '(no reason)')", "type = 'escalation'"),
+    ("correction", "correction", "type = 'feedback' AND correction IS NOT NULL"),
+    (
+        "failing_tool",
+        "tool_name || coalesce(': ' || error_type, '')",
+        "type = 'tool_call' AND status = 'error'",
+    ),
+    ("retrieval_miss", "coalesce(data_source, '(no source)')", "type = 'retrieval' AND miss"),
+    ("guardrail_block", "policy_id", "type = 'guardrail' AND action = 'block'"),
+    ("abandoned_task", "'abandoned'", "type = 'task' AND outcome = 'abandoned'"),
+    ("failing_evaluator", "evaluator", "type = 'evaluation' AND NOT passed"),
+)
+# A version's previous one is the agent's prompt version first seen before it.
+_FEEDBACK_LOOP_SQL: Final = (
+    "WITH items AS ("
+    + " UNION ALL ".join(
+        f"SELECT agent_id, prompt_version, '{category}' AS category, {item} AS item "
+        f"FROM events WHERE {cond}"
+        for category, item, cond in _PROBLEMS
+    )
+    + "), counts AS (SELECT agent_id, prompt_version, category, item, count(*) AS count "
+    "FROM items GROUP BY ALL), "
+    "versions AS (SELECT agent_id, prompt_version, "
+    "count(*) FILTER (WHERE type = 'task' AND outcome = 'started') AS tasks, "
+    "min(ts) AS first_seen FROM events WHERE type <> 'release' GROUP BY ALL), "
+    "ordered AS (SELECT *, lag(prompt_version) OVER (PARTITION BY agent_id "
+    "ORDER BY first_seen, prompt_version) AS previous_version FROM versions), "
+    "rated AS (SELECT c.*, o.tasks, o.previous_version, "
+    "100 * safe_div(c.count, o.tasks) AS per_100_tasks FROM counts c JOIN ordered o "
+    "ON c.agent_id = o.agent_id AND c.prompt_version IS NOT DISTINCT FROM o.prompt_version) "
+    "SELECT r.agent_id, r.prompt_version, r.category, r.item, r.count, r.tasks, "
+    "r.per_100_tasks, r.previous_version, "
+    "coalesce(p.per_100_tasks, 0.0) AS previous_per_100_tasks, "
+    "r.per_100_tasks - coalesce(p.per_100_tasks, 0.0) AS change_per_100_tasks, "
+    "row_number() OVER (PARTITION BY r.agent_id, r.prompt_version "
+    "ORDER BY r.count DESC, r.category, r.item) AS rank "
+    "FROM rated r LEFT JOIN rated p ON p.agent_id = r.agent_id "
+    "AND p.prompt_version = r.previous_version AND p.category = r.category "
+    "AND p.item = r.item "
+    "ORDER BY r.agent_id, r.prompt_version, rank"
+)
 
 
 def _view(name: str, select: str) -> str:
@@ -601,6 +659,30 @@ ANALYSIS_VIEWS: Final[list[tuple[str, str, str]]] = [
         ),
         "one row per anomaly condition: key, measure, worst severity, opened/recovered, "
         "alerts, baseline, peak",
+    ),
+    (
+        "evaluation_quality",
+        _view(
+            "evaluation_quality",
+            "SELECT agent_id, prompt_version, evaluator, evaluator_kind, "
+            "count(*) AS evaluations, count(passed) AS judged, "
+            "count(*) FILTER (WHERE passed) AS passed, "
+            "count(*) FILTER (WHERE NOT passed) AS failed, "
+            "safe_div(count(*) FILTER (WHERE passed), count(passed)) AS pass_rate, "
+            "avg(score) AS mean_score, min(ts) AS first_at, max(ts) AS last_at "
+            "FROM evaluations GROUP BY ALL "
+            "ORDER BY pass_rate NULLS LAST, failed DESC, agent_id, prompt_version, evaluator",
+        ),
+        "per agent, prompt version, evaluator (any name) and kind of evaluator: evaluations, "
+        "passed, failed, pass rate, mean score; worst pass rate first",
+    ),
+    (
+        "feedback_loop",
+        _view("feedback_loop", _FEEDBACK_LOOP_SQL),
+        "what to fix next: per agent and prompt version, each escalation reason, correction, "
+        "failing tool, missing data source, blocking guardrail, abandoned tasks and failing "
+        "evaluator with its count, rate per 100 tasks and change against the previous "
+        "prompt version; ranked by count within the version",
     ),
     (
         "release_summary",
@@ -985,6 +1067,9 @@ _TITLES: Final = {
     "tool_error_rate": "Tool error rate",
     "cost_per_task": "Cost per task started",
     "cost_per_completed_task": "Cost per completed task",
+    "eval_hallucination_pass_rate": "Hallucination check pass rate",
+    "eval_tone_pass_rate": "Tone check pass rate",
+    "feedback_negative_share": "Negative ratings (1-2 stars / ratings)",
 }
 _DIM_NAMES: Final = {
     "agent": "agent",
@@ -1052,10 +1137,10 @@ def _money(x: float, _pos: int | None = None) -> str:
 def _y_format(ax: Axes, measure: str) -> None:
     from matplotlib import ticker
 
-    if measure in RATIOS and measure not in (
-        "cost_per_task",
-        "cost_per_completed_task",
-        "tokens_per_call",
+    if (
+        measure in RATIOS
+        and not measure.endswith("_mean")
+        and measure not in ("cost_per_task", "cost_per_completed_task", "tokens_per_call")
     ):
         ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
     elif measure.startswith("cost"):

@@ -51,6 +51,7 @@ _PLURAL: Final = {
     "escalation": "escalations",
     "task": "tasks",
     "feedback": "feedback",
+    "evaluation": "evaluations",
     "guardrail": "guardrails",
     "release": "releases",
 }

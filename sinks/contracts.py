@@ -32,6 +32,35 @@ STEP_TYPES: Final[dict[str, str]] = {
 }
 QUANTILES: Final[dict[str, float]] = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 TASK_OUTCOMES: Final = ("started", "completed", "failed", "abandoned")
+# Evaluators with columns of their own (``eval_<name>_*``): the usual dimensions of
+# continuous evaluation. Other evaluator names count in the totals (``evaluations``, ...) and
+# stay queryable in the ``evaluations`` view; a fixed list keeps the metrics schema fixed.
+EVALUATORS: Final = (
+    "hallucination",
+    "helpfulness",
+    "accuracy",
+    "compliance",
+    "tone",
+    "prompt_adherence",
+)
+# Feedback ratings are 1-5 stars; 1 and 2 are negative.
+NEGATIVE_RATING: Final = 2.0
+# The summable evaluation and feedback measures of a metrics row: counts, then float sums.
+QUALITY_COUNTS: Final = (
+    "evaluations",
+    "evaluations_judged",
+    "evaluations_passed",
+    "evaluations_scored",
+    *(f"eval_{e}_{c}" for e in EVALUATORS for c in ("evaluations", "judged", "passed", "scored")),
+    "feedback_ratings",
+    "feedback_negative",
+    "feedback_corrections",
+)
+QUALITY_SUMS: Final = (
+    "evaluation_score_sum",
+    *(f"eval_{e}_score_sum" for e in EVALUATORS),
+    "feedback_rating_sum",
+)
 
 _TOOL_STRUCT: Final = pa.struct(
     [("tool_name", pa.string()), ("calls", pa.int64()), ("errors", pa.int64())]
@@ -81,6 +110,33 @@ METRICS_SCHEMA: Final = pa.schema(
         pa.field("guardrail_by_action", pa.list_(_ACTION_STRUCT)),
         *(pa.field(c, pa.float64()) for c in _QUANTILE_COLUMNS),
         pa.field("late_events", pa.int64()),
+        pa.field("evaluations", pa.int64()),
+        pa.field("evaluations_judged", pa.int64()),
+        pa.field("evaluations_passed", pa.int64()),
+        pa.field("eval_pass_rate", pa.float64()),
+        pa.field("evaluations_scored", pa.int64()),
+        pa.field("evaluation_score_sum", pa.float64()),
+        pa.field("eval_score_mean", pa.float64()),
+        pa.field("hallucination_rate", pa.float64()),
+        *(
+            pa.field(f"eval_{e}_{c}", dtype)
+            for e in EVALUATORS
+            for c, dtype in (
+                ("evaluations", pa.int64()),
+                ("judged", pa.int64()),
+                ("passed", pa.int64()),
+                ("pass_rate", pa.float64()),
+                ("scored", pa.int64()),
+                ("score_sum", pa.float64()),
+                ("score_mean", pa.float64()),
+            )
+        ),
+        pa.field("feedback_ratings", pa.int64()),
+        pa.field("feedback_rating_sum", pa.float64()),
+        pa.field("feedback_rating_mean", pa.float64()),
+        pa.field("feedback_negative", pa.int64()),
+        pa.field("feedback_negative_share", pa.float64()),
+        pa.field("feedback_corrections", pa.int64()),
     ]
 )
 """One row per (level, window, key). Notes on the columns:

@@ -89,7 +89,7 @@ import pyarrow.compute as pc
 from river import anomaly, compose, drift, preprocessing
 
 from sinks.contracts import ANOMALIES_SCHEMA, CONTRIBUTOR
-from streams.windows import DIMENSIONS, METRICS_SCHEMA, ROLLUPS
+from streams.windows import DIMENSIONS, EVALUATORS, METRICS_SCHEMA, ROLLUPS
 
 __all__ = [
     "ANOMALIES_SCHEMA",
@@ -161,9 +161,28 @@ DEFAULT_MEASURES: Final = (
         ("tasks_completed", "tasks_failed", "tasks_abandoned"),
         worse="down",
     ),
+    # Quality signals: each evaluator's pass rate and the share of negative ratings. Not in
+    # the joint model: its trees were calibrated on the nine operational measures above.
+    *(
+        MeasureSpec(
+            f"eval_{e}_pass_rate",
+            "rate",
+            (f"eval_{e}_judged",),
+            worse="down",
+            detectors=("ewma_zscore", "page_hinkley"),
+        )
+        for e in EVALUATORS
+    ),
+    MeasureSpec(
+        "feedback_negative_share",
+        "rate",
+        ("feedback_ratings",),
+        detectors=("ewma_zscore", "page_hinkley"),
+    ),
 )
 """The measures watched by default. ``cost_per_completed_task`` is left out: it is
-``cost_per_task`` over the success rate, both already watched."""
+``cost_per_task`` over the success rate, both already watched; ``hallucination_rate`` is one
+minus ``eval_hallucination_pass_rate``."""
 
 
 @dataclass(frozen=True)
@@ -528,7 +547,7 @@ class DriftDetector:
         self._levels = frozenset(cfg.levels)
         self._keys: OrderedDict[tuple[str, tuple[str | None, ...]], _Key] = OrderedDict()
         self._newest_index: int | None = None
-        names = [m.column for m in cfg.measures]
+        names = [m.column for m in cfg.measures if "half_space_trees" in m.detectors]
         # The scaler is pinned to [0, hst_clip] by two priming rows and its inputs are clipped
         # to that range, so its min and max never move: one extreme window cannot squeeze the
         # normal range of every key for good, as a plain running min/max would.
@@ -844,6 +863,7 @@ class DriftDetector:
         vector = {
             spec.column: min(clip, abs(z)) if ok and z is not None else 0.0
             for spec, z, ok in zip(self._measures, zs, warm, strict=True)
+            if "half_space_trees" in spec.detectors
         }
         off = [
             j

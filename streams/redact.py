@@ -13,7 +13,7 @@ from typing import Final
 
 from pipeline import schema
 
-TEXT_FIELDS: Final = ("query", "reason", "correction")
+TEXT_FIELDS: Final = ("query", "reason", "correction", "explanation")
 _BY_CLASS: Final = {
     cls: tuple(f for f in TEXT_FIELDS if f in cls.__struct_fields__) for cls in schema.EVENT_CLASSES
 }

@@ -81,6 +81,7 @@ import pyarrow.compute as pc
 from sinks.contracts import VERDICTS_SCHEMA
 from streams import sketch
 from streams.detect import ANOMALIES_SCHEMA, _from_us, _hash, _to_us
+from streams.windows import EVALUATORS
 
 _VERSION_DIMS: Final = ("agent_version", "prompt_version", "model")
 
@@ -161,9 +162,33 @@ MEASURES: Final[tuple[ReleaseMeasure, ...]] = (
         math.log(1.10),
         0.2,
     ),
+    *(
+        ReleaseMeasure(
+            f"eval_{e}_pass_rate",
+            "rate",
+            f"eval_{e}_passed",
+            (f"eval_{e}_judged",),
+            "down",
+            0.02,
+            0.05,
+        )
+        for e in EVALUATORS
+    ),
+    ReleaseMeasure(
+        "feedback_negative_share",
+        "rate",
+        "feedback_negative",
+        ("feedback_ratings",),
+        "up",
+        0.02,
+        0.05,
+    ),
 )
-"""The measures of the issue: cost per completed task, escalation, retrieval-miss, tool error
-and task success rates, and latency p95 (over all steps)."""
+"""Cost per completed task, escalation, retrieval-miss, tool error and task success rates,
+latency p95 (over all steps), the pass rate of each evaluator of ``streams.windows.EVALUATORS``
+and the share of negative ratings. A measure neither side has samples of (an evaluator the
+agent does not run) stays ``running`` with 0 samples; ``agentstream release gate`` does not
+wait for those."""
 
 
 @dataclass(frozen=True)
@@ -444,7 +469,8 @@ class ReleaseJudge:
                 needed.update(m.denominator)
         by_window: dict[int, list[dict[str, Any]]] = {}
         ends: dict[int, int] = {}
-        for row in keyed.select(sorted(needed)).to_pylist():
+        # A measure whose columns the rows lack (metrics of an older worker) has no samples.
+        for row in keyed.select(sorted(needed & set(keyed.column_names))).to_pylist():
             start = _to_us(row["window_start"])
             by_window.setdefault(start, []).append(row)
             ends[start] = _to_us(row["window_end"])
@@ -488,7 +514,8 @@ class ReleaseJudge:
             return
         cfg = self.config
         for m in cfg.measures:
-            acc = rel.accs[m.name]
+            # setdefault: a release restored from a snapshot older than some measure
+            acc = rel.accs.setdefault(m.name, _Acc(_Sums(), _Sums()))
             if acc.verdict != "running":
                 continue
             if m.statistic == "paired_log":
@@ -630,8 +657,8 @@ def _add(
     """Add one window's metrics rows of each side to a rate's or ratio's sums."""
     sides: list[float | None] = []
     for rows, sums in ((cand, acc.cand), (base, acc.base)):
-        den = float(sum(r[c] or 0 for r in rows for c in m.denominator))
-        num = float(sum(r[m.numerator] or 0 for r in rows))
+        den = float(sum(r.get(c) or 0 for r in rows for c in m.denominator))
+        num = float(sum(r.get(m.numerator) or 0 for r in rows))
         if den <= 0:
             sides.append(None)
             continue

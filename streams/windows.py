@@ -43,7 +43,11 @@ import pyarrow as pa
 from pipeline.schema import ACTIVITY_TYPES, CONTROL_TYPES
 from sinks.contracts import (
     DIMENSIONS,
+    EVALUATORS,
     METRICS_SCHEMA,
+    NEGATIVE_RATING,
+    QUALITY_COUNTS,
+    QUALITY_SUMS,
     QUANTILES,
     ROLLUPS,
     STEP_TYPES,
@@ -53,7 +57,11 @@ from streams import sketch
 
 __all__ = [
     "DIMENSIONS",
+    "EVALUATORS",
     "METRICS_SCHEMA",
+    "NEGATIVE_RATING",
+    "QUALITY_COUNTS",
+    "QUALITY_SUMS",
     "QUANTILES",
     "ROLLUPS",
     "STEP_TYPES",
@@ -88,6 +96,11 @@ _INPUT_COLUMNS: Final = [
     "miss",
     "outcome",
     "action",
+    "rating",
+    "correction",
+    "evaluator",
+    "score",
+    "passed",
 ]
 
 # Summable measures kept per (window, key); ratios and aliases are derived on emit.
@@ -102,8 +115,9 @@ _COUNTS: Final = [
     "tool_errors",
     "guardrail_incidents",
     "late_events",
+    *QUALITY_COUNTS[1:],  # evaluations is events_evaluation
 ]
-_SUMS: Final = ["cost_usd", "cost_estimated_usd"]
+_SUMS: Final = ["cost_usd", "cost_estimated_usd", *QUALITY_SUMS]
 
 _DIM_SCHEMA: Final[dict[str, pl.DataType]] = {d: pl.String() for d in DIMENSIONS}
 _AGG_SCHEMA: Final = pl.Schema(
@@ -236,6 +250,12 @@ def _ipc(frame: pl.DataFrame) -> bytes:
 
 def _from_ipc(data: bytes, schema: pl.Schema) -> pl.DataFrame:
     frame = pl.read_ipc(io.BytesIO(data))
+    if frame.schema != schema and all(frame.schema.get(c) == t for c, t in frame.schema.items()):
+        # A snapshot from before some measures existed (evaluations, feedback): they start at 0.
+        missing = [c for c in schema if c not in frame.schema]
+        if missing and all(schema[c] in (pl.Int64(), pl.Float64()) for c in missing):
+            frame = frame.with_columns(pl.lit(0, dtype=schema[c]).alias(c) for c in missing)
+            frame = frame.select(schema.names())
     if frame.schema != schema:
         raise ValueError(f"snapshot state has schema {frame.schema}, expected {schema}")
     return frame
@@ -376,10 +396,7 @@ class WindowAggregator:
 
     def _add(self, frame: pl.DataFrame) -> None:
         typ = pl.col("type")
-
-        def count(cond: pl.Expr, name: str) -> pl.Expr:
-            return cond.sum().cast(pl.Int64).alias(name)
-
+        count = _count
         part = frame.group_by(_KEY).agg(
             pl.len().cast(pl.Int64).alias("events"),
             *(count(typ == t, f"events_{t}") for t in ACTIVITY_TYPES),
@@ -393,6 +410,7 @@ class WindowAggregator:
             ),
             count((typ == "tool_call") & (pl.col("status") == "error"), "tool_errors"),
             count((typ == "guardrail") & (pl.col("action") != "allow"), "guardrail_incidents"),
+            *_quality_counts(typ),
             pl.col("cost_usd").sum().cast(pl.Float64),
             pl.col("cost_usd")
             .filter(pl.col("cost_estimated").fill_null(False))
@@ -505,6 +523,67 @@ class WindowAggregator:
 # --------------------------------------------------------------------------------------
 # building the metrics rows of emitted windows
 # --------------------------------------------------------------------------------------
+
+
+def _count(cond: pl.Expr, name: str) -> pl.Expr:
+    return cond.sum().cast(pl.Int64).alias(name)
+
+
+def _quality_counts(typ: pl.Expr) -> list[pl.Expr]:
+    """The evaluation and feedback counts and sums of ``_add``'s group-by."""
+    evaluation = typ == "evaluation"
+    judged = evaluation & pl.col("passed").is_not_null()
+    passed = evaluation & pl.col("passed").fill_null(False)
+    scored = evaluation & pl.col("score").is_not_null()
+    rated = (typ == "feedback") & pl.col("rating").is_not_null()
+    count = _count
+
+    def total(cond: pl.Expr, value: str, name: str) -> pl.Expr:
+        return pl.col(value).filter(cond).sum().cast(pl.Float64).alias(name)
+
+    out = [
+        count(judged, "evaluations_judged"),
+        count(passed, "evaluations_passed"),
+        count(scored, "evaluations_scored"),
+        total(scored, "score", "evaluation_score_sum"),
+        count(rated, "feedback_ratings"),
+        count(rated & (pl.col("rating") <= NEGATIVE_RATING), "feedback_negative"),
+        count((typ == "feedback") & pl.col("correction").is_not_null(), "feedback_corrections"),
+        total(rated, "rating", "feedback_rating_sum"),
+    ]
+    for e in EVALUATORS:
+        mine = pl.col("evaluator") == e
+        out += [
+            count(evaluation & mine, f"eval_{e}_evaluations"),
+            count(judged & mine, f"eval_{e}_judged"),
+            count(passed & mine, f"eval_{e}_passed"),
+            count(scored & mine, f"eval_{e}_scored"),
+            total(scored & mine, "score", f"eval_{e}_score_sum"),
+        ]
+    return out
+
+
+def _quality_ratios() -> list[pl.Expr]:
+    """The evaluation and feedback ratios of a metrics row, from its summed counts."""
+    c = pl.col
+    hall = "eval_hallucination"
+    out = [
+        c("events_evaluation").alias("evaluations"),
+        _ratio(c("evaluations_passed"), c("evaluations_judged")).alias("eval_pass_rate"),
+        _ratio(c("evaluation_score_sum"), c("evaluations_scored")).alias("eval_score_mean"),
+        _ratio(c(f"{hall}_judged") - c(f"{hall}_passed"), c(f"{hall}_judged")).alias(
+            "hallucination_rate"
+        ),
+        _ratio(c("feedback_rating_sum"), c("feedback_ratings")).alias("feedback_rating_mean"),
+        _ratio(c("feedback_negative"), c("feedback_ratings")).alias("feedback_negative_share"),
+    ]
+    for e in EVALUATORS:
+        p = f"eval_{e}"
+        out += [
+            _ratio(c(f"{p}_passed"), c(f"{p}_judged")).alias(f"{p}_pass_rate"),
+            _ratio(c(f"{p}_score_sum"), c(f"{p}_scored")).alias(f"{p}_score_mean"),
+        ]
+    return out
 
 
 def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
@@ -621,6 +700,7 @@ def _metrics(
         _ratio(c("tool_errors"), c("events_tool_call")).alias("tool_error_rate"),
         c("tool_errors_by_tool").fill_null(pl.lit([], dtype=out.schema["tool_errors_by_tool"])),
         c("guardrail_by_action").fill_null(pl.lit([], dtype=out.schema["guardrail_by_action"])),
+        *_quality_ratios(),
     ).sort(["window_start", "level", *DIMENSIONS], nulls_last=True)
 
     columns = [out.get_column(name).to_list() for name in ["level", "_start_us", *DIMENSIONS]]

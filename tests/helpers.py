@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,53 @@ def run_cli(
         timeout=120,
         check=check,
     )
+
+
+def side_by_side(configs: dict[str, TrafficConfig]) -> list[Any]:
+    """The streams of ``configs`` as one, in event-time order, each under agents of its own
+    (``<name>/<agent>``, event ids alike) so their keys never meet in one worker; a last task
+    five minutes after the newest event closes every window, as time passing would."""
+    import msgspec
+
+    from pipeline.schema import Task
+
+    stream: list[Any] = []
+    for name, config in configs.items():
+        stream += [
+            msgspec.structs.replace(
+                ev, agent_id=f"{name}/{ev.agent_id}", event_id=f"{name}/{ev.event_id}"
+            )
+            for ev in generate(config)
+        ]
+    stream.sort(key=lambda ev: ev.ts)  # stable: each scenario keeps its order
+    newest = stream[-1].ts
+    stream.append(
+        Task(
+            event_id="sentinel",
+            schema_version=1,
+            ts=newest + timedelta(minutes=5),
+            agent_id="sentinel",
+            outcome="started",
+        )
+    )
+    return stream
+
+
+def land_all(settings: Settings, events: Sequence[Any], timeout: float = 240) -> None:
+    """Publish ``events`` (ending with a sentinel), run a worker until they are committed and
+    the window of the newest one before the sentinel is emitted."""
+    from pipeline.publisher import Publisher
+
+    async def publish() -> None:
+        async with Publisher(settings) as pub:
+            await pub.publish_many(events)
+
+    asyncio.run(publish())
+    last_window = events[-2].ts.replace(second=0, microsecond=0)
+    with running_worker(settings) as proc:
+        wait_committed(settings, len(events), proc, timeout=timeout)
+        deadline = time.monotonic() + 60
+        query = "SELECT count(*) FROM metrics WHERE window_start = $1"
+        while connect(settings.data_dir).execute(query, [last_window]).fetchall() == [(0,)]:
+            assert time.monotonic() < deadline, "the last windows were never emitted"
+            time.sleep(0.5)

@@ -412,6 +412,99 @@ def test_tool_errors_match_events(lake: Path, con: duckdb.DuckDBPyConnection) ->
     assert rates == sorted(rates, reverse=True)  # worst first
 
 
+def _raw_rows(lake: Path, where: str) -> list[dict[str, Any]]:
+    rel = raw_events(lake).execute(f"SELECT * FROM ev WHERE {where}")
+    names = [d[0] for d in rel.description or []]
+    return [dict(zip(names, r, strict=True)) for r in rel.fetchall()]
+
+
+def test_evaluation_quality_matches_events(lake: Path, con: duckdb.DuckDBPyConnection) -> None:
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for e in _raw_rows(lake, "type = 'evaluation'"):
+        key = (e["agent_id"], e["prompt_version"], e["evaluator"], e["evaluator_kind"])
+        groups.setdefault(key, []).append(e)
+    got = rows(con, "SELECT * FROM evaluation_quality")
+    assert len(got) == len(groups) >= 20  # 12 agents x prompts x (hallucination, helpfulness, tone)
+    for r in got:
+        evs = groups[(r["agent_id"], r["prompt_version"], r["evaluator"], r["evaluator_kind"])]
+        passed = sum(e["passed"] is True for e in evs)
+        judged = sum(e["passed"] is not None for e in evs)
+        assert (r["evaluations"], r["judged"], r["passed"]) == (len(evs), judged, passed)
+        assert r["failed"] == judged - passed
+        assert close(r["pass_rate"], passed / judged)
+        assert close(r["mean_score"], float(np.mean([e["score"] for e in evs])), rel=1e-9)
+    rates = [r["pass_rate"] for r in got]
+    assert rates == sorted(rates)  # worst first
+
+
+def test_feedback_loop_counts_rates_and_changes(lake: Path, con: duckdb.DuckDBPyConnection) -> None:
+    evs = _raw_rows(lake, "type <> 'release'")
+    tasks: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, str], datetime] = {}
+    items: dict[tuple[str, str, str, str], int] = {}
+    for e in evs:
+        v = (e["agent_id"], e["prompt_version"])
+        first[v] = min(first.get(v, e["ts"]), e["ts"])
+        tasks[v] = tasks.get(v, 0) + (e["type"] == "task" and e["outcome"] == "started")
+        found: tuple[str, str] | None = None
+        if e["type"] == "escalation":
+            found = ("escalation", e["reason"] or "(no reason)")
+        elif e["type"] == "feedback" and e["correction"] is not None:
+            found = ("correction", e["correction"])
+        elif e["type"] == "tool_call" and e["status"] == "error":
+            found = (
+                "failing_tool",
+                e["tool_name"] + (f": {e['error_type']}" if e["error_type"] else ""),
+            )
+        elif e["type"] == "retrieval" and e["miss"]:
+            found = ("retrieval_miss", e["data_source"] or "(no source)")
+        elif e["type"] == "guardrail" and e["action"] == "block":
+            found = ("guardrail_block", e["policy_id"])
+        elif e["type"] == "task" and e["outcome"] == "abandoned":
+            found = ("abandoned_task", "abandoned")
+        elif e["type"] == "evaluation" and e["passed"] is False:
+            found = ("failing_evaluator", e["evaluator"])
+        if found is not None:
+            items[(*v, *found)] = items.get((*v, *found), 0) + 1
+    previous: dict[tuple[str, str], str | None] = {}
+    for agent in {a for a, _ in first}:
+        ordered = sorted((t, p) for (a, p), t in first.items() if a == agent)
+        for (_, p), before in zip(ordered, [None, *ordered[:-1]], strict=True):
+            previous[(agent, p)] = before[1] if before else None
+
+    def per_100(agent: str, prompt: str | None, category: str, item: str) -> float:
+        n = items.get((agent, prompt, category, item), 0) if prompt else 0  # type: ignore[arg-type]
+        return 100 * n / tasks[(agent, prompt)] if prompt else 0.0  # type: ignore[index]
+
+    got = rows(con, "SELECT * FROM feedback_loop")
+    assert len(got) == len(items) > 100
+    categories = {r["category"] for r in got}
+    assert categories == {
+        "escalation",
+        "correction",
+        "failing_tool",
+        "retrieval_miss",
+        "guardrail_block",
+        "abandoned_task",
+        "failing_evaluator",
+    }
+    for r in got:
+        key = (r["agent_id"], r["prompt_version"], r["category"], r["item"])
+        v = (r["agent_id"], r["prompt_version"])
+        assert r["count"] == items[key] and r["tasks"] == tasks[v]
+        assert r["previous_version"] == previous[v]
+        assert close(r["per_100_tasks"], per_100(*key))
+        before = per_100(r["agent_id"], previous[v], r["category"], r["item"])
+        assert abs(r["change_per_100_tasks"] - (per_100(*key) - before)) < 1e-9
+    by_version: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in got:
+        by_version.setdefault((r["agent_id"], r["prompt_version"]), []).append(r)
+    for ranked in by_version.values():
+        assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+        counts = [r["count"] for r in ranked]
+        assert counts == sorted(counts, reverse=True)
+
+
 def test_latency_by_model_matches_numpy(lake: Path, con: duckdb.DuckDBPyConnection) -> None:
     samples: dict[tuple[str, str | None], list[float]] = {}
     for step, model, ms in (

@@ -333,7 +333,9 @@ def test_publish_reports_invalid_lines_and_sends_the_rest(bootstrap: str, tmp_pa
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    known = "llm_call, tool_call, retrieval, escalation, task, feedback, guardrail, release"
+    known = (
+        "llm_call, tool_call, retrieval, escalation, task, feedback, evaluation, guardrail, release"
+    )
     # aiokafka's own warnings (e.g. NotLeaderForPartition retries on a topic created a moment
     # ago) also reach stderr; see test_unreachable_broker_on_publish_prints_only_the_error_line.
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith(("line ", "published", "error"))]

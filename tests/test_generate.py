@@ -145,7 +145,7 @@ def test_each_task_starts_first_and_keeps_its_order(sample: Sample) -> None:
         if ends:
             assert ends[0].span_id == first.span_id
             after = events[events.index(ends[0]) + 1 :]
-            assert all(isinstance(e, schema.Feedback) for e in after)
+            assert all(isinstance(e, schema.Feedback | schema.Evaluation) for e in after)
 
 
 def test_tasks_interleave(sample: Sample) -> None:
@@ -170,7 +170,8 @@ def test_event_time_rate(sample: Sample, rate: float, rel: float) -> None:
     assert elapsed(9 * N // 10) - elapsed(N // 10) == pytest.approx(0.8 * N / rate, rel=rel)
     # ... after a ramp-up of ~15 s (a task lasts seconds: concurrency builds up); the
     # stream is the first N events by event time, so it ends without a drain tail.
-    assert elapsed(N // 10) <= 0.1 * N / rate + 10
+    # (evaluations and ratings of the first tasks come seconds after they end: +5 s)
+    assert elapsed(N // 10) <= 0.1 * N / rate + 15
     assert N / rate * 0.95 <= elapsed(N - 1) <= N / rate * 1.08 + 10
 
 
@@ -307,8 +308,22 @@ def test_task_level_rates(sample: Sample) -> None:
     by_task: dict[str | None, Counter[str]] = defaultdict(Counter)
     for e in events:
         by_task[e.task_id][e.type_name] += 1
-    for kind, p in [("escalation", 0.06), ("feedback", 0.10), ("guardrail", 0.03)]:
+    # feedback: the occasional review (10 %) or the in-app rating of an ended task (50 %)
+    rated = 1 - (1 - gen.FEEDBACK_PROB) * (1 - gen.RATING_PROB * (1 - gen.OPEN_PROB))
+    for kind, p in [("escalation", 0.06), ("feedback", rated), ("guardrail", 0.03)]:
         assert _within(sum(c[kind] > 0 for c in by_task.values()), n, p, sigmas=5), kind
+    ended = {e.task_id for e in tasks if e.outcome != "started"}
+    evaluations = [e for e in events if isinstance(e, schema.Evaluation)]
+    hallucination = [e for e in evaluations if e.evaluator == "hallucination"]
+    assert sorted(e.task_id for e in hallucination) == sorted(ended)  # every ended task once
+    assert _within(sum(e.passed is True for e in hallucination), len(ended), 0.97)
+    tone = [e for e in evaluations if e.evaluator == "tone"]
+    assert {e.agent_id for e in tone} == gen.USER_FACING
+    assert _within(sum(e.passed is True for e in tone), len(tone), 0.94)
+    helpful = [e for e in evaluations if e.evaluator == "helpfulness"]
+    assert _within(len(helpful), len(ended), gen.HELPFULNESS_SAMPLE)
+    assert all(e.scope == "task" and e.evaluator_kind == "llm_judge" for e in evaluations)
+    assert all((e.score >= 0.6) == e.passed for e in evaluations if e.score is not None)
     steps = [c["llm_call"] + c["retrieval"] + c["tool_call"] for c in by_task.values()]
     assert max(steps) <= gen.MAX_STEPS
     outcomes = Counter(e.outcome for e in tasks if e.outcome != "started")
@@ -368,11 +383,12 @@ def test_scenario_hook() -> None:
     assert gen.DEFAULT_START.isoformat() == "2026-01-05T09:00:00+00:00"
 
 
-# Digests of the steady stream as the generator wrote it before incident scenarios existed:
+# Digests of the steady stream as the generator wrote it once evaluations and in-app ratings
+# joined it (issue 18; before: ca5d0d86... and 2c8c0240..., with the same draws for the rest):
 # scenarios must not change a single byte of it (nor may anything else, by accident).
 STEADY_DIGESTS = {
-    "events=20000,seed=11": "ca5d0d860dd5904be1b20fd9de5aeeb7a5af110f095f56f0f44cd9fce2499312",
-    "late,30 agents,3 tenants": "2c8c02405afb77c9b403729d7e1e42bd0a996b8c80ea53d63876cc346987ee0c",
+    "events=20000,seed=11": "d583792f968d5b10cf9e28303b6feafc87b5b9b5c046eacfed2f7bd4cbf05684",
+    "late,30 agents,3 tenants": "cdfde47c11ea795c77a4c7ba339398c95b7480154ef199efa77d8b8dc45071b0",
 }
 
 

@@ -164,6 +164,17 @@ def _type_fields(draw: st.DrawFn, kind: str) -> dict[str, Any]:
         }
     if kind == "feedback":
         return {"rating": draw(st.floats(-1e9, 1e9)), "correction": draw(text)}
+    if kind == "evaluation":
+        return {
+            "evaluator": draw(names),
+            "score": draw(st.floats(-1e9, 1e9)),
+            "label": draw(names),
+            "passed": draw(st.booleans()),
+            "evaluator_kind": draw(st.sampled_from(["llm_judge", "human", "heuristic"])),
+            "scope": "trace",
+            "trace_id": draw(names),
+            "explanation": draw(text),
+        }
     return {
         "policy_id": draw(names),
         "action": draw(st.sampled_from(["allow", "block", "modify", "flag"])),

@@ -98,6 +98,13 @@ def test_classify(attrs: dict[str, Any], kind: str | None) -> None:
     assert classify(attrs) == kind
 
 
+def test_types_that_arrive_as_log_records_are_not_span_types() -> None:
+    # evaluation results and feedback come as log records: a span claiming to be one is not
+    # built as one (there is no span builder for them)
+    for claimed in ("evaluation", "feedback"):
+        assert classify({"agentstream.event.type": claimed}) is None
+
+
 def test_each_vocabulary_gives_the_same_model_call() -> None:
     genai = span(
         "0000000000000001",

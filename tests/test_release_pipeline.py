@@ -1,16 +1,18 @@
-"""Release verdicts through the real broker: both rollout scenarios in one stream, one worker.
+"""Release verdicts through the real broker: every rollout scenario in one stream, one worker.
 
-The regressing rollout is judged ``regressed`` on the escalation rate within the stated
-number of windows, the good one never ``regressed``; the landed verdicts are those of the
-in-process replay (the statistics are tested over many seeds there, see test_releases.py),
-and subscribers get each verdict on the verdicts topic.
+The regressing rollout is judged ``regressed`` on the escalation rate and the tone regression
+on the tone evaluator's pass rate within the stated number of windows, the good one never
+``regressed``; the landed verdicts are those of the in-process replay (the statistics are
+tested over many seeds there, see test_releases.py), subscribers get each verdict on the
+verdicts topic, and ``agentstream release gate`` answers 1 (roll back) for both regressions
+and never 1 for the good rollout.
 """
 
 from __future__ import annotations
 
-import asyncio
+import subprocess
+import sys
 import time
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -18,14 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import schema
-from pipeline.config import Settings
 from pipeline.evaluate import replay_releases, score_rollout
-from pipeline.generate import TrafficConfig, generate
-from pipeline.publisher import Publisher
+from pipeline.generate import TrafficConfig
 from pipeline.scenarios import ROLLOUT_SCENARIOS, ground_truth
 from sinks.catalog import connect
-from tests.helpers import consume_all, running_worker, unique_settings, wait_committed
+from tests.helpers import consume_all, land_all, side_by_side, unique_settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,56 +39,24 @@ def _config(name: str) -> TrafficConfig:
     return TrafficConfig(events=EVENTS, seed=SEED, scenario=name, agents=1)
 
 
-async def _publish(settings: Settings, events: list[schema.AgentEvent]) -> None:
-    async with Publisher(settings) as pub:
-        await pub.publish_many(events)
-
-
 def test_rollouts_on_kafka(bootstrap: str, tmp_path: Path) -> None:
     settings = unique_settings(bootstrap, tmp_path / "lake")
-    stream: list[schema.AgentEvent] = []
-    for name in ROLLOUT_SCENARIOS:
-        # Each scenario under an agent of its own, so both run through one worker.
-        for ev in generate(_config(name)):
-            stream.append(
-                msgspec.structs.replace(
-                    ev, agent_id=f"{name}/{ev.agent_id}", event_id=f"{name}/{ev.event_id}"
-                )
-            )
-    stream.sort(key=lambda ev: ev.ts)  # stable: each scenario keeps its order
-    newest: datetime = stream[-1].ts
-    # A last event far ahead closes every window, as time passing would.
-    stream.append(
-        schema.Task(
-            event_id="sentinel",
-            schema_version=1,
-            ts=newest + timedelta(minutes=5),
-            agent_id="sentinel",
-            outcome="started",
-        )
-    )
+    stream = side_by_side({name: _config(name) for name in ROLLOUT_SCENARIOS})
     started = time.monotonic()
-    asyncio.run(_publish(settings, stream))
-    last_window = newest.replace(second=0, microsecond=0)
-    with running_worker(settings) as proc:
-        wait_committed(settings, len(stream), proc, timeout=120)
-        deadline = time.monotonic() + 60
-        query = "SELECT count(*) FROM metrics WHERE window_start = $1"
-        while connect(settings.data_dir).execute(query, [last_window]).fetchall() == [(0,)]:
-            assert time.monotonic() < deadline, "the last windows were never emitted"
-            time.sleep(0.5)
+    land_all(settings, stream, timeout=120)
     print(f"published and judged in {time.monotonic() - started:.1f} s")
 
     con = connect(settings.data_dir)
     assert con.sql(
         "SELECT agent_id, candidate, baseline, traffic_share, stage FROM releases ORDER BY 1"
     ).fetchall() == [(f"{n}/support-bot", "p14", "p12", 0.5, "started") for n in ROLLOUT_SCENARIOS]
+    n_releases = len(ROLLOUT_SCENARIOS)
     # release events count in no KPI: every landed event but them (and the sentinel, whose
     # window never closes) is in the metrics
     assert con.sql(
         "SELECT (SELECT count(*) FROM events WHERE type <> 'release'), "
         "(SELECT sum(events) FROM metrics WHERE level = 'key')"
-    ).fetchall() == [(len(stream) - 2, len(stream) - 3)]
+    ).fetchall() == [(len(stream) - n_releases, len(stream) - n_releases - 1)]
 
     landed = con.sql("SELECT * EXCLUDE (date) FROM release_verdicts").to_arrow_table()
     for name in ROLLOUT_SCENARIOS:
@@ -97,7 +64,7 @@ def test_rollouts_on_kafka(bootstrap: str, tmp_path: Path) -> None:
         result = score_rollout(name, SEED, ground_truth(_config(name)), rows)
         print(name, result)
         assert result.found and result.false_regressions == [], result
-        if name == "regressing-rollout":
+        if name != "good-rollout":
             assert result.delay_windows is not None
             assert result.delay_windows <= MAX_DELAY_WINDOWS, result
         # The same verdicts as the in-process replay, window by window.
@@ -108,12 +75,43 @@ def test_rollouts_on_kafka(bootstrap: str, tmp_path: Path) -> None:
 
         assert pairs(rows) == pairs(replayed)
 
-    (regression,) = con.sql(
+    regressions = con.sql(
         "SELECT agent_id, prompt_version, measure, len(example_event_ids) FROM anomalies "
-        "WHERE kind = 'release_regression'"
+        "WHERE kind = 'release_regression' ORDER BY agent_id"
     ).fetchall()
-    assert regression[:3] == ("regressing-rollout/support-bot", "p14", "escalation_rate")
-    assert 1 <= regression[3] <= 5
+    assert [r[:3] for r in regressions] == [
+        ("regressing-rollout/support-bot", "p14", "escalation_rate"),
+        ("tone-regression/support-bot", "p14", "eval_tone_pass_rate"),
+    ]
+    assert all(1 <= r[3] <= 5 for r in regressions)
+
+    # The deploy pipeline's question, through the real command line.
+    for name in ROLLOUT_SCENARIOS:
+        (inc,) = ground_truth(_config(name))
+        ask = ["release", "gate", "--id", str(inc.release_id), "--data-dir", str(settings.data_dir)]
+        gate = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *ask, "--json"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        answer = msgspec.json.decode(gate.stdout)
+        print(name, gate.returncode, answer["decision"], answer["reason"])
+        assert gate.returncode == answer["exit_code"], gate.stderr
+        if inc.expected_verdict == "regressed":
+            assert (gate.returncode, answer["decision"]) == (1, "rollback")
+            assert inc.measure in answer["reason"]
+        else:
+            assert gate.returncode in (0, 3) and answer["decision"] in ("promote", "wait")
+        summary = (
+            connect(settings.data_dir, analysis=True)
+            .execute(
+                "SELECT measure, verdict FROM release_summary WHERE release_id = ? ORDER BY measure",
+                [inc.release_id],
+            )
+            .fetchall()
+        )
+        assert [(m["measure"], m["verdict"]) for m in answer["measures"]] == summary
 
     # Subscribers see every verdict on the topic, keyed by its id.
     records = consume_all(settings, settings.verdicts_topic, landed.num_rows)
@@ -123,6 +121,6 @@ def test_rollouts_on_kafka(bootstrap: str, tmp_path: Path) -> None:
         for r in records
         if msgspec.json.decode(r.value)["verdict"] == "regressed"
     ]
-    assert [(d["measure"], d["candidate_version"], d["baseline_version"]) for d in decided] == [
-        ("escalation_rate", "p14", "p12")
-    ]
+    assert sorted(
+        (d["measure"], d["candidate_version"], d["baseline_version"]) for d in decided
+    ) == [("escalation_rate", "p14", "p12"), ("eval_tone_pass_rate", "p14", "p12")]

@@ -114,7 +114,7 @@ def page(report: Path) -> Page:
 
 
 def test_images_are_embedded_pngs(page: Page) -> None:
-    assert len(page.images) == 8
+    assert len(page.images) == 9  # evaluations and feedback: one more figure
     for img in page.images:
         assert img["alt"]
         prefix = "data:image/png;base64,"
@@ -219,6 +219,27 @@ def test_tool_errors_table(lake: Path, page: Page) -> None:
         assert r["error_rate"] == fmt("error_rate", e / n)
 
 
+def test_fix_next_table(lake: Path, page: Page) -> None:
+    """The most frequent problem of any agent and prompt version, counted from the events."""
+    top = (
+        raw_events(lake)
+        .execute(
+            "SELECT agent_id, prompt_version, evaluator, count(*) AS n FROM ev "
+            "WHERE type = 'evaluation' AND NOT passed GROUP BY ALL ORDER BY n DESC LIMIT 1"
+        )
+        .fetchall()
+    )
+    got = page.records("feedback-loop")
+    assert len(got) == 25
+    counts = [int(r["count"].replace(",", "")) for r in got]
+    assert counts == sorted(counts, reverse=True)
+    failing = [r for r in got if r["category"] == "failing_evaluator"]
+    agent, prompt, evaluator, n = top[0]
+    assert {"agent_id": agent, "prompt_version": prompt, "item": evaluator} in [
+        {k: r[k] for k in ("agent_id", "prompt_version", "item")} for r in failing
+    ] or n < min(counts)
+
+
 def test_latency_table(lake: Path, page: Page) -> None:
     got = {(r["step"], r["model"]): r for r in page.records("latency-by-model")}
     for model, values in (
@@ -256,7 +277,7 @@ def test_empty_and_missing_lakes(tmp_path: Path) -> None:
     out = render_report(tmp_path / "empty", tmp_path / "empty.html")
     p = Page()
     p.feed(out.read_text(encoding="utf-8"))
-    assert p.cards["events"] == "0" and len(p.images) == 8
+    assert p.cards["events"] == "0" and len(p.images) == 9
     assert p.tables["task-funnel"] == [["no rows"]]
     with pytest.raises(QueryError, match="does not exist"):
         render_report(tmp_path / "missing", tmp_path / "missing.html")

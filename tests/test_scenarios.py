@@ -34,6 +34,8 @@ SEED = 1
 N = 120_000
 START = gen.DEFAULT_START
 T = START + timedelta(minutes=20)  # incident_start: half of 120,000 / 50 s
+# Window-by-window bounds below were widened when evaluations and ratings joined the traffic
+# (issue 18): at the same event rate a window holds ~15 % fewer tasks, so its extremes spread.
 ROOT = Path(__file__).resolve().parent.parent
 
 _COLUMNS: dict[str, type[pl.DataType]] = {
@@ -155,11 +157,14 @@ def test_registry_and_list() -> None:
         "early-cost-spike-10m",
         "early-escalation-jump-10m",
         "new-version-regresses",
+        "hallucination-rise",
+        "tone-regression",
+        "feedback-sours",
     ]
     assert tuple(names) == scenarios.SCENARIO_NAMES
-    assert tuple(names[9:]) == scenarios.STARTUP_SCENARIOS
-    assert tuple(names[:6]) == scenarios.DRIFT_SCENARIOS
-    assert tuple(names[6:8]) == scenarios.ROLLOUT_SCENARIOS
+    assert tuple(names[9:14]) == scenarios.STARTUP_SCENARIOS
+    assert (*names[:6], "hallucination-rise", "feedback-sours") == scenarios.DRIFT_SCENARIOS
+    assert (*names[6:8], "tone-regression") == scenarios.ROLLOUT_SCENARIOS
     assert all(description for _, description in scenarios.list_scenarios())
 
 
@@ -382,10 +387,10 @@ def test_cost_spike() -> None:
     before, after = before_after(windows(r, key("support-bot", "v4"), COST_PER_TASK))
     assert 0.0069 <= mean(before) <= 0.0073  # USD of known costs per task
     assert 2.75 <= mean(after) / mean(before) <= 2.95  # x3 tokens; some calls hit the caps
-    assert hi(before) < 0.009 < 0.013 < lo(after)  # every window tells
+    assert hi(before) < 0.010 < 0.013 < lo(after)  # every window tells
     tokens = r.df.filter(key("support-bot", "v4") & (TYPE == "llm_call"))
     per_call = tokens.group_by(pl.col("ts") >= T).agg(pl.col("input_tokens").mean()).sort("ts")
-    assert 2.8 <= per_call["input_tokens"][1] / per_call["input_tokens"][0] <= 3.0
+    assert 2.8 <= per_call["input_tokens"][1] / per_call["input_tokens"][0] <= 3.1
     # the other support-bot version is untouched
     v3_before, v3_after = before_after(windows(r, key("support-bot", "v3"), COST_PER_TASK))
     assert 0.9 <= mean(v3_after) / mean(v3_before) <= 1.15
@@ -396,7 +401,7 @@ def test_escalation_jump() -> None:
     before, after = before_after(windows(r, SUPPORT_BOT, ESCALATION_RATE))
     assert 0.055 <= mean(before) <= 0.07
     assert 0.29 <= mean(after) <= 0.32
-    assert hi(before) < 0.12 < 0.17 < lo(after)
+    assert hi(before) < 0.14 < 0.15 < lo(after)
     tasks = r.df.filter(SUPPORT_BOT & STARTED)
     prompts = tasks.group_by(pl.col("ts") >= T).agg(pl.col("prompt_version").unique().sort())
     assert dict(zip(prompts["ts"], prompts["prompt_version"].to_list(), strict=True)) == {
@@ -430,7 +435,7 @@ def test_latency_regression() -> None:
     before, after = before_after(windows(r, gemini, P95))
     assert 2_300 <= mean(before) <= 2_600  # ms
     assert 2.9 <= mean(after) / mean(before) <= 3.2
-    assert hi(before) < 3_100 < 6_000 < lo(after)
+    assert hi(before) < 3_100 < 5_500 < lo(after)
     triage_before, triage_after = before_after(windows(r, key("triage-agent") & gemini, P95))
     assert 2.8 <= mean(triage_after) / mean(triage_before) <= 3.2
     other_before, other_after = before_after(windows(r, ~gemini, P95))
@@ -451,7 +456,7 @@ def test_cost_drift() -> None:
         got, want = mean(ratio.slice(5 * block, 5)), mean(designed.slice(5 * block, 5))
         assert abs(got / want - 1) < 0.1, (block, got, want)
     assert pl.DataFrame({"r": ratio, "d": designed}).select(pl.corr("r", "d")).item() > 0.85
-    assert 0.85 <= mean(before.tail(5)) / mean(before.head(5)) <= 1.15  # flat before
+    assert 0.85 <= mean(before.tail(5)) / mean(before.head(5)) <= 1.2  # flat before
     # Cost per task (noisier: ~30 tasks a window) follows.
     cost_before, cost_after = before_after(windows(r, sql_v3, COST_PER_TASK))
     cost = cost_after / mean(cost_before)

@@ -14,6 +14,7 @@ from pipeline.schema import (
     EVENT_TYPES,
     OTEL_NAMES,
     Escalation,
+    Evaluation,
     Feedback,
     Guardrail,
     InvalidEvent,
@@ -30,7 +31,7 @@ from pipeline.schema import (
 )
 
 TS = datetime(2026, 1, 5, 9, 30, 15, 123456, tzinfo=UTC)
-KNOWN = "llm_call, tool_call, retrieval, escalation, task, feedback, guardrail, release"
+KNOWN = "llm_call, tool_call, retrieval, escalation, task, feedback, evaluation, guardrail, release"
 
 ENVELOPE: dict[str, Any] = {
     "schema_version": 1,
@@ -84,6 +85,19 @@ def full_events() -> list[schema.AgentEvent]:
         Escalation(event_id="e-esc", **ENVELOPE, reason="user asked for a human", target="tier2"),
         Task(event_id="e-task", **ENVELOPE, outcome="completed"),
         Feedback(event_id="e-fb", **ENVELOPE, rating=-0.5, correction="wrong order number"),
+        Evaluation(
+            event_id="e-eval",
+            **ENVELOPE,
+            evaluator="hallucination",
+            score=0.91,
+            label="grounded",
+            passed=True,
+            evaluator_kind="benchmark",
+            scope="task",
+            suite_id="support-regression",
+            case_id="case-17",
+            explanation="every claim is in the retrieved article",
+        ),
         Guardrail(
             event_id="e-guard", **ENVELOPE, policy_id="pii-filter", action="modify", reason="email"
         ),
@@ -183,14 +197,14 @@ def test_str_input_decodes_like_bytes() -> None:
 
 def test_otel_names_cover_every_wire_field_and_type() -> None:
     fields = {name for name, _ in schema.iter_fields()}
-    assert len(fields) == 42  # 36 + the 6 fields of release
+    assert len(fields) == 51  # 36 + the 6 fields of release + the 9 of evaluation
     assert set(OTEL_NAMES) == fields | {"type"}
     assert all(isinstance(v, str) and v for v in OTEL_NAMES.values())
 
 
 def test_iter_fields_has_no_repeats() -> None:
     names = [name for name, _ in schema.iter_fields()]
-    assert len(names) == len(set(names)) == 42
+    assert len(names) == len(set(names)) == 51
     types = dict(schema.iter_fields())
     assert isinstance(types["ts"], msgspec.inspect.DateTimeType)
     assert isinstance(types["input_tokens"], msgspec.inspect.IntType)
@@ -223,6 +237,7 @@ def test_event_types() -> None:
         "escalation",
         "task",
         "feedback",
+        "evaluation",
         "guardrail",
         "release",
     )
@@ -353,6 +368,35 @@ REJECTIONS: list[tuple[str, bytes | str | None, Rejection]] = [
         "feedback without rating or correction",
         wire("feedback", tool_name=..., status=...),
         Rejection("feedback needs a rating or a correction - at `$.rating`", "$.rating"),
+    ),
+    (
+        "evaluation without score, label or passed",
+        wire("evaluation", tool_name=..., status=..., evaluator="tone", task_id="t1"),
+        Rejection("evaluation needs a score, a label or passed - at `$.score`", "$.score"),
+    ),
+    (
+        "evaluation of a span without span_id",
+        wire("evaluation", tool_name=..., status=..., evaluator="tone", passed=True, scope="span"),
+        Rejection(
+            "evaluation of scope 'span' needs span_id (the evaluated span) - at `$.span_id`",
+            "$.span_id",
+        ),
+    ),
+    (
+        "evaluation by an unknown kind of evaluator",
+        wire(
+            "evaluation",
+            tool_name=...,
+            status=...,
+            evaluator="tone",
+            passed=True,
+            task_id="t1",
+            evaluator_kind="oracle",
+        ),
+        Rejection(
+            "Invalid enum value 'oracle' - at `$.evaluator_kind`",
+            "$.evaluator_kind",
+        ),
     ),
     (
         "non-utf8 inside a string",

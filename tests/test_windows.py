@@ -29,6 +29,7 @@ from streams import sketch, windows
 from streams.enrich import CostEstimator
 from streams.windows import (
     DIMENSIONS,
+    EVALUATORS,
     METRICS_SCHEMA,
     QUANTILES,
     ROLLUPS,
@@ -152,10 +153,35 @@ _COUNT_SQL = {
     "tool_calls": "count(*) FILTER (type = 'tool_call')",
     "tool_errors": "count(*) FILTER (type = 'tool_call' AND status = 'error')",
     "guardrail_incidents": "count(*) FILTER (type = 'guardrail' AND action <> 'allow')",
+    "evaluations": "count(*) FILTER (type = 'evaluation')",
+    "evaluations_judged": "count(passed) FILTER (type = 'evaluation')",
+    "evaluations_passed": "count(*) FILTER (type = 'evaluation' AND passed)",
+    "evaluations_scored": "count(score) FILTER (type = 'evaluation')",
+    **{
+        f"eval_{e}_{name}": f"count({arg}) FILTER (type = 'evaluation' AND evaluator = '{e}'{cond})"
+        for e in EVALUATORS
+        for name, arg, cond in (
+            ("evaluations", "*", ""),
+            ("judged", "passed", ""),
+            ("passed", "*", " AND passed"),
+            ("scored", "score", ""),
+        )
+    },
+    "feedback_ratings": "count(rating) FILTER (type = 'feedback')",
+    "feedback_negative": "count(*) FILTER (type = 'feedback' AND rating <= 2)",
+    "feedback_corrections": "count(correction) FILTER (type = 'feedback')",
 }
 _SUM_SQL = {
     "cost_usd": "coalesce(sum(cost_usd), 0.0)",
     "cost_estimated_usd": "coalesce(sum(cost_usd) FILTER (cost_estimated), 0.0)",
+    "evaluation_score_sum": "coalesce(sum(score) FILTER (type = 'evaluation'), 0.0)",
+    **{
+        f"eval_{e}_score_sum": (
+            f"coalesce(sum(score) FILTER (type = 'evaluation' AND evaluator = '{e}'), 0.0)"
+        )
+        for e in EVALUATORS
+    },
+    "feedback_rating_sum": "coalesce(sum(rating) FILTER (type = 'feedback'), 0.0)",
 }
 _STEP_FILTER = {
     "": "type IN (" + ", ".join(f"'{t}'" for t in STEP_TYPES) + ")",
@@ -175,10 +201,23 @@ _RATE_SQL = {
     "escalation_rate": "escalations / nullif(tasks_started, 0)",
     "retrieval_miss_rate": "retrieval_misses / nullif(retrievals, 0)",
     "tool_error_rate": "tool_errors / nullif(tool_calls, 0)",
+    "eval_pass_rate": "evaluations_passed / nullif(evaluations_judged, 0)",
+    "hallucination_rate": (
+        "(eval_hallucination_judged - eval_hallucination_passed)"
+        " / nullif(eval_hallucination_judged, 0)"
+    ),
+    **{f"eval_{e}_pass_rate": f"eval_{e}_passed / nullif(eval_{e}_judged, 0)" for e in EVALUATORS},
+    "feedback_negative_share": "feedback_negative / nullif(feedback_ratings, 0)",
 }
 _COST_RATE_SQL = {
     "cost_per_task": "cost_usd / nullif(tasks_started, 0)",
     "cost_per_completed_task": "cost_usd / nullif(tasks_completed, 0)",
+    "eval_score_mean": "evaluation_score_sum / nullif(evaluations_scored, 0)",
+    **{
+        f"eval_{e}_score_mean": f"eval_{e}_score_sum / nullif(eval_{e}_scored, 0)"
+        for e in EVALUATORS
+    },
+    "feedback_rating_mean": "feedback_rating_sum / nullif(feedback_ratings, 0)",
 }
 
 

@@ -69,7 +69,10 @@ TRACELOOP_KINDS: Final[dict[str, str | None]] = {
 }
 # AgentOps-style and explicit types: agentstream.event.type takes any activity type.
 EXPLICIT_TYPE: Final = "agentstream.event.type"
-EXPLICIT_TYPES: Final[tuple[str, ...]] = tuple(t for t in schema.ACTIVITY_TYPES if t != "feedback")
+# Feedback and evaluation results arrive as log records, not spans.
+EXPLICIT_TYPES: Final[tuple[str, ...]] = tuple(
+    t for t in schema.ACTIVITY_TYPES if t not in ("feedback", "evaluation")
+)
 
 # --- fields: attribute names, first one present wins ------------------------------------------
 
@@ -140,7 +143,7 @@ FIELDS: Final[dict[str, tuple[str, ...]]] = {
 # Evaluation results (log records named gen_ai.evaluation.result) -> feedback for now.
 EVALUATION_EVENT: Final = "gen_ai.evaluation.result"
 EVALUATION: Final[dict[str, tuple[str, ...]]] = {
-    "rating": ("gen_ai.evaluation.score.value",),
+    "rating": ("agentstream.feedback.rating", "gen_ai.evaluation.score.value"),
     "name (in its event_id)": ("gen_ai.evaluation.name",),
     "correction": ("agentstream.feedback.correction",),
 }
