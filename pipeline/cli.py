@@ -956,7 +956,9 @@ def demo(
 
     config = _traffic(n_events, seed, scenario)  # before starting anything
     data_dir = data_dir or Path("agentstream-demo")
-    if (data_dir / "events").exists():
+    from sinks.lake import holds_lake
+
+    if holds_lake(data_dir):
         raise ConfigError(
             f"{data_dir} already holds a lake: pass another --data-dir or remove it "
             "(the demo's embedded broker starts empty, so its offsets would not match)"

@@ -116,6 +116,13 @@ def catalog_spec(data_dir: Path, catalog: str = "") -> str:
     return catalog
 
 
+def holds_lake(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds a lake already: a catalog file or pointer, or the Parquet
+    folders of an older agentstream."""
+    root = Path(data_dir)
+    return any((root / name).exists() for name in (CATALOG_FILE, CATALOG_POINTER, "events"))
+
+
 def data_path(data_dir: Path) -> Path:
     """Where the lake's Parquet files live."""
     return Path(data_dir).absolute() / DATA_FOLDER

@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.generate import TrafficConfig
 from pipeline.scenarios import ROLLOUT_SCENARIOS, SCENARIOS, budget_truth
+from sinks.catalog import prepare
 from tests.helpers import REPO
 from tests.test_cli import cli_env
 
@@ -67,3 +68,28 @@ def test_demo_finishes_for_every_scenario_and_shows_it(tmp_path: Path) -> None:
         incidents = json.loads((tmp_path / name / "ground_truth.json").read_text())["incidents"]
         (release,) = {i["release_id"] for i in incidents if i.get("release_id")}
         assert f"{release}  escalation_rate" in runs[name].stdout
+
+
+def test_demo_refuses_a_data_dir_that_holds_a_lake(tmp_path: Path) -> None:
+    # Its embedded broker starts empty: the lake's stored positions would be past its end.
+    prepare(tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "demo",
+            "--events",
+            "10",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"error: {tmp_path} already holds a lake"), run.stderr

@@ -48,6 +48,7 @@ from pipeline.broker import free_port
 from pipeline.config import Settings
 from pipeline.kafka import committed_lag
 from sinks.catalog import connect
+from sinks.lake import holds_lake
 from tests.helpers import (
     REPO,
     consume_all,
@@ -112,7 +113,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         got = -1
         while time.monotonic() < deadline:
-            if (self.settings.data_dir / "events").exists():
+            if holds_lake(self.settings.data_dir):
                 ((got,),) = self.rows(f"SELECT count(*) FROM events WHERE agent_id = '{agent}'")
                 if got >= expected:
                     self.settle()
