@@ -69,7 +69,9 @@ def test_broker_restart_while_publishing_and_consuming(tmp_path: Path) -> None:
                 "worker ready", lambda: "consuming" in worker.log_text(), 120, alive=[worker]
             )
             # An agent runtime that gives up on an unacknowledged chunk after 2 s and resends it.
-            feeder = Feeder(settings, records, rate=EVENTS / 9, chunk_timeout=2)
+            # Published over ~30 s, so the restart (after 3,000 committed) comes mid-stream
+            # even when the worker's first flushes are slow.
+            feeder = Feeder(settings, records, rate=EVENTS / 30, chunk_timeout=2)
             feeder.start()
             wait_until(
                 "worker committing", lambda: committed(settings) >= 3000, 120, alive=[worker]

@@ -129,6 +129,15 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
             delay = rng.uniform(0.2, 1.2)
             time.sleep(delay)
             if mode == "mid-landing":
+                # Mid-flush of a worker that has committed before (its first flush after a
+                # start, lake attach included, can outlast the delay on a busy machine).
+                wait_until(
+                    "a commit before the kill",
+                    lambda: committed(settings) > 0,
+                    timeout=120,
+                    every=0.05,
+                    alive=[worker],
+                )
                 landed = landed_files(settings.data_dir)
                 wait_until(
                     "a flush landing",
