@@ -25,7 +25,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,8 @@ from typing import Final
 
 import duckdb
 import pyarrow as pa
+
+from sinks import datafiles
 
 log = logging.getLogger("agentstream.lake")
 
@@ -46,6 +48,10 @@ INFO: Final = "agentstream_lake"
 # agentstream's own layout version of the lake (tables and their meaning), kept in the catalog.
 LAYOUT_VERSION: Final = 1
 _EXTENSIONS: Final = {"sqlite": "sqlite_scanner", "postgres": "postgres_scanner"}
+# A table's rows in a flush up to this many are inserted through DuckDB, which keeps them in
+# the catalog (DuckLake's default data_inlining_row_limit) instead of writing a tiny file;
+# more are written as Parquet by sinks.datafiles.
+INLINE_ROWS: Final = 10
 
 
 class LakeError(Exception):
@@ -257,17 +263,36 @@ def commit_lock(spec: str) -> threading.Lock:
 
 
 @contextmanager
-def transaction(con: duckdb.DuckDBPyConnection, spec: str) -> Iterator[None]:
-    """One catalog transaction on ``con``, serialised with this process's other commits."""
+def transaction(
+    con: duckdb.DuckDBPyConnection, spec: str, aborted: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """One catalog transaction on ``con``, serialised with this process's other commits.
+
+    ``aborted`` runs when the transaction certainly landed nothing: its body failed, or the
+    commit was refused as a conflict. A commit that fails otherwise (the catalog's connection
+    lost) may have landed, so it is not called then.
+    """
     with commit_lock(spec):
         con.execute("BEGIN")
         try:
             yield
-            con.execute("COMMIT")
         except BaseException:
-            with suppress(duckdb.Error):  # a failed COMMIT already ended the transaction
-                con.execute("ROLLBACK")
+            _rollback(con)
+            if aborted is not None:
+                aborted()
             raise
+        try:
+            con.execute("COMMIT")
+        except BaseException as exc:
+            _rollback(con)
+            if aborted is not None and is_conflict(exc):
+                aborted()
+            raise
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    with suppress(duckdb.Error):  # a failed COMMIT already ended the transaction
+        con.execute("ROLLBACK")
 
 
 class LakeWriter:
@@ -413,10 +438,23 @@ class LakeWriter:
     def commit(self, flush: Flush) -> None:
         """Land ``flush`` in one transaction, or nothing of it.
 
+        Tables of more than ``INLINE_ROWS`` rows are written as Parquet files by
+        ``sinks.datafiles`` first (in parallel, outside the transaction and its lock), then
+        registered in the transaction; smaller ones are inserted, and DuckLake keeps their
+        rows in the catalog until maintenance flushes them to a file.
+
         Raises ``Fenced`` (nothing landed) if a position is no longer the one expected.
         """
         con = self.con
-        with transaction(con, self.spec):
+        tables = {name: self.tables[name] for name in flush.rows}
+        big = [
+            name
+            for name, rows in flush.rows.items()
+            if rows.num_rows > INLINE_ROWS and _dates_known(rows, tables[name].time_column)
+        ]
+        files = dict(zip(big, self._write(flush, big), strict=True))
+        written = [path for paths in files.values() for path in paths]
+        with transaction(con, self.spec, aborted=lambda: datafiles.discard(written)):
             for (topic, part), (expected, nxt) in sorted(flush.positions.items()):
                 moved = con.execute(
                     f"UPDATE {ALIAS}.{POSITIONS} SET next_offset = ?, group_id = ?, "
@@ -429,8 +467,10 @@ class LakeWriter:
                         "lake: another writer landed it"
                     )
             for name, rows in flush.rows.items():
-                if rows.num_rows:
-                    self.insert(self.tables[name], rows)
+                if name in files:
+                    self._register(tables[name], rows, files[name])
+                elif rows.num_rows:
+                    self.insert(tables[name], rows)
             if flush.checkpoint is not None:
                 lineage, seq = flush.checkpoint
                 done = con.execute(
@@ -444,20 +484,41 @@ class LakeWriter:
                         [lineage, seq, flush.group_id],
                     )
 
+    def _write(self, flush: Flush, names: Sequence[str]) -> list[list[Path]]:
+        """The Parquet files of tables ``names`` of ``flush``, written side by side."""
+        folder = data_path(self.root)
+        jobs = []
+        for name in names:
+            table = self.tables[name]
+            rows = datafiles.dated(
+                datafiles.conform(flush.rows[name], table.schema), table.time_column
+            )
+            jobs.append((datafiles.table_folder(folder, name), rows))
+        return datafiles.write(jobs)
+
+    def _register(self, table: LakeTable, rows: pa.Table, files: Sequence[Path]) -> None:
+        """Make ``files`` (``rows`` written by ``_write``) part of ``table`` in this
+        transaction, replacing the rows they supersede."""
+        if table.replace_by:
+            self._delete_replaced(table, rows)
+        paths = ", ".join(f"'{_sql_text(str(p))}'" for p in files)
+        # allow_missing: like INSERT BY NAME, columns the lake has and this writer does not
+        # know (added by a newer agentstream) read as null.
+        self.con.execute(
+            f"CALL ducklake_add_data_files('{ALIAS}', '{table.name}', [{paths}], "
+            "allow_missing => true)"
+        )
+
     def append(self, name: str, rows: pa.Table) -> None:
         """Land ``rows`` in table ``name``, in a transaction of their own."""
         self.commit(Flush(rows={name: rows}))
 
     def insert(self, table: LakeTable, rows: pa.Table) -> None:
         con = self.con
+        if table.replace_by:
+            self._delete_replaced(table, rows)
         con.register("_rows", rows)
         try:
-            if table.replace_by:
-                keys = ", ".join(f'"{k}"' for k in table.replace_by)
-                con.execute(
-                    f"DELETE FROM {ALIAS}.{table.name} WHERE ({keys}) IN "
-                    f"(SELECT ({keys}) FROM _rows)"
-                )
             con.execute(
                 f"INSERT INTO {ALIAS}.{table.name} BY NAME SELECT *, "
                 f'CAST("{table.time_column}" AS DATE) AS date FROM _rows'
@@ -465,8 +526,25 @@ class LakeWriter:
         finally:
             con.unregister("_rows")
 
+    def _delete_replaced(self, table: LakeTable, rows: pa.Table) -> None:
+        """Delete the rows of ``table`` that have the key (``replace_by``) of one of ``rows``."""
+        keys = ", ".join(f'"{k}"' for k in table.replace_by)
+        self.con.register("_replacing", rows.select(list(table.replace_by)))
+        try:
+            self.con.execute(
+                f"DELETE FROM {ALIAS}.{table.name} WHERE ({keys}) IN "
+                f"(SELECT ({keys}) FROM _replacing)"
+            )
+        finally:
+            self.con.unregister("_replacing")
+
     def close(self) -> None:
         self.con.close()
+
+
+def _dates_known(rows: pa.Table, time_column: str) -> bool:
+    """Whether every row has the time its partition comes from (else DuckDB places them)."""
+    return time_column in rows.column_names and rows[time_column].null_count == 0
 
 
 def _wal(path: Path) -> None:
