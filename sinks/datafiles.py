@@ -21,6 +21,7 @@ import os
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import Final
 
@@ -40,7 +41,9 @@ _POOL: Final = ThreadPoolExecutor(
 def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
     """``rows`` with exactly ``schema``'s columns, in its order and types (missing ones null)."""
     columns = [
-        rows[f.name].cast(f.type) if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+        rows[f.name].cast(f.type)
+        if f.name in rows.column_names
+        else pa.nulls(rows.num_rows, f.type)
         for f in schema
     ]
     return pa.Table.from_arrays(columns, schema=schema)
@@ -96,7 +99,5 @@ def discard(paths: Iterable[Path]) -> None:
     """Remove files that no committed snapshot references (best effort: maintenance deletes
     what is left as orphans)."""
     for path in paths:
-        try:
+        with suppress(OSError):
             path.unlink(missing_ok=True)
-        except OSError:
-            pass
