@@ -70,8 +70,13 @@ def write(jobs: Iterable[tuple[Path, pa.Table]], compression: str = "zstd") -> l
     planned: list[list[tuple[Path, pa.Table]]] = []
     for folder, rows in jobs:
         pieces = []
-        for day in pc.unique(rows["date"]).to_pylist():
-            part = rows.filter(pc.equal(rows["date"], pa.scalar(day, pa.date32())))
+        days = pc.unique(rows["date"]).to_pylist()
+        for day in days:
+            part = (
+                rows
+                if len(days) == 1
+                else rows.filter(pc.equal(rows["date"], pa.scalar(day, pa.date32())))
+            )
             where = folder / f"date={day.isoformat()}"
             for start in range(0, part.num_rows, FILE_ROWS):
                 name = f"ducklake-{uuid.uuid4()}.parquet"
