@@ -24,7 +24,10 @@ from tests.faults.support import (
     audit_offsets,
     committed,
     committed_by_partition,
+    publish,
     report,
+    wait_all_committed,
+    wait_health,
     wait_until,
     worker_pool,
 )
@@ -34,6 +37,7 @@ from tests.postgres import postgres_instance
 pytestmark = pytest.mark.timeout(300)
 
 DOWN_S = 6.0
+BEFORE = 3_000  # messages landed before the outage
 
 
 def test_catalog_outage_degrades_retries_then_lands_exactly_once(
@@ -52,32 +56,22 @@ def test_catalog_outage_degrades_retries_then_lands_exactly_once(
             wait_until(
                 "worker consuming", lambda: "consuming" in worker.log_text(), 120, alive=[worker]
             )
-            feeder = Feeder(settings, records, rate=len(records) / 8)
-            feeder.start()
+            # A first part lands before the outage; the rest is fed while the catalog is
+            # down (so there is traffic to land then, however slowly the worker started).
+            publish(settings, records[:BEFORE])
             wait_until(
-                "the worker committing", lambda: committed(settings) >= 1500, 120, alive=[worker]
-            )
-            # The outage starts between two flushes (a commit cut half-way is the kill tests'
-            # business): publishing pauses until the worker has committed all it got.
-            feeder.pause()
-            wait_until(
-                "the worker idle",
-                lambda: committed(settings) >= feeder.sent,
-                timeout=60,
+                "the first part committed",
+                lambda: committed(settings) >= BEFORE,
+                timeout=120,
                 alive=[worker],
             )
             errors_before = worker.prometheus().get("agentstream_landing_errors_total", 0.0)
             server.stop()
-            feeder.resume()
+            feeder = Feeder(settings, records[BEFORE:], rate=(len(records) - BEFORE) / 10)
+            feeder.start()
             down_at = time.monotonic()
             try:
-                wait_until(
-                    "/health to report degraded",
-                    lambda: (h := worker.health()) is not None and h[0] == 503,
-                    timeout=30,
-                    every=0.1,
-                    alive=[worker],
-                )
+                wait_health(worker, 503)
                 while time.monotonic() - down_at < DOWN_S:
                     health_during.append(worker.health())
                     committed_during.append(committed_by_partition(settings))
@@ -87,18 +81,8 @@ def test_catalog_outage_degrades_retries_then_lands_exactly_once(
             finally:
                 server.start()
             feeder.finish(120)
-            wait_until(
-                "everything committed",
-                lambda: committed(settings) >= len(records),
-                timeout=120,
-                alive=[worker],
-            )
-            wait_until(
-                "/health ok again",
-                lambda: (h := worker.health()) is not None and h[0] == 200,
-                timeout=30,
-                alive=[worker],
-            )
+            wait_all_committed(settings, len(records), worker)
+            wait_health(worker, 200)
             health_after = worker.health()
             assert worker.terminate() == 0
             log = worker.log_text()

@@ -27,10 +27,10 @@ from tests.faults.support import (
     Figures,
     audit_lake,
     audit_offsets,
-    committed,
     lake_sql,
     orphaned_files,
     report,
+    wait_all_committed,
     wait_until,
     worker_pool,
 )
@@ -113,12 +113,7 @@ def test_sigkill_during_lake_maintenance_loses_and_duplicates_nothing(
                 alive=[worker],
             )
         feeder.finish(120)
-        wait_until(
-            "everything committed",
-            lambda: committed(settings) >= len(records),
-            timeout=120,
-            alive=[worker],
-        )
+        wait_all_committed(settings, len(records), worker)
         assert worker.terminate() == 0
     reader.done.set()
     reader.join(10)
