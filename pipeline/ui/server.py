@@ -39,6 +39,7 @@ import msgspec
 from aiohttp import web
 
 from pipeline.config import ConfigError, Settings
+from pipeline.listen import listen
 from pipeline.ui import queries
 from pipeline.ui.queries import BadRequest, Filters
 
@@ -584,12 +585,7 @@ def serve(
         runner = web.AppRunner(app, shutdown_timeout=2.0)
         await runner.setup()
         try:
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick another --port)"
-                ) from None
+            await listen(runner, host, port)
             if ready is not None:
                 ready(f"http://{shown}:{port}/")
             await stop.wait()
