@@ -1,11 +1,11 @@
 """A flush's rows as Parquet files, written side by side before the lake's transaction.
 
 An ``INSERT`` into a DuckLake table writes its Parquet file on one DuckDB thread, and scans
-an Arrow table of this process taking the GIL in turns with the worker's event loop: under
-load about 1.2 s per 100,000 events, half the worker's landing rate. pyarrow writes a file
-without holding the GIL, so the tables and dates of a flush are written by a few threads at
-once, and the transaction only registers the files (``ducklake_add_data_files`` reads their
-footers).
+an Arrow table of this process taking the GIL in turns with the worker's event loop. pyarrow
+writes a file without holding the GIL, so the tables and dates of a flush are written by a
+few threads at once, and the transaction only registers the files
+(``ducklake_add_data_files`` reads their footers). A commit of 100,000 events measured 0.58 s
+that way and 0.31 s this way, 2.33 s and 1.00 s beside a thread busy in Python (README, Lake).
 
 Files sit where DuckLake puts its own (``<data path>/main/<table>/date=YYYY-MM-DD/``): the
 partition value comes from the path, and once registered the lake owns them (maintenance
