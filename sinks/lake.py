@@ -279,13 +279,9 @@ def transaction(con: duckdb.DuckDBPyConnection, spec: str) -> Iterator[None]:
             yield
             con.execute("COMMIT")
         except BaseException:
-            _rollback(con)
+            with suppress(duckdb.Error):  # a failed COMMIT already ended the transaction
+                con.execute("ROLLBACK")
             raise
-
-
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    with suppress(duckdb.Error):  # a failed COMMIT already ended the transaction
-        con.execute("ROLLBACK")
 
 
 class LakeWriter:
