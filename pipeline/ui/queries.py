@@ -25,6 +25,7 @@ from typing import Any, Final
 import duckdb
 
 from sinks.analysis import DIMS, kpi_select, nice_step, view_select
+from sinks.lake import ALIAS
 
 MAX_ROWS: Final = 200
 MAX_FILTER_LEN: Final = 200
@@ -196,6 +197,15 @@ def snapshot(cur: duckdb.DuckDBPyConnection) -> None:
     except BaseException:
         cur.execute("ROLLBACK")
         raise
+
+
+def data_version(cur: duckdb.DuckDBPyConnection) -> int | None:
+    """The lake's current snapshot id: it changes with every commit of the worker."""
+    try:
+        row = cur.execute(f"SELECT id FROM {ALIAS}.current_snapshot()").fetchone()
+    except duckdb.Error:
+        return None
+    return None if row is None else int(row[0])
 
 
 def bounds(cur: duckdb.DuckDBPyConnection) -> tuple[datetime | None, datetime | None, float]:
