@@ -686,14 +686,21 @@ def events_csv(cur: duckdb.DuckDBPyConnection, f: Filters, q: str, limit: int) -
 def dead_letters(cur: duckdb.DuckDBPyConnection, _f: Filters) -> dict[str, Any]:
     """Recent rejects and their reasons: not filtered by the key (a reject may have none)
     nor by event time (it may have none either); newest first by arrival."""
-    ((total,),) = cur.execute("SELECT count(*) FROM dead_letters").fetchall()
+    # The total rides on the per-field query (a window over every group, before the
+    # LIMIT): one scan of the table less.
     by_field = _rows(
         cur,
         "SELECT coalesce(field, '(message)') AS field, count(*) AS rejects, "
-        "max(received_at) AS last_at, first(reason ORDER BY received_at DESC) AS last_reason "
+        "max(received_at) AS last_at, first(reason ORDER BY received_at DESC) AS last_reason, "
+        "sum(count(*)) OVER () AS total "
         "FROM dead_letters GROUP BY ALL ORDER BY rejects DESC, field LIMIT 20",
         {},
     )
+    total = int(by_field["rows"][0][-1]) if by_field["rows"] else 0
+    by_field = {
+        "columns": by_field["columns"][:-1],
+        "rows": [r[:-1] for r in by_field["rows"]],
+    }
     recent = _rows(
         cur,
         'SELECT received_at, reason, field, topic, "partition", "offset", '

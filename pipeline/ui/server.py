@@ -57,6 +57,7 @@ PING_S: Final = 15.0
 CSV_ROWS: Final = 100_000
 CACHE_ENTRIES: Final = 64
 PREWARM: Final = 4
+PREWARM_IDLE_S: Final = 60.0
 LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 _CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -106,7 +107,8 @@ class LakeReader:
     (another tab, a filter toggled back, the page's periodic re-read) costs nothing, and a
     ``refresh`` that finds the same version copies nothing. After a refresh that found new
     data, the ``PREWARM`` views asked most recently are computed again before the pages are
-    told (``prewarm``): their re-read then finds the answer ready.
+    told (``prewarm``): their re-read then finds the answer ready. Only while pages ask
+    (within ``PREWARM_IDLE_S``): a lake nobody looks at costs no queries.
     """
 
     def __init__(self, data_dir: Path, threads: int = 2, timeout_s: float = QUERY_TIMEOUT_S):
@@ -121,6 +123,7 @@ class LakeReader:
         self._refreshing: asyncio.Lock | None = None
         self.version: int | None = None  # the lake's snapshot id the copies were made at
         self._cache: OrderedDict[Hashable, Any] = OrderedDict()
+        self._asked = time.monotonic()
         self._recent: OrderedDict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]] = (
             OrderedDict()
         )
@@ -170,6 +173,7 @@ class LakeReader:
         """``run``, answered from the cache while the lake's version is the same."""
         key = (fn.__qualname__, args)
         with self._lock:
+            self._asked = time.monotonic()
             self._recent[key] = (fn, args)
             self._recent.move_to_end(key)
             while len(self._recent) > PREWARM:
@@ -192,6 +196,8 @@ class LakeReader:
         data), one at a time; a view that fails is left for its next request to report."""
         with self._lock:
             recent = list(self._recent.values())
+            if time.monotonic() - self._asked > PREWARM_IDLE_S:
+                return
         for fn, args in reversed(recent):
             with contextlib.suppress(Exception):
                 await self.run_cached(fn, *args)
@@ -199,6 +205,7 @@ class LakeReader:
     def remember(self, fn: Callable[..., Any], *args: Any) -> None:
         """Count ``fn(args)`` as asked, so ``prewarm`` computes it (the page's first view)."""
         with self._lock:
+            self._asked = time.monotonic()
             self._recent[(fn.__qualname__, args)] = (fn, args)
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
