@@ -462,3 +462,31 @@ def test_any_json_document_decodes_or_fails_clearly(doc: Any) -> None:
     for candidate in (doc, wrapped):
         with contextlib.suppress(OtlpDecodeError):
             convert(json.dumps(candidate).encode(), "json", "traces")
+
+
+_EVALUATION_ATTRS = [
+    *(n for names in mapping.EVALUATION.values() for n in names),
+    *(n for names in mapping.FEEDBACK.values() for n in names),
+    "gen_ai.request.model",
+    "error.type",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["gen_ai.evaluation.result", "agentstream.feedback", "app.log"]),
+    st.dictionaries(st.sampled_from(_EVALUATION_ATTRS), json_values, max_size=6),
+    st.booleans(),
+)
+def test_any_evaluation_record_maps_or_is_rejected_with_a_reason(
+    event_name: str, attrs: dict[str, Any], with_ids: bool
+) -> None:
+    """Hostile attribute values on an evaluation or feedback record: a valid event, or a
+    rejection naming the field; never an exception."""
+    rec = LogRecord(
+        TRACE if with_ids else "", "b7ad6b7169203331" if with_ids else "", NOW, event_name,
+        attrs, {"service.name": "svc"},
+    )  # fmt: skip
+    out = validate(map_logs([rec]))
+    assert len(out.records) + out.rejected + out.skipped == 1
+    assert all(" - at `$." in r for r in out.reasons), out.reasons
