@@ -64,8 +64,10 @@ Quality scenarios (``QUALITY_SCENARIOS``), on the evaluation events and in-app r
 generator adds to every ended task: ``hallucination-rise`` (support-bot's gpt-4o-mini answers
 fail the hallucination evaluator 15 % of the time instead of 3 %: ~89 % over all its answers
 instead of ~96 %, found at the agent level, ~50 judged answers a window), ``feedback-sours``
-(support-bot's negative ratings x3: ~19 % -> ~36 % of its ratings, ~30 ratings a window) and the rollout ``tone-regression`` (p14's tone pass
-rate 94 % -> 80 %, judged ``regressed`` on ``eval_tone_pass_rate``).
+(support-bot's negative ratings x3: ~19 % -> ~36 % of its ratings, ~30 ratings a window)
+and the rollout ``tone-regression`` (p14's tone pass rate 94 % -> 80 %, judged ``regressed``
+on ``eval_tone_pass_rate``). The two drift ones are near the detectors' limit at that sample
+size: found after 7 to 30 windows (README, "With evaluations in the traffic").
 
 ``steady`` is the control: no incident. Later scenarios add records
 with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
