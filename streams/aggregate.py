@@ -368,6 +368,11 @@ class AggregateConsumer(Service):
             await loop.run_in_executor(
                 None, self.lake.claim, s.repartition_topic, first, s.aggregate_group
             )
+        log.info(
+            "aggregating partitions %s of %s",
+            ",".join(str(tp.partition) for tp in sorted(assigned)) or "none",
+            s.repartition_topic,
+        )
         checkpoints = await loop.run_in_executor(None, self.lake.checkpoints)
         for tp in assigned:
             r = tp.partition
