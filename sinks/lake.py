@@ -310,8 +310,11 @@ class LakeWriter:
             try:
                 with transaction(self.con, self.spec):
                     self._create(views)
+                # Tables whose rows are replaced (``replace_by``) by several writers at once
+                # (the hop outbox: one row per ingest process) need the same.
+                replaced = [t.name for t in self.tables.values() if t.replace_by]
                 with transaction(self.con, self.spec):
-                    for name in (POSITIONS, CHECKPOINTS):
+                    for name in (POSITIONS, CHECKPOINTS, *replaced):
                         # Rows in files, not inlined in the catalog: DuckLake finds update
                         # conflicts per data file, but per table for inlined rows. Each
                         # writer's rows then sit in files of their own, so writers of other

@@ -75,7 +75,7 @@ class ShardState(msgspec.Struct, frozen=True):
     rules: bytes
     progress: dict[int, int]  # source partition -> next events offset applied
     chunks: dict[str, list[int]]  # a message being applied chunk by chunk: chunks applied
-    clocks: dict[int, int]  # source partition -> its owner's event clock (us)
+    clocks: dict[int, int]  # source partition -> event clock (us), negative once read to its end
     sources: int
 
 
@@ -187,9 +187,10 @@ class Shard:
             for p, (_, nxt) in message.ranges.items():
                 self.progress[p] = max(self.progress.get(p, nxt), nxt)
         self.sources = max(self.sources, message.sources)
-        if message.clock_us is not None:
-            for p in message.clock_partitions:
-                self.clocks[p] = max(self.clocks.get(p, message.clock_us), message.clock_us)
+        for p, clock in message.clocks.items():
+            # Negative: read to its end (``IngestConsumer._clocks``). Event time only moves on.
+            reached = max(abs(self.clocks.get(p, clock)), abs(clock))
+            self.clocks[p] = -reached if clock < 0 else reached
         return True
 
     def _fold(self, message: hop.HopMessage) -> None:
@@ -206,10 +207,15 @@ class Shard:
             self.budgets.update(spend)
 
     def clock(self) -> datetime | None:
-        """Event time every source partition has reached (None until all have reported)."""
+        """How far event time has got over every source partition (None until all have
+        reported): the slowest partition with records still to read; partitions read to
+        their end do not hold it back (the rule of ``IngestConsumer._event_time``, over every
+        ingest worker's partitions)."""
         if not self.sources or any(p not in self.clocks for p in range(self.sources)):
             return None
-        return _EPOCH + min(self.clocks[p] for p in range(self.sources)) * _US
+        clocks = [self.clocks[p] for p in range(self.sources)]
+        behind = [c for c in clocks if c >= 0]
+        return _EPOCH + (min(behind) if behind else max(-c for c in clocks)) * _US
 
     # ----------------------------------------------------------------------------------
     # closing windows
@@ -302,6 +308,8 @@ class AggregateConsumer(Service):
         self._offsets: dict[int, int] = {}  # each partition's next offset, as landed
         self._pending: dict[int, list[ConsumerRecord[bytes, bytes]]] = {}
         self._seeks: dict[int, int] = {}
+        self._next: dict[int, int] = {}  # the next offset to queue, per partition
+        self._gap: dict[int, int] = {}
         self._lock = asyncio.Lock()
         self._flush_lock = asyncio.Lock()
         self._flush_task: asyncio.Task[None] | None = None
@@ -402,6 +410,7 @@ class AggregateConsumer(Service):
                 self._saved[r] = shard.snapshot()
                 self._offsets[r] = position
                 self._pending[r] = []
+                self._next[r] = position
                 self._consumer.seek(tp, position)
                 self._seeks[r] = self._seeks.get(r, 0) + 1
 
@@ -415,11 +424,7 @@ class AggregateConsumer(Service):
             fetched = await consumer.getmany(timeout_ms=200, max_records=5000)
             async with self._lock:
                 for tp, records in fetched.items():
-                    # Fetched before a seek (on assignment): read again from the position.
-                    if self._seeks.get(tp.partition) != seeks.get(tp.partition):
-                        continue
-                    if tp.partition in self.shards:
-                        self._pending[tp.partition].extend(records)
+                    self._take(consumer, tp, records, stale=self._seeks != seeks)
             waiting = sum(len(v) for v in self._pending.values())
             due = waiting and (
                 waiting >= 2000 or time.monotonic() - self._last_flush >= s.flush_interval_s
@@ -427,6 +432,35 @@ class AggregateConsumer(Service):
             flushing = self._flush_task is not None and not self._flush_task.done()
             if due and not flushing:
                 self._flush_task = asyncio.create_task(self.flush())
+
+    def _take(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        *,
+        stale: bool,
+    ) -> None:
+        """Queue fetched ``records`` that continue where this worker reads on.
+
+        The repartition topic's offsets have no gaps (no transactions, no compaction), so a
+        fetch that does not start at the next offset expected was made before a seek (on
+        assignment, or after a fenced flush) or skips records dropped as such: the partition
+        is read again from the offset expected. A fetch racing a seek is dropped whole.
+        """
+        r = tp.partition
+        if r not in self.shards:
+            return
+        nxt = self._next[r]
+        fresh = [rec for rec in records if rec.offset >= nxt]
+        if stale or (fresh and fresh[0].offset > nxt and self._gap.get(r) != nxt):
+            self._gap[r] = nxt  # a real gap (none expected) is accepted the second time
+            consumer.seek(tp, nxt)
+            self._seeks[r] = self._seeks.get(r, 0) + 1
+            return
+        if fresh:
+            self._pending[r].extend(fresh)
+            self._next[r] = fresh[-1].offset + 1
 
     async def flush(self) -> None:
         """Apply, close, land and publish every partition with messages waiting."""

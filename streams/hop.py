@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -45,8 +45,9 @@ class HopMessage(msgspec.Struct, frozen=True):
 
     ranges: dict[int, tuple[int, int]]  # source partition -> [first offset, next offset)
     sources: int  # partitions of the events topic (whose clocks a window waits for)
-    clock_us: int | None  # the ingest's event clock after the flush (None: not started)
-    clock_partitions: list[int]  # the source partitions that clock speaks for
+    # source partition -> how far its event time has got after the flush (us): the newest
+    # event read from it, or, negative, the ingest's clock for a partition read to its end
+    clocks: dict[int, int]
     chunk: int = 0
     chunks: int = 1
     windows: WindowPartial | None = None
@@ -106,8 +107,7 @@ def message_id(message: HopMessage) -> str:
 def chunked(
     ranges: dict[int, tuple[int, int]],
     sources: int,
-    clock_us: int | None,
-    clock_partitions: Sequence[int],
+    clocks: dict[int, int],
     windows: WindowPartial | None,
     spend: bytes,
     releases: bytes,
@@ -130,8 +130,7 @@ def chunked(
                 HopMessage(
                     ranges=ranges,
                     sources=sources,
-                    clock_us=clock_us,
-                    clock_partitions=list(clock_partitions),
+                    clocks=clocks,
                     chunk=i,
                     chunks=len(parts),
                     windows=part,

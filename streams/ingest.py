@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -69,6 +70,16 @@ MAX_QUICK_RETRIES = 5
 _MAINTENANCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-maintenance")
 
 
+@dataclass(frozen=True)
+class _Saved:
+    """The ingest state as of the last commit, in memory (a failed flush rewinds to it)."""
+
+    windows: bytes
+    dedupe: bytes
+    clock: tuple[datetime | None, float]
+    partition_ts: dict[int, datetime]
+
+
 class EventClock:
     """Event time that keeps moving when the stream goes quiet.
 
@@ -79,9 +90,16 @@ class EventClock:
     disagrees with the agents'.
     """
 
-    def __init__(self) -> None:
-        self._ts: datetime | None = None
-        self._wall = 0.0
+    def __init__(self, state: tuple[datetime | None, float] = (None, 0.0)) -> None:
+        self._ts, self._wall = state
+
+    @property
+    def newest(self) -> datetime | None:
+        """The newest event time seen (no wall-clock extrapolation)."""
+        return self._ts
+
+    def state(self) -> tuple[datetime | None, float]:
+        return self._ts, self._wall
 
     def advance(self, newest: datetime | None) -> datetime:
         """Take the event time the stream has reached into account; return the current one."""
@@ -145,6 +163,7 @@ class IngestConsumer(Service):
         self.clock = EventClock()
         # Windows only decide lateness and fold a flush's events: drained at every flush.
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
+        self._partition_ts: dict[int, datetime] = {}
         self.dedupe = Deduplicator(settings.dedupe_horizon_s)
         # The state as of the last commit (a failed flush rewinds to it), in memory only: the
         # lake holds everything a new owner of a partition needs.
@@ -157,7 +176,6 @@ class IngestConsumer(Service):
         self._sources = 0  # partitions of the events topic
         self._published = False
         self._conflicts = 0  # failed attempts in a row
-        self._partition_ts: dict[int, datetime] = {}
         self._last_flush = time.monotonic()
 
     async def on_start(self) -> None:
@@ -302,13 +320,24 @@ class IngestConsumer(Service):
                 log.info("sending again the hop messages of %s for %s", writer, ranges)
                 await deliver(self._producer, self.settings.repartition_topic, payloads)
 
-    def _state(self) -> tuple[bytes, bytes]:
-        return self.windows.snapshot(), self.dedupe.snapshot()
+    def _state(self) -> _Saved:
+        return _Saved(
+            self.windows.snapshot(),
+            self.dedupe.snapshot(),
+            self.clock.state(),
+            dict(self._partition_ts),
+        )
 
     def _rewind(self) -> None:
-        """Windows and remembered ids back to the last commit (a flush is retried)."""
-        self.windows = WindowAggregator.restore(self._saved[0])
-        self.dedupe = Deduplicator.restore(self._saved[1])
+        """Windows, remembered ids and the event clock back to the last commit (a flush is
+        retried): a clock moved on by events that did not land would tell the aggregate
+        stage that windows are complete while their events are still to come."""
+        self.windows = WindowAggregator.restore(self._saved.windows)
+        self.dedupe = Deduplicator.restore(self._saved.dedupe)
+        self.clock = EventClock(self._saved.clock)
+        self._partition_ts = {
+            p: ts for p, ts in self._saved.partition_ts.items() if p in self._known
+        }
 
     def _drop_repeats(
         self, events: pa.Table, pending: Sequence[Processed]
@@ -536,14 +565,13 @@ class IngestConsumer(Service):
         loop = asyncio.get_running_loop()
         behind = self._behind({**self._offsets, **{p: hi + 1 for p, (_, hi) in ranges.items()}})
         steps = Stopwatch()
-        events, repeats, partial, now = await loop.run_in_executor(
-            None, self._ingest, events, pending, behind
+        owned = {tp.partition for tp in self._consumer.assignment()}
+        events, repeats, partial, clocks = await loop.run_in_executor(
+            None, self._ingest, events, pending, behind, owned
         )
         covered = {part: (self._offsets.get(part, lo), hi + 1) for part, (lo, hi) in ranges.items()}
-        owned = sorted(tp.partition for tp in self._consumer.assignment())
-        clock_us = None if now <= _EPOCH else (now - _EPOCH) // timedelta(microseconds=1)
         payloads = await loop.run_in_executor(
-            None, self._messages, covered, owned, clock_us, partial, events
+            None, self._messages, covered, clocks, partial, events
         )
         steps.lap("aggregate")
         if not pending:
@@ -551,7 +579,7 @@ class IngestConsumer(Service):
             await deliver(self._producer, s.repartition_topic, payloads)
             # The horizon moved with the clock sent: a retry must not decide lateness on an
             # older one than the aggregate stage has seen.
-            self._saved = (self.windows.snapshot(), self._saved[1])
+            self._saved = self._state()
             return
         rejected = [bad for p in pending for bad in p.rejected] + repeats
         if repeats:
@@ -643,12 +671,17 @@ class IngestConsumer(Service):
         return min(reached) if reached else max(self._partition_ts.values(), default=None)
 
     def _ingest(
-        self, events: pa.Table, pending: Sequence[Processed], behind: set[int]
-    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], WindowPartial, datetime]:
+        self,
+        events: pa.Table,
+        pending: Sequence[Processed],
+        behind: set[int],
+        owned: set[int],
+    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], WindowPartial, dict[int, int]]:
         """Drop repeats, decide lateness, fold ``events`` into windows and drain them.
 
         Returns the events to land (repeats taken out, ``late`` set), the repeats as dead
-        letters, the flush's window partial, and the event clock after it.
+        letters, the flush's window partial, and the event clock of each owned partition
+        that has one (``hop.HopMessage.clocks``).
         """
         events, repeats = self._drop_repeats(events, pending)
         reached = self._event_time(events, behind)
@@ -662,13 +695,30 @@ class IngestConsumer(Service):
         partial = self.windows.drain()
         # Advances the horizon with the clock (a quiet stream); nothing is open to close.
         self.windows.close_due(now=now)
-        return events, repeats, partial, now
+        return events, repeats, partial, self._clocks(now, behind, owned)
+
+    def _clocks(self, now: datetime, behind: set[int], owned: set[int]) -> dict[int, int]:
+        """What this worker tells the aggregate stage about each partition's event time.
+
+        A partition with records still to read: the newest event read from it (a partition
+        not read since it was assigned: nothing, its previous report stands). A partition
+        read to its end: this worker's clock, flagged (negative) as caught up, so that it
+        does not hold windows back, as in ``_event_time``.
+        """
+        out: dict[int, int] = {}
+        for part in owned:
+            if part in behind:
+                ts = self._partition_ts.get(part)
+                if ts is not None:
+                    out[part] = _us(ts)
+            elif now > _EPOCH:
+                out[part] = -_us(now)
+        return out
 
     def _messages(
         self,
         covered: dict[int, tuple[int, int]],
-        owned: list[int],
-        clock_us: int | None,
+        clocks: dict[int, int],
         partial: WindowPartial,
         events: pa.Table,
     ) -> list[tuple[int, bytes]]:
@@ -677,8 +727,7 @@ class IngestConsumer(Service):
         chunks = hop.chunked(
             ranges=covered,
             sources=self._sources,
-            clock_us=clock_us,
-            clock_partitions=owned,
+            clocks=clocks,
             windows=partial if covered else None,
             spend=hop.ipc(spend_rows(events)) if events.num_rows else b"",
             releases=hop.ipc(releases),
@@ -713,6 +762,10 @@ class IngestConsumer(Service):
         # Another writer landed some of them: remember its ids, send what it may not have.
         self._known -= {tp.partition for tp in mine}
         await self._take_over(mine)
+
+
+def _us(when: datetime) -> int:
+    return (when - _EPOCH) // timedelta(microseconds=1)
 
 
 def _without(batch: Processed, partitions: set[int]) -> Processed:

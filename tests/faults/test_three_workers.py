@@ -107,7 +107,7 @@ def test_three_workers_started_together_count_every_event_once(
             killed = owner.name
             alive.remove(owner)
         feeder.finish(120)
-        wait_until("the stream committed", lambda: committed(settings) >= len(records), 120, alive)
+        wait_until("the stream committed", lambda: committed(settings) >= len(records), 120, alive=alive)
         produce_to_partitions(settings, {p: schema.encode(s) for p, s in sentinels.items()})
         wait_until("everything committed", lambda: committed(settings) >= total, 90, alive=alive)
         wait_window_emitted(settings.data_dir, newest.replace(second=0, microsecond=0), 90, alive)
