@@ -113,3 +113,50 @@ def run(settings: Settings, *, loglevel: str = "info") -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def run_processes(settings: Settings, processes: int, *, loglevel: str = "info") -> int:
+    """Run ``processes`` workers as child processes (web ports from ``settings.web_port``
+    up) until SIGINT/SIGTERM, which is passed on to each; returns the worst exit code.
+
+    They share the work as workers on several machines do (one consumer group per stage):
+    one Python process uses one core, so this is how one machine's cores are used. A child
+    that dies is not restarted: the others take its partitions over.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.procs import stop_group
+
+    children = []
+    for i in range(processes):
+        env = {
+            **os.environ,
+            **settings.to_env(),
+            "AGENTSTREAM_WEB_PORT": str(settings.web_port + i),
+        }
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", loglevel],
+                env=env,
+                start_new_session=True,
+            )
+        )
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping and any(c.poll() is None for c in children):
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        stopped = [stop_group(c, 60) for c in children]
+    codes = [int(c.returncode) if ok else 1 for c, ok in zip(children, stopped, strict=True)]
+    return max(abs(code) for code in codes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pytest
 
 from pipeline import schema
@@ -21,7 +22,7 @@ from pipeline.generate import TrafficConfig
 from sinks.catalog import connect
 from tests.faults.support import committed, wait_until, wait_window_emitted, worker_pool
 from tests.helpers import produce_raw, side_by_side, unique_settings
-from tests.test_budgets import LATE_START
+from tests.test_budgets import LATE_START, replay_table
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,23 +30,20 @@ CHUNK = 6_000
 
 
 def _stream() -> tuple[list[Any], str]:
+    burn = TrafficConfig(events=30_000, seed=2, scenario="budget-burn", start=LATE_START)
     stream = side_by_side(
         {
             "rollout": TrafficConfig(
                 events=36_000, seed=2, scenario="regressing-rollout", agents=1, start=LATE_START
             ),
-            "burn": TrafficConfig(
-                events=30_000, seed=2, scenario="budget-burn", start=LATE_START
-            ),
+            "burn": burn,
         }
     )
-    day = LATE_START.date()
-    spend = sum(
-        ev.cost_usd or 0.0
-        for ev in stream
-        if getattr(ev, "tenant_id", None) == "tenant-03" and ev.ts.date() == day
-    )
-    # Spent before the day ends: a forecast alert, then the exhaustion alert.
+    # The burning tenant's spend (priced as the worker prices it): a budget of 60 % of it is
+    # spent before the day ends, so a forecast alert and then the exhaustion alert come.
+    table = replay_table(burn)
+    mine = pc.equal(table["tenant_id"], "tenant-03")
+    spend = pc.sum(table.filter(mine)["cost_usd"]).as_py()
     return stream, f"tenant:tenant-03={0.6 * spend:.2f}/day"
 
 
