@@ -75,7 +75,7 @@ class ShardState(msgspec.Struct, frozen=True):
     rules: bytes
     progress: dict[int, int]  # source partition -> next events offset applied
     chunks: dict[str, list[int]]  # a message being applied chunk by chunk: chunks applied
-    clocks: dict[int, int]  # source partition -> event clock (us), negative once read to its end
+    clocks: dict[int, int]  # source partition -> event clock reported (us)
     sources: int
 
 
@@ -188,9 +188,7 @@ class Shard:
                 self.progress[p] = max(self.progress.get(p, nxt), nxt)
         self.sources = max(self.sources, message.sources)
         for p, clock in message.clocks.items():
-            # Negative: read to its end (``IngestConsumer._clocks``). Event time only moves on.
-            reached = max(abs(self.clocks.get(p, clock)), abs(clock))
-            self.clocks[p] = -reached if clock < 0 else reached
+            self.clocks[p] = max(self.clocks.get(p, clock), clock)  # event time only moves on
         return True
 
     def _fold(self, message: hop.HopMessage) -> None:
@@ -207,15 +205,19 @@ class Shard:
             self.budgets.update(spend)
 
     def clock(self) -> datetime | None:
-        """How far event time has got over every source partition (None until all have
-        reported): the slowest partition with records still to read; partitions read to
-        their end do not hold it back (the rule of ``IngestConsumer._event_time``, over every
-        ingest worker's partitions)."""
+        """How far event time has got over every source partition: the minimum of what their
+        ingest workers reported (None until each has reported).
+
+        Each report is at most its worker's own event clock, whose horizon decided the
+        lateness of the events it landed, so a window closed here is closed for every ingest
+        worker too: none hands on a partial for it later (``WindowAggregator.merge`` would
+        count one as late). Within one worker, partitions read to their end follow its clock
+        (``IngestConsumer._clocks``); across workers, a quiet one holds windows back until
+        its clock, which moves on with the wall clock, passes them.
+        """
         if not self.sources or any(p not in self.clocks for p in range(self.sources)):
             return None
-        clocks = [self.clocks[p] for p in range(self.sources)]
-        behind = [c for c in clocks if c >= 0]
-        return _EPOCH + (min(behind) if behind else max(-c for c in clocks)) * _US
+        return _EPOCH + min(self.clocks[p] for p in range(self.sources)) * _US
 
     # ----------------------------------------------------------------------------------
     # closing windows

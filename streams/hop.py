@@ -46,7 +46,7 @@ class HopMessage(msgspec.Struct, frozen=True):
     ranges: dict[int, tuple[int, int]]  # source partition -> [first offset, next offset)
     sources: int  # partitions of the events topic (whose clocks a window waits for)
     # source partition -> how far its event time has got after the flush (us): the newest
-    # event read from it, or, negative, the ingest's clock for a partition read to its end
+    # event read from it, or the ingest's clock for a partition read to its end
     clocks: dict[int, int]
     chunk: int = 0
     chunks: int = 1

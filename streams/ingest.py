@@ -702,17 +702,17 @@ class IngestConsumer(Service):
 
         A partition with records still to read: the newest event read from it (a partition
         not read since it was assigned: nothing, its previous report stands). A partition
-        read to its end: this worker's clock, flagged (negative) as caught up, so that it
-        does not hold windows back, as in ``_event_time``.
+        read to its end: this worker's clock, so that it does not hold windows back, as in
+        ``_event_time``. Never more than this worker's clock, whose horizon decides lateness.
         """
         out: dict[int, int] = {}
         for part in owned:
             if part in behind:
                 ts = self._partition_ts.get(part)
                 if ts is not None:
-                    out[part] = _us(ts)
+                    out[part] = _us(min(ts, now))
             elif now > _EPOCH:
-                out[part] = -_us(now)
+                out[part] = _us(now)
         return out
 
     def _messages(
