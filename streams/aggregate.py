@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -35,7 +34,7 @@ from aiokafka.structs import ConsumerRecord
 from mode import Service
 
 from pipeline.config import Settings
-from pipeline.kafka import Headers, client_kwargs, send_batches, start_producer
+from pipeline.kafka import Headers, send_batches, start_producer
 from sinks.catalog import (
     ANOMALIES,
     BUDGETS,
@@ -45,14 +44,14 @@ from sinks.catalog import (
     connect,
     prepare,
 )
-from sinks.lake import Fenced, Flush, is_conflict
+from sinks.lake import Fenced, Flush
 from streams import hop
 from streams.budgets import BudgetTracker, load_budgets
 from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
 from streams.explain import explain
 from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
 from streams.rules import RuleEngine, load_rules
-from streams.stage import Stopwatch
+from streams.stage import Stopwatch, pause_after_failure, start_consumer
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.warmstart import history_lookup, metrics_history
@@ -62,7 +61,6 @@ log = logging.getLogger("agentstream.aggregate")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 BUDGET_STATUS_EVERY_S = 10.0
-MAX_QUICK_RETRIES = 5
 
 
 class ShardState(msgspec.Struct, frozen=True):
@@ -328,15 +326,9 @@ class AggregateConsumer(Service):
     async def on_start(self) -> None:
         s = self.settings
         self._producer = await start_producer(s, linger_ms=5)
-        self._consumer = AIOKafkaConsumer(
-            **client_kwargs(s),
-            group_id=s.aggregate_group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_interval_ms=600_000,
+        self._consumer = await start_consumer(
+            s, s.aggregate_group, s.repartition_topic, _Rebalance(self)
         )
-        self._consumer.subscribe([s.repartition_topic], listener=_Rebalance(self))
-        await self._consumer.start()
         self.healthy = True
         log.info("aggregating %s as group %s", s.repartition_topic, s.aggregate_group)
 
@@ -494,15 +486,9 @@ class AggregateConsumer(Service):
             # Nothing was committed: back to the last commit, the retry applies it all again.
             self.shards[r] = Shard.restore(self.settings, self._saved[r])
             self._conflicts += 1
-            if is_conflict(exc) and self._conflicts <= MAX_QUICK_RETRIES:
-                self.telemetry.lake_conflicts.inc()
-                log.info("lake commit conflicted with another writer's; retrying")
-                await asyncio.sleep(random.uniform(0.05, 0.3))
-                return False
-            self.telemetry.landing_errors.inc()
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("aggregate flush failed, will retry: %s", self.last_error)
-            await asyncio.sleep(1.0)
+            self.last_error = await pause_after_failure(
+                exc, self._conflicts, self.telemetry, "aggregate flush"
+            )
             return False
         self._conflicts = 0
         self.last_error = None

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -44,18 +43,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from mode import Service
 
 from pipeline.config import Settings, parse_duration
-from pipeline.kafka import client_kwargs, dead_letter_copy, send_batches, start_producer
+from pipeline.kafka import dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import DEAD_LETTERS, EVENTS, prepare
 from sinks.contracts import HOP_OUTBOX
-from sinks.lake import Fenced, Flush, is_conflict
+from sinks.lake import Fenced, Flush
 from sinks.maintenance import maintain
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams import hop
 from streams.budgets import spend_rows
 from streams.dedupe import Deduplicator
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
-from streams.stage import Stopwatch, deliver
+from streams.stage import Stopwatch, deliver, pause_after_failure, start_consumer
 from streams.telemetry import WorkerTelemetry
 from streams.warmstart import landed_ids
 from streams.windows import WindowAggregator, WindowPartial
@@ -64,9 +63,6 @@ log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
-# A commit refused because another writer committed first is retried at once this many times
-# in a row; a lock held longer than that is an outage (/health degraded).
-MAX_QUICK_RETRIES = 5
 _MAINTENANCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-maintenance")
 
 
@@ -181,18 +177,15 @@ class IngestConsumer(Service):
     async def on_start(self) -> None:
         s = self.settings
         self._producer = await start_producer(s, linger_ms=5)
-        self._consumer = AIOKafkaConsumer(
-            **client_kwargs(s),
-            group_id=s.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        self._sources = len(await self._producer.partitions_for(s.events_topic))
+        self._consumer = await start_consumer(
+            s,
+            s.group_id,
+            s.events_topic,
+            _Rebalance(self),
             max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20,
-            max_poll_interval_ms=600_000,
         )
-        self._consumer.subscribe([s.events_topic], listener=_Rebalance(self))
-        self._sources = len(await self._producer.partitions_for(s.events_topic))
-        await self._consumer.start()
         self.healthy = True
         log.info(
             "consuming %s as group %s on %s, landing in %s",
@@ -531,17 +524,9 @@ class IngestConsumer(Service):
             self._retry = batch
             self._rewind()
             self._conflicts += 1
-            if is_conflict(exc) and self._conflicts <= MAX_QUICK_RETRIES:
-                # Another writer of the lake committed first (several workers on a
-                # PostgreSQL catalog): not an error, the retry lands on top of its commit.
-                self.telemetry.lake_conflicts.inc()
-                log.info("lake commit conflicted with another writer's; retrying")
-                await asyncio.sleep(random.uniform(0.05, 0.3))
-                return False
-            self.telemetry.landing_errors.inc()
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
-            await asyncio.sleep(1.0)
+            self.last_error = await pause_after_failure(
+                exc, self._conflicts, self.telemetry, "flush"
+            )
             return False
         finally:
             self._inflight = 0

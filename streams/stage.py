@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+
+from pipeline.config import Settings
+from pipeline.kafka import client_kwargs
+from sinks.lake import is_conflict
+from streams.telemetry import WorkerTelemetry
 
 log = logging.getLogger("agentstream.stage")
+# A commit refused because another writer committed first is retried at once this many times
+# in a row; a lock held longer than that is an outage (/health degraded).
+MAX_QUICK_RETRIES = 5
 
 
 class Stopwatch:
@@ -48,3 +58,48 @@ async def deliver(
             log.warning("sending %d messages to %s failed, retrying: %s", len(messages), topic, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+async def pause_after_failure(
+    exc: BaseException, conflicts: int, telemetry: WorkerTelemetry, what: str
+) -> str | None:
+    """Wait before a stage retries a flush that landed nothing; returns the error to show on
+    ``/health`` (None: another writer of the lake committed first, not an error).
+
+    ``conflicts`` counts the failed attempts in a row, this one included: a conflict is
+    retried at once (after a short random pause) this many times, then it is an outage.
+    """
+    if is_conflict(exc) and conflicts <= MAX_QUICK_RETRIES:
+        # Several workers on one lake: the retry lands on top of the other's commit.
+        telemetry.lake_conflicts.inc()
+        log.info("lake commit conflicted with another writer's; retrying")
+        await asyncio.sleep(random.uniform(0.05, 0.3))
+        return None
+    telemetry.landing_errors.inc()
+    error = f"{type(exc).__name__}: {exc}"
+    log.error("%s failed, offsets not committed, will retry: %s", what, error)
+    await asyncio.sleep(1.0)
+    return error
+
+
+async def start_consumer(
+    settings: Settings,
+    group: str,
+    topic: str,
+    listener: ConsumerRebalanceListener,
+    **options: Any,
+) -> AIOKafkaConsumer:
+    """A started consumer of ``topic`` in ``group`` that commits only what a stage landed
+    (the lake's positions count; Kafka's are for lag monitoring) and whose flushes, however
+    long, never make it leave the group."""
+    consumer = AIOKafkaConsumer(
+        **client_kwargs(settings),
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_interval_ms=600_000,
+        **options,
+    )
+    consumer.subscribe([topic], listener=listener)
+    await consumer.start()
+    return consumer

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from tests.faults.support import (
     publish,
     read_topic,
     report,
+    sentinels_ahead,
     table_folder,
     wait_until,
     wait_window_emitted,
@@ -80,12 +80,7 @@ def scale_run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Scale
     events = list(generate(TrafficConfig(events=EVENTS, seed=71)))
     records = [((ev.task_id or ev.agent_id).encode(), schema.encode(ev)) for ev in events]
     newest = max(ev.ts for ev in events)
-    sentinels = {
-        p: msgspec.structs.replace(
-            events[p], event_id=f"sentinel-{p}", ts=newest + timedelta(seconds=3 * WINDOW_S)
-        )
-        for p in range(settings.partitions)
-    }
+    sentinels = sentinels_ahead(events, settings.partitions, 3 * WINDOW_S)
     total = len(records) + len(sentinels)
     cutoff_us = int(sentinels[0].ts.timestamp()) // WINDOW_S * WINDOW_S * 1_000_000
 

@@ -9,10 +9,8 @@ from the landed events (a worker's share is not a row of its own any more: issue
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from pipeline import schema
@@ -31,6 +29,7 @@ from tests.faults.support import (
     metrics_identity,
     produce_to_partitions,
     report,
+    sentinels_ahead,
     wait_until,
     wait_window_emitted,
     worker_pool,
@@ -69,12 +68,7 @@ def test_three_workers_started_together_count_every_event_once(
     events = list(generate(TrafficConfig(events=EVENTS, seed=97, late_fraction=0.01)))
     records = [((ev.task_id or ev.agent_id).encode(), schema.encode(ev)) for ev in events]
     newest = max(ev.ts for ev in events)
-    sentinels = {
-        p: msgspec.structs.replace(
-            events[p], event_id=f"sentinel-{p}", ts=newest + timedelta(seconds=3 * WINDOW_S)
-        )
-        for p in range(settings.partitions)
-    }
+    sentinels = sentinels_ahead(events, settings.partitions, 3 * WINDOW_S)
     total = len(records) + len(sentinels)
     cutoff_us = int(sentinels[0].ts.timestamp()) // WINDOW_S * WINDOW_S * 1_000_000
 
@@ -107,7 +101,9 @@ def test_three_workers_started_together_count_every_event_once(
             killed = owner.name
             alive.remove(owner)
         feeder.finish(120)
-        wait_until("the stream committed", lambda: committed(settings) >= len(records), 120, alive=alive)
+        wait_until(
+            "the stream committed", lambda: committed(settings) >= len(records), 120, alive=alive
+        )
         produce_to_partitions(settings, {p: schema.encode(s) for p, s in sentinels.items()})
         wait_until("everything committed", lambda: committed(settings) >= total, 90, alive=alive)
         wait_window_emitted(settings.data_dir, newest.replace(second=0, microsecond=0), 90, alive)
