@@ -10,11 +10,9 @@ rollout is judged ``regressed`` and the budget alerts.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pyarrow.compute as pc
 import pytest
 
@@ -22,7 +20,14 @@ from pipeline import schema
 from pipeline.broker import free_port
 from pipeline.generate import TrafficConfig
 from sinks.catalog import connect
-from tests.faults.support import committed, wait_until, wait_window_emitted, worker_pool
+from tests.faults.support import (
+    committed,
+    produce_to_partitions,
+    sentinels_ahead,
+    wait_until,
+    wait_window_emitted,
+    worker_pool,
+)
 from tests.helpers import produce_raw, side_by_side, unique_settings
 from tests.test_budgets import LATE_START, replay_table
 
@@ -40,12 +45,6 @@ def _stream() -> tuple[list[Any], str]:
             ),
             "burn": burn,
         }
-    )
-    # Far ahead: with the lateness below, the sentinel's window closes every earlier one.
-    stream.append(
-        msgspec.structs.replace(
-            stream[-1], event_id="sentinel-2", ts=stream[-1].ts + timedelta(minutes=10)
-        )
     )
     # The burning tenant's spend (priced as the worker prices it): a budget of 60 % of it is
     # spent before the day ends, so a forecast alert and then the exhaustion alert come.
@@ -84,7 +83,11 @@ def _run(bootstrap: str, tmp_path: Path, workers: int, stream: list[Any], spec: 
             produce_raw(settings, values[lo : lo + CHUNK], keys[lo : lo + CHUNK])
             n = min(lo + CHUNK, len(values))
             wait_until(f"{n} committed", lambda n=n: committed(settings) >= n, 120, alive=procs)
-        last = stream[-3].ts.replace(second=0, microsecond=0)
+        # Far ahead on every partition: every window of the stream closes (with several
+        # workers a partition that stays quiet holds windows back until the wall clock passes).
+        ahead = sentinels_ahead(stream, settings.partitions, 600)
+        produce_to_partitions(settings, {p: schema.encode(ev) for p, ev in ahead.items()})
+        last = stream[-2].ts.replace(second=0, microsecond=0)
         wait_window_emitted(settings.data_dir, last, 90, procs)
         for p in procs:
             assert p.terminate() == 0
