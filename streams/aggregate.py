@@ -51,7 +51,7 @@ from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
 from streams.explain import explain
 from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
 from streams.rules import RuleEngine, load_rules
-from streams.stage import Stopwatch, pause_after_failure, start_consumer
+from streams.stage import Stopwatch, group_consumer, pause_after_failure
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.warmstart import history_lookup, metrics_history
@@ -326,9 +326,8 @@ class AggregateConsumer(Service):
     async def on_start(self) -> None:
         s = self.settings
         self._producer = await start_producer(s, linger_ms=5)
-        self._consumer = await start_consumer(
-            s, s.aggregate_group, s.repartition_topic, _Rebalance(self)
-        )
+        self._consumer = group_consumer(s, s.aggregate_group, s.repartition_topic, _Rebalance(self))
+        await self._consumer.start()
         self.healthy = True
         log.info("aggregating %s as group %s", s.repartition_topic, s.aggregate_group)
 

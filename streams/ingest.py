@@ -54,7 +54,7 @@ from streams import hop
 from streams.budgets import spend_rows
 from streams.dedupe import Deduplicator
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
-from streams.stage import Stopwatch, deliver, pause_after_failure, start_consumer
+from streams.stage import Stopwatch, deliver, group_consumer, pause_after_failure
 from streams.telemetry import WorkerTelemetry
 from streams.warmstart import landed_ids
 from streams.windows import WindowAggregator, WindowPartial
@@ -178,7 +178,7 @@ class IngestConsumer(Service):
         s = self.settings
         self._producer = await start_producer(s, linger_ms=5)
         self._sources = len(await self._producer.partitions_for(s.events_topic))
-        self._consumer = await start_consumer(
+        self._consumer = group_consumer(
             s,
             s.group_id,
             s.events_topic,
@@ -186,6 +186,7 @@ class IngestConsumer(Service):
             max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20,
         )
+        await self._consumer.start()
         self.healthy = True
         log.info(
             "consuming %s as group %s on %s, landing in %s",

@@ -82,14 +82,15 @@ async def pause_after_failure(
     return error
 
 
-async def start_consumer(
+def group_consumer(
     settings: Settings,
     group: str,
     topic: str,
     listener: ConsumerRebalanceListener,
     **options: Any,
 ) -> AIOKafkaConsumer:
-    """A started consumer of ``topic`` in ``group`` that commits only what a stage landed
+    """A consumer of ``topic`` in ``group`` (subscribed; start it once the stage holds it: its
+    rebalance listener uses it) that commits only what a stage landed
     (the lake's positions count; Kafka's are for lag monitoring) and whose flushes, however
     long, never make it leave the group."""
     consumer = AIOKafkaConsumer(
@@ -101,5 +102,4 @@ async def start_consumer(
         **options,
     )
     consumer.subscribe([topic], listener=listener)
-    await consumer.start()
     return consumer
