@@ -350,7 +350,8 @@ def sql(data_dir: Path | None, fmt: str, query: str) -> None:
     """
     import duckdb
 
-    from sinks.catalog import QueryError, read_only_query
+    from sinks.catalog import QueryError
+    from sinks.query import read_only_query
 
     settings = Settings.load(data_dir=data_dir)
     rel = read_only_query(settings.data_dir, query)

@@ -1,7 +1,7 @@
 """The release gate: may a rollout be promoted? What a deploy pipeline asks agentstream.
 
 ``gate`` reads a release's latest verdict per measure (view ``release_summary``) through
-``sinks.catalog.connect`` and decides:
+``sinks.analysis.connect`` and decides:
 
 * ``rollback`` (exit 1): some measure ``regressed``;
 * ``promote`` (exit 0): every measure measured on both sides is decided (``no_difference`` or
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from sinks.catalog import QueryError, connect
+from sinks.analysis import connect
+from sinks.catalog import QueryError
 
 Decision = Literal["promote", "rollback", "wait"]
 EXIT_CODES: Final[dict[Decision, int]] = {"promote": 0, "rollback": 1, "wait": 3}
@@ -87,7 +88,7 @@ def gate(data_dir: Path, release_id: str) -> GateResult:
     Raises ``UnknownRelease`` (a user error) for an id the lake has never seen, naming the
     releases it knows.
     """
-    con = connect(data_dir, analysis="release_summary")
+    con = connect(data_dir, only_for="release_summary")
     try:
         rel = con.execute(
             "SELECT * EXCLUDE (release_id) FROM release_summary WHERE release_id = ? "

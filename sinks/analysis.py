@@ -107,6 +107,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
+from sinks import catalog
 from sinks.contracts import DIMENSIONS, EVALUATORS, METRICS_SCHEMA, QUALITY_COUNTS, QUALITY_SUMS
 
 if TYPE_CHECKING:  # matplotlib is imported by the plotting functions only: the views are
@@ -763,7 +764,8 @@ def _has_relation(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return True
 
 
-def _quote(text: str) -> str:
+def sql_string(text: str) -> str:
+    """``text`` as a SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -803,17 +805,16 @@ def install_views(con: duckdb.DuckDBPyConnection, *, only_for: str | None = None
     for name, sql, doc in ANALYSIS_VIEWS:
         con.execute(sql)
         if sql.startswith("CREATE OR REPLACE VIEW"):
-            con.execute(f"COMMENT ON VIEW {name} IS {_quote(doc)}")
+            con.execute(f"COMMENT ON VIEW {name} IS {sql_string(doc)}")
     return True
 
 
-def connect(data_dir: Path | str) -> duckdb.DuckDBPyConnection:
-    """``sinks.catalog.connect`` plus the analysis views: what notebooks and the report use."""
-    from sinks import catalog  # here, so catalog may import this module
+def connect(data_dir: Path | str, *, only_for: str | None = None) -> duckdb.DuckDBPyConnection:
+    """``sinks.catalog.connect`` plus the analysis views: what notebooks and the report use.
 
-    con = catalog.connect(Path(data_dir))
-    install_views(con)
-    return con
+    ``only_for`` (SQL about to run) adds them only if it names one: binding them costs time.
+    """
+    return catalog.connect(Path(data_dir), then=lambda con: install_views(con, only_for=only_for))
 
 
 # --------------------------------------------------------------------------------------
@@ -1509,7 +1510,7 @@ def plot_anomaly_timeline(con: duckdb.DuckDBPyConnection, *, top: int = 25) -> F
         return fig
     first, last = _span(con)
     y = {label: i for i, label in enumerate(labels)}
-    ids = ", ".join(_quote(str(c)) for c in conds.column("condition_id"))
+    ids = ", ".join(sql_string(str(c)) for c in conds.column("condition_id"))
     for r in conds.records():
         end = r["recovered_at"] or last or r["opened_at"]
         ax.barh(
@@ -1570,7 +1571,7 @@ def plot_anomaly_context(
     _, last = _span(con)
     for ax_row, c in zip(axes, conds.records(), strict=True):
         ax = ax_row[0]
-        cid = _quote(str(c["condition_id"]))
+        cid = sql_string(str(c["condition_id"]))
         ctx = fetch(
             con,
             "SELECT DISTINCT window_start, window_end, value "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,7 +28,7 @@ from sinks.contracts import (
     RELEASE_VERDICTS,
     TABLES,
 )
-from sinks.lake import LakeError, LakeTable, LakeWriter, attach, data_path, lake_connection
+from sinks.lake import LakeError, LakeTable, LakeWriter, attach, lake_connection
 from sinks.tables import EVENTS_SCHEMA
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "QueryError",
     "connect",
     "prepare",
-    "read_only_query",
     "type_views",
 ]
 
@@ -67,10 +66,6 @@ def register(table: LakeTable) -> None:
     """Add a landed table (later stages call this for metrics, anomalies, ...)."""
     if all(t.name != table.name for t in TABLES):
         TABLES.append(table)
-
-
-def _quote(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def type_views() -> list[tuple[str, str]]:
@@ -146,27 +141,27 @@ def prepare(data_dir: Path, catalog: str = "") -> LakeWriter:
     raise AssertionError("unreachable")
 
 
-def connect(data_dir: Path, *, analysis: bool | str = False) -> duckdb.DuckDBPyConnection:
+def connect(
+    data_dir: Path, *, then: Callable[[duckdb.DuckDBPyConnection], object] | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the lake of ``data_dir`` attached read-only as
     ``lake`` and every view over it.
 
-    ``analysis`` adds the analysis views and macros of ``sinks.analysis``: True for all, or
-    the SQL about to run, to add them only if it names one (binding them costs time).
+    ``then`` runs on the connection once the views are in, under the same one-line errors
+    (``sinks.analysis.connect`` adds its views and macros this way).
     """
     if not Path(data_dir).is_dir():
         raise QueryError(
             f"data directory {str(data_dir)!r} does not exist: run `agentstream worker "
             "--data-dir DIR` (or `agentstream demo`) first, or pass the right --data-dir"
         )
-    from sinks.analysis import install_views
-
     con = lake_connection()
     try:
         attach(con, Path(data_dir), read_only=True)
         for stmt in view_statements(con):
             con.execute(stmt)
-        if analysis:
-            install_views(con, only_for=None if analysis is True else analysis)
+        if then is not None:
+            then(con)
     except LakeError as exc:
         con.close()
         raise QueryError(str(exc)) from None
@@ -176,35 +171,3 @@ def connect(data_dir: Path, *, analysis: bool | str = False) -> duckdb.DuckDBPyC
             f"cannot read the lake in {data_dir}: {str(exc).splitlines()[0]}"
         ) from None
     return con
-
-
-READ_STATEMENTS: Final = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-
-
-def read_only_query(data_dir: Path, sql: str) -> duckdb.DuckDBPyRelation | None:
-    """Run a user's ``sql`` over the lake with no way to change anything.
-
-    Only SELECT-like statements (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) are
-    accepted, and the connection may read files under ``data_dir`` only, so a query can
-    neither alter the lake nor read or write elsewhere.
-    """
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryError(str(exc).splitlines()[0]) from None
-    for stmt in statements:
-        if stmt.type not in READ_STATEMENTS:
-            raise QueryError(
-                f"only queries are allowed here, not {stmt.type.name}: "
-                f"{stmt.query.strip()[:60]!r} (the lake is opened read-only)"
-            )
-    con = connect(data_dir, analysis=sql)
-    root = Path(data_dir).absolute()
-    allowed = sorted({f"{root}/", f"{data_path(root)}/"})
-    con.execute(f"SET allowed_directories = [{', '.join(_quote(a) for a in allowed)}]")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    try:
-        return con.sql(sql)
-    except duckdb.Error as exc:
-        raise QueryError(str(exc).splitlines()[0]) from None

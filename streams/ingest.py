@@ -400,6 +400,7 @@ class IngestConsumer(Service):
                 self.telemetry.events_in.inc(len(records))
             waiting = sum(len(p.records) for p in [*self._pending, *self._retry])
             held = waiting + (0 if self._retry else self._inflight)
+            self.telemetry.records_held.set(held)
             since = self._pending_since if self._pending else self._last_flush
             due = waiting >= s.flush_max_events or (
                 time.monotonic() - since >= s.flush_interval_s

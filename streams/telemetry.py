@@ -61,6 +61,12 @@ class WorkerTelemetry:
         self.consumer_lag = Gauge(
             "agentstream_consumer_lag", "Messages behind the end of the events topic", registry=r
         )
+        # What backpressure bounds (memory in use): the operator's view of a slow or failing sink.
+        self.records_held = Gauge(
+            "agentstream_records_held",
+            "Records read from the events topic and not yet landed (pending, landing or retried)",
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "agentstream_batch_seconds",
             "Time to validate, aggregate, land and commit one flush",

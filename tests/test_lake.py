@@ -28,10 +28,11 @@ from pipeline.schema import (
     Task,
     ToolCall,
 )
-from sinks.catalog import DEAD_LETTERS, EVENTS, QueryError, connect, prepare, read_only_query
+from sinks.catalog import DEAD_LETTERS, EVENTS, QueryError, connect, prepare
 from sinks.lake import CATALOG_FILE, Fenced, Flush, LakeError, LakeWriter
 from sinks.maintenance import maintain, status
 from sinks.migrate import import_lake
+from sinks.query import read_only_query
 from sinks.tables import DEAD_LETTERS_SCHEMA, events_to_table
 from tests.helpers import REPO
 

@@ -23,7 +23,7 @@ import pytest
 from pipeline.evaluate import replay_releases, score_rollout
 from pipeline.generate import TrafficConfig
 from pipeline.scenarios import ROLLOUT_SCENARIOS, ground_truth
-from sinks.catalog import connect
+from sinks.analysis import connect
 from tests.helpers import consume_all, land_all, side_by_side, unique_settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,7 +104,7 @@ def test_rollouts_on_kafka(bootstrap: str, tmp_path: Path) -> None:
         else:
             assert gate.returncode in (0, 3) and answer["decision"] in ("promote", "wait")
         summary = (
-            connect(settings.data_dir, analysis=True)
+            connect(settings.data_dir)
             .execute(
                 "SELECT measure, verdict FROM release_summary WHERE release_id = ? ORDER BY measure",
                 [inc.release_id],

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sinks.catalog import QueryError, prepare, read_only_query
+from sinks.catalog import QueryError, prepare
+from sinks.query import read_only_query
 
 
 @pytest.mark.parametrize(

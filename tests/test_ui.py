@@ -34,7 +34,7 @@ from pipeline.generate import TrafficConfig, generate
 from pipeline.procs import stop_group
 from pipeline.ui.queries import TILES
 from pipeline.ui.server import VIEWS
-from sinks.catalog import connect
+from sinks.analysis import connect
 from tests.helpers import (
     REPO,
     produce_raw,
@@ -234,7 +234,7 @@ def _tiles(page: Page) -> dict[str, float | None]:
 def _expected(lake: Lake, start: str | None, end: str | None, **dims: str) -> dict[str, Any]:
     """The tiles recomputed from the views: sums over metric_windows, events and their
     latency from events (the overview must say exactly this)."""
-    con = connect(lake.data_dir, analysis=True)
+    con = connect(lake.data_dir)
     cols = {"agent": "agent_id", "tenant": "tenant_id", "model": "model"}
     where = [f"{cols[k]} = ${k}" for k in dims]
     params: dict[str, Any] = dict(dims)
@@ -284,7 +284,7 @@ def _same(got: dict[str, float | None], want: dict[str, Any]) -> None:
 def test_overview_tiles_equal_the_sql_views(lake: Lake, server: str, page: Page) -> None:
     _open(page, server + "?range=all")
     tiles = _tiles(page)
-    rel = connect(lake.data_dir, analysis=True).sql("SELECT * FROM lake_summary")
+    rel = connect(lake.data_dir).sql("SELECT * FROM lake_summary")
     row = dict(zip(rel.columns, rel.fetchall()[0], strict=True))
     # The whole lake: exactly lake_summary's numbers.
     assert tiles["events"] == row["events"]
@@ -352,7 +352,7 @@ def test_filters_and_the_url_round_trip(lake: Lake, server: str, page: Page) -> 
 def test_every_view_renders_its_numbers(
     lake: Lake, server: str, page: Page, tmp_path: Path
 ) -> None:
-    con = connect(lake.data_dir, analysis=True)
+    con = connect(lake.data_dir)
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     for view in VIEWS:
         _open(page, server + f"?view={view}&range=all")
@@ -655,7 +655,7 @@ def test_a_live_alert_appears_without_a_reload(lake: Lake, server: str, page: Pa
     _rendered(page, before)
     assert "condition=" in page.url
     assert "is spent" in page.inner_text("#condition-message")
-    con = connect(lake.data_dir, analysis=True)
+    con = connect(lake.data_dir)
     ((cid, start, end),) = con.sql(
         "SELECT condition_id, window_start, window_end FROM anomalies WHERE kind = 'budget_burn'"
     ).fetchall()

@@ -16,8 +16,8 @@ from pipeline.config import ConfigError
 from pipeline.ui import queries
 from pipeline.ui.queries import FILTERS, BadRequest, Filters, parse_filters
 from pipeline.ui.server import check_binding, merge_updates
-from sinks.analysis import install_views
-from sinks.catalog import connect, prepare
+from sinks.analysis import connect, install_views
+from sinks.catalog import prepare
 
 PARAMS = [*FILTERS, "range", "from", "to"]
 
@@ -73,7 +73,7 @@ def test_views_over_a_filtered_source_equal_the_view(tmp_path: Path) -> None:
 
 def test_snapshot_and_bounds_of_an_empty_lake(tmp_path: Path) -> None:
     prepare(tmp_path)
-    con = connect(tmp_path, analysis=True)
+    con = connect(tmp_path)
     queries.snapshot(con)
     assert queries.bounds(con) == (None, None, 60.0)
     out = queries.overview(con, Filters())

@@ -7,9 +7,8 @@ import contextlib
 import signal
 import sys
 
-from aiohttp import web
-
-from pipeline.config import ConfigError, Settings
+from pipeline.config import Settings
+from pipeline.listen import listen
 from pipeline.otel.kafka_source import KafkaSource
 from pipeline.otel.receiver import OtlpReceiver
 from pipeline.publisher import Publisher
@@ -34,12 +33,7 @@ async def serve(
         source: KafkaSource | None = None
         task: asyncio.Task[None] | None = None
         try:
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {host}:{port}: {exc.strerror}: pass another --port"
-                ) from None
+            await listen(runner, host, port)
             if kafka_topic is not None:
                 source = KafkaSource(settings, publisher, kafka_topic, kafka_logs_topic)
                 await source.start()

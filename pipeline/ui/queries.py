@@ -1,4 +1,4 @@
-"""What the live page asks the lake: one function per view, over ``sinks.catalog.connect``.
+"""What the live page asks the lake: one function per view, over ``sinks.analysis.connect``.
 
 Every number comes from the lake's views, through the same SQL: KPIs from
 ``sinks.analysis.kpi_select`` over ``metric_windows`` (as ``lake_summary`` and

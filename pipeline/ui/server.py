@@ -39,6 +39,7 @@ import msgspec
 from aiohttp import web
 
 from pipeline.config import ConfigError, Settings
+from pipeline.listen import listen
 from pipeline.ui import queries
 from pipeline.ui.queries import BadRequest, Filters
 
@@ -94,7 +95,7 @@ def check_binding(host: str, token: str | None) -> None:
 class LakeReader:
     """Runs query functions in threads, one cursor per thread, bounded in time.
 
-    The connection comes from ``sinks.catalog.connect`` and holds the ``queries.SNAPSHOT``
+    The connection comes from ``sinks.analysis.connect`` and holds the ``queries.SNAPSHOT``
     tables; ``refresh`` makes a new one (new files, new tables) and swaps it in whole, so a
     query sees one snapshot or the next, never half of each.
     """
@@ -114,7 +115,7 @@ class LakeReader:
     def refresh(self) -> None:
         """A new copy of the derived tables; every ``RECONNECT_S`` a new connection too (new
         views: a table that got its first files since is then read)."""
-        from sinks.catalog import connect
+        from sinks.analysis import connect
 
         with self._lock:
             con, made = self._con, self._made
@@ -122,7 +123,7 @@ class LakeReader:
             # Concurrent readers see the old copy or the new one (one transaction).
             queries.snapshot(con.cursor())
             return
-        con = connect(self.data_dir, analysis=True)
+        con = connect(self.data_dir)
         # Many small files: their footers are read once, not on every query.
         con.execute("SET parquet_metadata_cache = true")
         queries.snapshot(con)
@@ -584,12 +585,7 @@ def serve(
         runner = web.AppRunner(app, shutdown_timeout=2.0)
         await runner.setup()
         try:
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick another --port)"
-                ) from None
+            await listen(runner, host, port)
             if ready is not None:
                 ready(f"http://{shown}:{port}/")
             await stop.wait()
