@@ -280,6 +280,15 @@ class IngestConsumer(Service):
                 self._next_offset[tp.partition] = self._offsets[tp.partition]
                 self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
         await loop.run_in_executor(None, self.lake.claim, topic, first, self.settings.group_id)
+        if stored:
+            # Kafka's offsets are for lag monitoring: a flush whose commit to Kafka met a
+            # rebalance left them behind the lake's, and nothing new may come to move them.
+            try:
+                await self._consumer.commit(
+                    {tp: stored[tp.partition] for tp in assigned if tp.partition in stored}
+                )
+            except Exception as exc:  # best effort, as after every flush
+                log.warning("the lake's positions not committed to Kafka: %s", exc)
         self._resumed = bool(stored)
         if stored:
             log.info(
