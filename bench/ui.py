@@ -4,7 +4,9 @@ Starts ``agentstream ui --no-live`` on the lake, then measures, for each time ra
 the first render of the overview in a fresh Chromium page (navigation to the tiles drawn),
 and each view's queries as the server times them, wall clock and the server process's CPU
 time (median of ``--runs`` requests, after one warm-up; the CPU time does not grow with
-what else the machine runs). With ``--shots DIR`` it also saves a screenshot of every view (and of the first
+what else the machine runs). Each twice: *cold*, every request sent with ``Cache-Control:
+no-cache`` so the server computes it (what the first request after the worker's next
+commit costs), and as served (answers cached per data version). With ``--shots DIR`` it also saves a screenshot of every view (and of the first
 anomaly condition's click-through) there. Needs Debian's chromium and Playwright.
 """
 
@@ -24,8 +26,9 @@ from pipeline.broker import free_port
 from pipeline.ui.server import VIEWS
 
 
-def _get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=120) as resp:
+def _get(url: str, cold: bool = False) -> dict[str, Any]:
+    req = urllib.request.Request(url, headers={"Cache-Control": "no-cache"} if cold else {})
+    with urllib.request.urlopen(req, timeout=120) as resp:
         data: dict[str, Any] = json.loads(resp.read())
         return data
 
@@ -70,27 +73,36 @@ def main(argv: list[str] | None = None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             for rng in args.ranges.split(","):
-                renders = []
-                for _ in range(args.runs):
-                    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                    t0 = time.perf_counter()
-                    page.goto(f"{base}?range={rng}", wait_until="domcontentloaded")
-                    page.wait_for_selector("#tiles .tile .value", timeout=60_000)
-                    renders.append((time.perf_counter() - t0) * 1000)
-                    page.close()
-                views, cpu = {}, {}
-                for view in VIEWS:
-                    url = f"{base}api/view/{view}?range={rng}"
-                    _get(url)
-                    got = [_get(url) for _ in range(args.runs)]
-                    views[view] = statistics.median(g["ms"] for g in got)
-                    cpu[view] = statistics.median(g["cpu_ms"] for g in got)
-                first = statistics.median(renders)
-                results[rng] = {"first_render_ms": first, "views_ms": views, "views_cpu_ms": cpu}
-                print(f"range {rng}: first render of the overview {first:.0f} ms")
-                print(f"  {'view':<13} {'wall':>8} {'cpu':>8}")
-                for view, ms in views.items():
-                    print(f"  {view:<13} {ms:5.0f} ms {cpu[view]:5.0f} ms")
+                result: dict[str, Any] = {}
+                for mode in ("cold", "served"):
+                    renders = []
+                    for _ in range(args.runs):
+                        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                        if mode == "cold":
+                            page.set_extra_http_headers({"Cache-Control": "no-cache"})
+                        t0 = time.perf_counter()
+                        page.goto(f"{base}?range={rng}", wait_until="domcontentloaded")
+                        page.wait_for_selector("#tiles .tile .value", timeout=60_000)
+                        renders.append((time.perf_counter() - t0) * 1000)
+                        page.close()
+                    views, cpu = {}, {}
+                    for view in VIEWS:
+                        url = f"{base}api/view/{view}?range={rng}"
+                        _get(url)
+                        got = [_get(url, mode == "cold") for _ in range(args.runs)]
+                        views[view] = statistics.median(g["ms"] for g in got)
+                        cpu[view] = statistics.median(g["cpu_ms"] for g in got)
+                    first = statistics.median(renders)
+                    result[mode] = {
+                        "first_render_ms": first,
+                        "views_ms": views,
+                        "views_cpu_ms": cpu,
+                    }
+                    print(f"range {rng}, {mode}: first render of the overview {first:.0f} ms")
+                    print(f"  {'view':<13} {'wall':>8} {'cpu':>8}")
+                    for view, ms in views.items():
+                        print(f"  {view:<13} {ms:5.0f} ms {cpu[view]:5.0f} ms")
+                results[rng] = result
             if args.shots is not None:
                 args.shots.mkdir(parents=True, exist_ok=True)
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -62,10 +62,12 @@ budget tracker scores it, not drift detection either.
 
 Quality scenarios (``QUALITY_SCENARIOS``), on the evaluation events and in-app ratings the
 generator adds to every ended task: ``hallucination-rise`` (support-bot's gpt-4o-mini answers
-fail the hallucination evaluator 25 % of the time instead of 3 %: ~82 % over all its answers,
-found at the agent level, ~50 judged answers a window), ``feedback-sours`` (support-bot's
-negative ratings x5, ~30 ratings a window) and the rollout ``tone-regression`` (p14's tone pass
-rate 94 % -> 80 %, judged ``regressed`` on ``eval_tone_pass_rate``).
+fail the hallucination evaluator 15 % of the time instead of 3 %: ~89 % over all its answers
+instead of ~96 %, found at the agent level, ~50 judged answers a window), ``feedback-sours``
+(support-bot's negative ratings x3: ~19 % -> ~36 % of its ratings, ~30 ratings a window)
+and the rollout ``tone-regression`` (p14's tone pass rate 94 % -> 80 %, judged ``regressed``
+on ``eval_tone_pass_rate``). The two drift ones are near the detectors' limit at that sample
+size: found after 7 to 30 windows (README, "With evaluations in the traffic").
 
 ``steady`` is the control: no incident. Later scenarios add records
 with other keys (``tenant_id`` is already honoured) and, where they need one, a new knob in
@@ -475,7 +477,7 @@ def _hallucination_rise(config: TrafficConfig) -> list[Incident]:
             agent_id="support-bot",
             model=HALLUCINATING_MODEL,
             direction="down",
-            magnitude=(1 - HALLUCINATION_PROB) / 0.75,
+            magnitude=(1 - HALLUCINATION_PROB) / 0.85,
         )
     ]
 
@@ -496,7 +498,7 @@ def _feedback_sours(config: TrafficConfig) -> list[Incident]:
             starts_at=incident_start(config),
             agent_id="support-bot",
             direction="up",
-            magnitude=5.0,
+            magnitude=3.0,
         )
     ]
 
@@ -629,7 +631,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario(
             "hallucination-rise",
             f"support-bot's {HALLUCINATING_MODEL} answers hallucinate more from mid-stream: the "
-            "hallucination evaluator's pass rate 97% -> 75% on that route (~82% over all its answers)",
+            "hallucination evaluator's pass rate 97% -> 85% on that route (~89% over all its answers)",
             _hallucination_rise,
         ),
         Scenario(
@@ -640,8 +642,8 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         ),
         Scenario(
             "feedback-sours",
-            "support-bot's users turn on it from mid-stream: 5x the negative in-app ratings "
-            "(~18% -> ~55% of its ratings at 1-2 stars)",
+            "support-bot's users turn on it from mid-stream: 3x the negative in-app ratings "
+            "(~19% -> ~36% of its ratings at 1-2 stars)",
             _feedback_sours,
         ),
     )

@@ -34,6 +34,8 @@ from typing import Final
 import duckdb
 import pyarrow as pa
 
+from sinks import datafiles
+
 log = logging.getLogger("agentstream.lake")
 
 CATALOG_FILE: Final = "lake.sqlite"
@@ -46,6 +48,10 @@ INFO: Final = "agentstream_lake"
 # agentstream's own layout version of the lake (tables and their meaning), kept in the catalog.
 LAYOUT_VERSION: Final = 1
 _EXTENSIONS: Final = {"sqlite": "sqlite_scanner", "postgres": "postgres_scanner"}
+# A table's rows in a flush up to this many are inserted through DuckDB, which keeps them in
+# the catalog (DuckLake's default data_inlining_row_limit) instead of writing a tiny file;
+# more are written as Parquet by sinks.datafiles.
+INLINE_ROWS: Final = 10
 
 
 class LakeError(Exception):
@@ -82,12 +88,20 @@ class Flush:
     group_id: str = ""
 
 
+# What a refused commit says: DuckLake's conflict check, and SQLite's own text for SQLITE_BUSY
+# (another process holds the catalog's write lock). DuckDB has no error code for either, and
+# its class (TransactionException) is also what a commit raises when the catalog is
+# unreachable, so the class narrows and the text decides; tests/test_lake.py and
+# tests/test_lake_postgres.py provoke each case for real, so a change of wording fails them.
+_CONFLICT_MARKS: Final = ("Transaction conflict", "database is locked")
+
+
 def is_conflict(exc: BaseException) -> bool:
-    """Whether ``exc`` is DuckLake refusing a commit because another one came first (or,
-    with the SQLite catalog, another process holding its write lock)."""
-    text = str(exc)
-    return isinstance(exc, duckdb.Error) and (
-        "Transaction conflict" in text or "database is locked" in text
+    """Whether ``exc`` is a commit refused because another one came first (DuckLake's
+    conflict, or with the SQLite catalog another process holding its write lock): nothing
+    landed and an immediate retry lands on top of the other commit."""
+    return isinstance(exc, duckdb.TransactionException) and any(
+        mark in str(exc) for mark in _CONFLICT_MARKS
     )
 
 
@@ -416,8 +430,29 @@ class LakeWriter:
     def commit(self, flush: Flush) -> None:
         """Land ``flush`` in one transaction, or nothing of it.
 
+        Tables of more than ``INLINE_ROWS`` rows are written as Parquet files by
+        ``sinks.datafiles`` first (in parallel, outside the transaction and its lock), then
+        registered in the transaction; smaller ones are inserted, and DuckLake keeps their
+        rows in the catalog until maintenance flushes them to a file.
+
         Raises ``Fenced`` (nothing landed) if a position is no longer the one expected.
         """
+        tables = {name: self.tables[name] for name in flush.rows}
+        big = [
+            name
+            for name, rows in flush.rows.items()
+            if rows.num_rows > INLINE_ROWS and _dates_known(rows, tables[name].time_column)
+        ]
+        files = dict(zip(big, self._write(flush, big), strict=True))
+        try:
+            self._land(flush, tables, files)
+        except BaseException:
+            self._discard_unlanded(files)
+            raise
+
+    def _land(
+        self, flush: Flush, tables: dict[str, LakeTable], files: dict[str, list[Path]]
+    ) -> None:
         con = self.con
         with transaction(con, self.spec):
             for (topic, part), (expected, nxt) in sorted(flush.positions.items()):
@@ -432,8 +467,10 @@ class LakeWriter:
                         "lake: another writer landed it"
                     )
             for name, rows in flush.rows.items():
-                if rows.num_rows:
-                    self.insert(self.tables[name], rows)
+                if name in files:
+                    self._register(tables[name], rows, files[name])
+                elif rows.num_rows:
+                    self.insert(tables[name], rows)
             if flush.checkpoint is not None:
                 lineage, seq = flush.checkpoint
                 done = con.execute(
@@ -447,20 +484,62 @@ class LakeWriter:
                         [lineage, seq, flush.group_id],
                     )
 
+    def _discard_unlanded(self, files: dict[str, list[Path]]) -> None:
+        """After a failed transaction: remove its files that the catalog does not list.
+
+        Asking the catalog, not reading the error: a COMMIT that failed may still have landed
+        (the connection lost after it). If the catalog cannot tell (unreachable), the files
+        stay, and maintenance deletes them as orphans unless they are in the lake.
+        """
+        if not any(files.values()):
+            return
+        try:
+            listed = {
+                Path(str(r[0])).name
+                for name in files
+                for r in self.con.execute(
+                    f"SELECT data_file FROM ducklake_list_files('{ALIAS}', ?)", [name]
+                ).fetchall()
+            }
+        except duckdb.Error:
+            return
+        datafiles.discard(p for paths in files.values() for p in paths if p.name not in listed)
+
+    def _write(self, flush: Flush, names: Sequence[str]) -> list[list[Path]]:
+        """The Parquet files of tables ``names`` of ``flush``, written side by side."""
+        folder = data_path(self.root)
+        jobs = []
+        for name in names:
+            table = self.tables[name]
+            rows = datafiles.dated(
+                datafiles.conform(flush.rows[name], table.schema), table.time_column
+            )
+            jobs.append((datafiles.table_folder(folder, name), rows))
+        return datafiles.write(jobs)
+
+    def _register(self, table: LakeTable, rows: pa.Table, files: Sequence[Path]) -> None:
+        """Make ``files`` (``rows`` written by ``_write``) part of ``table`` in this
+        transaction, replacing the rows they supersede."""
+        if table.replace_by:
+            self._delete_replaced(table, rows)
+        paths = ", ".join(f"'{_sql_text(str(p))}'" for p in files)
+        # allow_missing: like INSERT BY NAME, columns the lake has and this writer does not
+        # know (added by a newer agentstream) read as null.
+        self.con.execute(
+            f"CALL ducklake_add_data_files('{ALIAS}', '{table.name}', [{paths}], "
+            "allow_missing => true)"
+        )
+
     def append(self, name: str, rows: pa.Table) -> None:
         """Land ``rows`` in table ``name``, in a transaction of their own."""
         self.commit(Flush(rows={name: rows}))
 
     def insert(self, table: LakeTable, rows: pa.Table) -> None:
         con = self.con
+        if table.replace_by:
+            self._delete_replaced(table, rows)
         con.register("_rows", rows)
         try:
-            if table.replace_by:
-                keys = ", ".join(f'"{k}"' for k in table.replace_by)
-                con.execute(
-                    f"DELETE FROM {ALIAS}.{table.name} WHERE ({keys}) IN "
-                    f"(SELECT ({keys}) FROM _rows)"
-                )
             con.execute(
                 f"INSERT INTO {ALIAS}.{table.name} BY NAME SELECT *, "
                 f'CAST("{table.time_column}" AS DATE) AS date FROM _rows'
@@ -468,8 +547,25 @@ class LakeWriter:
         finally:
             con.unregister("_rows")
 
+    def _delete_replaced(self, table: LakeTable, rows: pa.Table) -> None:
+        """Delete the rows of ``table`` that have the key (``replace_by``) of one of ``rows``."""
+        keys = ", ".join(f'"{k}"' for k in table.replace_by)
+        self.con.register("_replacing", rows.select(list(table.replace_by)))
+        try:
+            self.con.execute(
+                f"DELETE FROM {ALIAS}.{table.name} WHERE ({keys}) IN "
+                f"(SELECT ({keys}) FROM _replacing)"
+            )
+        finally:
+            self.con.unregister("_replacing")
+
     def close(self) -> None:
         self.con.close()
+
+
+def _dates_known(rows: pa.Table, time_column: str) -> bool:
+    """Whether every row has the time its partition comes from (else DuckDB places them)."""
+    return time_column in rows.column_names and rows[time_column].null_count == 0
 
 
 def _wal(path: Path) -> None:

@@ -19,6 +19,7 @@ are deleted only once the snapshots referencing them are expired.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,8 @@ from sinks.lake import (
     commit_lock,
     lake_connection,
 )
+
+log = logging.getLogger("agentstream.lake")
 
 
 @dataclass
@@ -112,6 +115,9 @@ def maintain(
                 [ALIAS, POSITIONS, CHECKPOINTS, INFO],
             ).fetchall()
         ]
+        # One line a step: a pass runs every few minutes, and an operator (or a fault test)
+        # sees where a pass that was stopped got to.
+        log.info("lake maintenance: merging files")
         for table in tables:
             rows = step(f"CALL ducklake_flush_inlined_data('{ALIAS}', table_name => '{table}')")
             done.inlined_flushed += sum(int(r[-1] or 0) for r in rows)
@@ -123,9 +129,11 @@ def maintain(
                     gone = step(f"DELETE FROM {ALIAS}.{table} WHERE date < ?", [cutoff])
                     done.rows_expired += int(gone[0][0]) if gone else 0
         older = datetime.now(UTC) - retention
+        log.info("lake maintenance: expiring snapshots")
         done.snapshots_expired = len(
             step(f"CALL ducklake_expire_snapshots('{ALIAS}', older_than => ?)", [older])
         )
+        log.info("lake maintenance: deleting unused files")
         done.files_deleted = len(
             step(f"CALL ducklake_cleanup_old_files('{ALIAS}', older_than => ?)", [older])
         )

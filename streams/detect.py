@@ -223,8 +223,16 @@ class DetectorConfig:
       on ``z``; a shift of ``d`` deviations is detected after about
       ``threshold / (d - delta)`` windows (a 3-deviation step in ~5, a 1.5-deviation one in
       ~16); shifts under ``delta`` deviations are ignored. ``ph_prime`` (30): in-control
-      zeros fed to a new detector (see ``DriftDetector._page_hinkley``). ``pending_windows``
+      zeros fed to a new detector of a log-scale measure (see ``DriftDetector._page_hinkley``). ``pending_windows``
       (30): how long a detected shift may wait to become significant.
+    * ``hold_evidence`` (3.0), rates only: the baseline stops learning while a one-sided
+      CUSUM of ``z`` (reference ``ph_delta``) is at this level or more, a shift building up
+      that the drift detectors have not confirmed yet (``DriftDetector._holds``), for at
+      most ``pending_windows``. ``ph_prime_rate`` (200): the in-control zeros of a rate's
+      Page-Hinkley. Both for rates only: a rate's noise floor is binomial, known from its
+      sample count, so a sustained shift of 1.5-2 deviations is a real change; on log scales
+      (p95 latencies) the noise is estimated and slow wanders of that size occur in steady
+      traffic (either change alone raised a false drift on a steady tool latency p95).
     * ``borrow_baselines`` (True): a new key starts from the baseline of a warm sibling
       key of the same agent, model and tenant (``DriftDetector._borrow``).
     * ``hst_trees`` (25), ``hst_height`` (8), ``hst_window`` (250 rows): HalfSpaceTrees
@@ -259,7 +267,9 @@ class DetectorConfig:
     ph_threshold: float = 12.0
     ph_min_instances: int = 10
     ph_prime: int = 30
+    ph_prime_rate: int = 200
     pending_windows: int = 30
+    hold_evidence: float = 3.0
     hst_trees: int = 25
     hst_height: int = 8
     hst_window: int = 250
@@ -309,6 +319,7 @@ class DetectorConfig:
             raise ValueError("rebaseline_windows must be >= 1 or None")
         positive = (
             "drift_z",
+            "hold_evidence",
             "winsor_z",
             "z_clip",
             "rate_floor",
@@ -378,7 +389,10 @@ class _Track:
     """Baseline, detectors and open condition of one (level, key, measure)."""
 
     __slots__ = (
+        "building_down",
+        "building_up",
         "cond",
+        "held",
         "mr",
         "mu",
         "n",
@@ -406,6 +420,11 @@ class _Track:
         self.recent: list[float] = []  # the last few valid values: the recent level
         self.ph_up: Any = None  # river detectors, created when the track is warm
         self.ph_down: Any = None
+        # One-sided CUSUMs of z (reference ph_delta): evidence of a shift building up, which
+        # holds the baseline (see DetectorConfig.hold_evidence); held counts those windows.
+        self.building_up = 0.0
+        self.building_down = 0.0
+        self.held = 0
         self.cond: _Condition | None = None
 
 
@@ -481,7 +500,7 @@ class _Candidate:
 
 
 _SNAPSHOT_MAGIC: Final = b"agentstream.detect\x00"
-_SNAPSHOT_FORMAT: Final = 2
+_SNAPSHOT_FORMAT: Final = 3
 # E|X1 - X2| = 2 sigma / sqrt(pi) for independent normals: moving range to deviation.
 _MR_TO_SIGMA: Final = math.sqrt(math.pi) / 2
 
@@ -720,6 +739,8 @@ class DriftDetector:
                 assert z is not None
                 self._decide(win, spec, track, x, z, found[j])
                 if track.cond is None and found[j] is None and track.pending is None:
+                    if spec.scale == "rate" and self._holds(track):
+                        continue
                     self._learn(spec, track, x, ns[j], stables[j], z)
 
     def _borrow(self, key: _Key) -> None:
@@ -780,10 +801,14 @@ class DriftDetector:
         if track.n < cfg.warmup_windows:
             return z, None
         zc = max(-cfg.z_clip, min(cfg.z_clip, z))
+        track.building_up = max(0.0, track.building_up + zc - cfg.ph_delta)
+        track.building_down = max(0.0, track.building_down - zc - cfg.ph_delta)
         fired: Direction | None = None
         if "page_hinkley" in spec.detectors:
             if track.ph_up is None:
-                track.ph_up, track.ph_down = self._page_hinkley("up"), self._page_hinkley("down")
+                prime = cfg.ph_prime_rate if spec.scale == "rate" else cfg.ph_prime
+                track.ph_up = self._page_hinkley("up", prime)
+                track.ph_down = self._page_hinkley("down", prime)
             track.ph_up.update(zc)
             track.ph_down.update(zc)
             if track.ph_up.drift_detected:
@@ -795,6 +820,7 @@ class DriftDetector:
         if fired is not None:
             track.pending = fired
             track.pending_left = cfg.pending_windows
+            track.building_up = track.building_down = 0.0  # the detector has taken over
         if track.pending is not None:
             # A sustained shift counts only once the recent level (median of the last few
             # windows) confirms it: on the side of the baseline the detector said, by a
@@ -821,13 +847,14 @@ class DriftDetector:
                 return z, _Candidate("outlier", _dir(z), "ewma_zscore", abs(z), rel, x, abs(z))
         return z, None
 
-    def _page_hinkley(self, mode: str) -> Any:
-        """A one-sided Page-Hinkley test, primed with ``ph_prime`` in-control values.
+    def _page_hinkley(self, mode: str, prime: int) -> Any:
+        """A one-sided Page-Hinkley test, primed with ``prime`` in-control values.
 
         Its statistic is taken around its own running mean since it (re)started. ``z`` is
         already centred on the baseline, so that mean only hurts: started at the end of
         warm-up three windows before a step, it followed the step and never fired (measured
-        on the escalation-jump scenario). Zeros anchor it where ``z`` belongs.
+        on the escalation-jump scenario). Zeros anchor it where ``z`` belongs; with 30 of
+        them a 1.5-deviation step pulled the mean a third of the way within 20 windows.
         """
         cfg = self.config
         ph: Any = drift.PageHinkley(
@@ -836,7 +863,7 @@ class DriftDetector:
             threshold=cfg.ph_threshold,
             mode=mode,
         )
-        for _ in range(cfg.ph_prime):
+        for _ in range(prime):
             ph.update(0.0)
         return ph
 
@@ -1005,6 +1032,8 @@ class DriftDetector:
         track.cond = None
         # Fresh detectors: their memory of the condition would only skew the next one.
         track.ph_up = track.ph_down = track.pending = None
+        track.building_up = track.building_down = 0.0
+        track.held = 0
         since = _iso(cond.start_us)
         if why == "recovered":
             text = f"back to normal for {cfg.recovery_windows} windows"
@@ -1077,6 +1106,27 @@ class DriftDetector:
     # ----------------------------------------------------------------------------------
     # baseline arithmetic
     # ----------------------------------------------------------------------------------
+
+    def _holds(self, track: _Track) -> bool:
+        """Whether a rate's baseline skips this window: a shift is building up (a CUSUM of z
+        at ``hold_evidence`` or more) and has not been held for ``pending_windows`` yet.
+
+        Without the hold the baseline absorbs a modest shift before the drift detectors can
+        confirm it: its EWMA follows 2-3 % of the gap a window, so a 1.5-deviation step (an
+        evaluator's pass rate 96 % -> 89 % over ~50 answers a window) shrank to under one
+        deviation within 20 windows and was never reported. A shift held this long without a
+        detection is the new normal: learning resumes and the evidence starts over.
+        """
+        cfg = self.config
+        if max(track.building_up, track.building_down) < cfg.hold_evidence:
+            track.held = 0
+            return False
+        if track.held >= cfg.pending_windows:
+            track.held = 0
+            track.building_up = track.building_down = 0.0
+            return False
+        track.held += 1
+        return True
 
     def _learn(
         self, spec: MeasureSpec, track: _Track, x: float, n: int, stable: float, z: float

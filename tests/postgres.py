@@ -27,37 +27,80 @@ def _bin(name: str) -> str | None:
     return versions[-1] if versions else None
 
 
+class PostgresServer:
+    """A fresh cluster in a temporary folder on a free loopback port; ``stop`` and ``start``
+    take it down and up again on the same port and data (a catalog outage)."""
+
+    def __init__(self) -> None:
+        initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
+        if initdb is None or pg_ctl is None:
+            raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
+        self.pg_ctl = pg_ctl
+        self.root = Path(tempfile.mkdtemp(prefix="agentstream-pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres")
+        self.data, self.port = self.root / "data", free_port()
+        init = [initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"]
+        subprocess.run(
+            [*self.as_user, *init],
+            check=True,
+            capture_output=True,
+        )
+        self.dsn = f"postgres:dbname=postgres host=127.0.0.1 port={self.port} user=postgres"
+
+    def start(self) -> None:
+        opts = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c max_connections=100"
+        )
+        log = str(self.root / "log")
+        subprocess.run(
+            [
+                *self.as_user,
+                self.pg_ctl,
+                "-D",
+                str(self.data),
+                "-o",
+                opts,
+                "-l",
+                log,
+                "-w",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def stop(self) -> None:
+        """Stop at once (``immediate``: connections cut, like a crash or a network cut)."""
+        subprocess.run(
+            [*self.as_user, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_instance() -> Iterator[PostgresServer]:
+    """A running server of its own; stopped and removed afterwards."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Yield the catalog setting (``postgres:...``) of a fresh server; stop it afterwards."""
-    initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
-    root = Path(tempfile.mkdtemp(prefix="agentstream-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-    data, port = root / "data", free_port()
-    run = [*as_user]
-    subprocess.run(
-        [*run, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
-    subprocess.run(
-        [*run, pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgres:dbname=postgres host=127.0.0.1 port={port} user=postgres"
-    finally:
-        subprocess.run(
-            [*run, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_instance() as server:
+        yield server.dsn
 
 
 def create_database(catalog: str, name: str) -> str:

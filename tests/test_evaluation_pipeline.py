@@ -36,7 +36,7 @@ SCENARIOS = {
     "hallucination-rise": ("eval_hallucination_pass_rate", "down"),
     "feedback-sours": ("feedback_negative_share", "up"),
 }
-MAX_DELAY_WINDOWS = 10  # replayed on seeds 1-3: 2-4 windows
+MAX_DELAY_WINDOWS = 14  # replayed on seeds 1-4: 3-11 windows (seed 2: 8 and 7)
 
 
 def _config(name: str) -> TrafficConfig:

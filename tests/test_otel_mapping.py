@@ -20,9 +20,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from pipeline import schema
 from pipeline.otel import mapping
-from pipeline.otel.decode import OtlpDecodeError, Span, decode_traces, sniff
+from pipeline.otel.decode import LogRecord, OtlpDecodeError, Span, decode_traces, sniff
 from pipeline.otel.ingest import convert, validate
-from pipeline.otel.mapping import classify, map_spans, readme_tables
+from pipeline.otel.mapping import classify, map_logs, map_spans, readme_tables
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -60,7 +60,7 @@ def test_readme_mapping_tables_are_generated_from_the_mapping_module() -> None:
 
 
 def test_schema_otel_names_agree_with_the_mapping() -> None:
-    names = {**mapping.CONTEXT, **mapping.FIELDS, **mapping.EVALUATION}
+    names = {**mapping.CONTEXT, **mapping.FIELDS, **mapping.EVALUATION, **mapping.FEEDBACK}
     checked = 0
     for field, described in schema.OTEL_NAMES.items():
         primary = described.split()[0]
@@ -229,6 +229,99 @@ def test_invalid_values_are_rejected_with_the_field_and_the_rest_kept() -> None:
     ]  # fmt: skip
 
 
+def record(
+    event_name: str = "gen_ai.evaluation.result",
+    span_id: str = "b7ad6b7169203331",
+    *,
+    trace: str = TRACE,
+    **attrs: Any,
+) -> LogRecord:
+    return LogRecord(
+        trace, span_id, NOW - 1_000_000_000, event_name,
+        {k.replace("__", "."): v for k, v in attrs.items()},
+        {"service.name": "support-bot", "service.version": "v4"},
+    )  # fmt: skip
+
+
+def test_evaluation_results_become_evaluation_events_of_the_evaluated_span() -> None:
+    out = validate(
+        map_logs(
+            [
+                record(
+                    gen_ai__evaluation__name="hallucination", gen_ai__evaluation__score__value=0.2,
+                    gen_ai__evaluation__score__label="Fail", gen_ai__request__model="gpt-4o-mini",
+                    gen_ai__evaluation__explanation="cites a refund policy that does not exist",
+                    agentstream__prompt__version="p12",
+                ),
+                record(
+                    span_id="0000000000000002", gen_ai__evaluation__name="tone",
+                    gen_ai__evaluation__score__label="polite", agentstream__evaluation__passed=True,
+                    agentstream__evaluation__evaluator__kind="human", agentstream__evaluation__scope="task",
+                    agentstream__task__id="task-9", agentstream__evaluation__suite__id="regress-1",
+                    agentstream__evaluation__case__id="case-3",
+                ),
+                record(span_id="", trace="", gen_ai__evaluation__name="relevance",
+                       gen_ai__evaluation__score__value="4", gen_ai__conversation__id="s-1"),
+                record(gen_ai__evaluation__name="accuracy", error__type="timeout"),  # no result
+                record("app.log", message="hello"),
+            ]
+        )
+    )  # fmt: skip
+    assert (out.rejected, out.skipped, out.total) == (0, 2, 5), out.reasons
+    got = [msgspec.to_builtins(schema.decode(v)) for _, v in out.records]
+    judged, tone, relevance = got
+    assert {k: judged.get(k) for k in (
+        "type", "evaluator", "score", "label", "passed", "evaluator_kind", "scope", "trace_id",
+        "span_id", "task_id", "model", "agent_id", "agent_version", "prompt_version", "explanation",
+    )} == {
+        "type": "evaluation", "evaluator": "hallucination", "score": 0.2, "label": "Fail",
+        "passed": False, "evaluator_kind": "llm_judge", "scope": "span", "trace_id": TRACE,
+        "span_id": "b7ad6b7169203331", "task_id": TRACE, "model": "gpt-4o-mini",
+        "agent_id": "support-bot", "agent_version": "v4", "prompt_version": "p12",
+        "explanation": "cites a refund policy that does not exist",
+    }  # fmt: skip
+    assert (
+        judged["event_id"]
+        == f"otel:{TRACE}:b7ad6b7169203331:gen_ai.evaluation.result:hallucination"
+    )
+    assert (tone["passed"], tone["label"], tone["evaluator_kind"], tone["scope"]) == (
+        True, "polite", "human", "task",
+    )  # fmt: skip
+    assert (tone["task_id"], tone["suite_id"], tone["case_id"]) == ("task-9", "regress-1", "case-3")
+    # No trace: the session named by the record is what was judged; a label that is not a
+    # pass/fail word decides nothing.
+    assert (relevance["scope"], relevance["session_id"], relevance["score"]) == (
+        "session",
+        "s-1",
+        4.0,
+    )
+    assert relevance["passed"] is None and relevance["event_id"].startswith("otel:log:")
+
+
+def test_feedback_log_records_and_unjudged_evaluations() -> None:
+    out = validate(
+        map_logs(
+            [
+                record("agentstream.feedback", agentstream__feedback__rating=2,
+                       agentstream__feedback__correction="the order shipped on Monday"),
+                # a rating sent as an evaluation result is still a user's rating
+                record(span_id="0000000000000002", gen_ai__evaluation__name="user",
+                       agentstream__feedback__rating=5),
+                record(span_id="0000000000000003", gen_ai__evaluation__name="tone"),  # no result
+                record(span_id="", trace="", gen_ai__evaluation__name="tone",
+                       gen_ai__evaluation__score__value=1.0),  # nothing evaluated named
+            ]
+        )
+    )  # fmt: skip
+    assert (len(out.records), out.rejected, out.skipped) == (2, 2, 0)
+    got = [msgspec.to_builtins(schema.decode(v)) for _, v in out.records]
+    assert [(e["type"], e["rating"], e.get("correction")) for e in got] == [
+        ("feedback", 2, "the order shipped on Monday"),
+        ("feedback", 5, None),
+    ]
+    assert [r.split(" - at ")[-1] for r in out.reasons] == ["`$.score`", "`$.task_id`"]
+
+
 # --- decoding ---------------------------------------------------------------------------------
 
 
@@ -369,3 +462,31 @@ def test_any_json_document_decodes_or_fails_clearly(doc: Any) -> None:
     for candidate in (doc, wrapped):
         with contextlib.suppress(OtlpDecodeError):
             convert(json.dumps(candidate).encode(), "json", "traces")
+
+
+_EVALUATION_ATTRS = [
+    *(n for names in mapping.EVALUATION.values() for n in names),
+    *(n for names in mapping.FEEDBACK.values() for n in names),
+    "gen_ai.request.model",
+    "error.type",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["gen_ai.evaluation.result", "agentstream.feedback", "app.log"]),
+    st.dictionaries(st.sampled_from(_EVALUATION_ATTRS), json_values, max_size=6),
+    st.booleans(),
+)
+def test_any_evaluation_record_maps_or_is_rejected_with_a_reason(
+    event_name: str, attrs: dict[str, Any], with_ids: bool
+) -> None:
+    """Hostile attribute values on an evaluation or feedback record: a valid event, or a
+    rejection naming the field; never an exception."""
+    rec = LogRecord(
+        TRACE if with_ids else "", "b7ad6b7169203331" if with_ids else "", NOW, event_name,
+        attrs, {"service.name": "svc"},
+    )  # fmt: skip
+    out = validate(map_logs([rec]))
+    assert len(out.records) + out.rejected + out.skipped == 1
+    assert all(" - at `$." in r for r in out.reasons), out.reasons

@@ -29,11 +29,14 @@ from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -278,6 +281,89 @@ def test_sdk_spans_land_once_with_tokens_model_agent_and_trace(stack: Stack) -> 
     assert dupes == 10
 
 
+def test_sdk_evaluation_results_and_feedback_become_evaluation_and_feedback_events(
+    stack: Stack,
+) -> None:
+    """An LLM judge scores each answer inside its chat span and a user rates the run, through
+    the SDK's OTLP logs exporter: evaluation events of the judged span, with its model."""
+    agent = f"eval-{uuid.uuid4().hex[:6]}"
+    resource = Resource.create({"service.name": agent, "service.version": "7"})
+    tp = TracerProvider(resource=resource)
+    spans = InMemorySpanExporter()
+    tp.add_span_processor(SimpleSpanProcessor(spans))
+    tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=stack.url + "/v1/traces")))
+    lp = LoggerProvider(resource=resource)
+    lp.add_log_record_processor(
+        BatchLogRecordProcessor(OTLPLogExporter(endpoint=stack.url + "/v1/logs"))
+    )
+    judge = lp.get_logger("judge")
+    tracer = tp.get_tracer("agent")
+    verdicts = [(0.9, "pass"), (0.2, "fail"), (0.95, "pass")]
+    for score, label in verdicts:
+        with tracer.start_as_current_span(
+            "invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent"}
+        ):
+            with tracer.start_as_current_span(
+                "chat",
+                attributes={
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.request.model": "gpt-4o-mini",
+                    "gen_ai.usage.input_tokens": 10,
+                    "gen_ai.usage.output_tokens": 5,
+                },
+            ):
+                # The conventions' way: the record is emitted in the evaluated span's context.
+                judge.emit(
+                    event_name="gen_ai.evaluation.result",
+                    attributes={
+                        "gen_ai.evaluation.name": "hallucination",
+                        "gen_ai.evaluation.score.value": score,
+                        "gen_ai.evaluation.score.label": label,
+                        "gen_ai.request.model": "gpt-4o-mini",
+                    },
+                )
+                # An evaluator that errored has no result: nothing to count.
+                judge.emit(
+                    event_name="gen_ai.evaluation.result",
+                    attributes={"gen_ai.evaluation.name": "tone", "error.type": "timeout"},
+                )
+            judge.emit(
+                event_name="agentstream.feedback",
+                attributes={"agentstream.feedback.rating": 2 if label == "fail" else 5},
+            )
+    assert tp.force_flush() and lp.force_flush()
+    chats = {
+        f"{s.context.span_id:016x}": f"{s.context.trace_id:032x}"
+        for s in spans.get_finished_spans()
+        if s.name == "chat"
+    }
+    # 3 runs x (task started + ended, 1 llm call, 1 evaluation, 1 feedback)
+    stack.wait_rows(agent, 3 * 5)
+    got = stack.rows(
+        f"""SELECT evaluator, score, label, passed, evaluator_kind, scope, span_id, trace_id,
+                   task_id, model, agent_version
+            FROM evaluations WHERE agent_id = '{agent}' ORDER BY score"""
+    )
+    assert [g[:6] for g in got] == [
+        ("hallucination", 0.2, "fail", False, "llm_judge", "span"),
+        ("hallucination", 0.9, "pass", True, "llm_judge", "span"),
+        ("hallucination", 0.95, "pass", True, "llm_judge", "span"),
+    ]
+    # Each evaluation names the chat span it judged, in that span's trace (the task).
+    assert {g[6]: g[7] for g in got} == chats
+    assert all(g[8] == g[7] and g[9:] == ("gpt-4o-mini", "7") for g in got)
+    ((ratings,),) = stack.rows(
+        f"SELECT list(rating ORDER BY rating) FROM feedback WHERE agent_id = '{agent}'"
+    )
+    assert ratings == [2, 5, 5]
+    ((types,),) = stack.rows(
+        f"SELECT list(DISTINCT type ORDER BY type) FROM events WHERE agent_id = '{agent}'"
+    )
+    assert types == ["evaluation", "feedback", "llm_call", "task"]
+    tp.shutdown()
+    lp.shutdown()
+
+
 class _FakeOpenAI(BaseHTTPRequestHandler):
     """Just enough of the chat completions API for the real openai client."""
 
@@ -469,14 +555,14 @@ def test_otlp_json_gzip_partial_success_and_hostile_requests(stack: Stack) -> No
     assert status == 200, answer
     assert json.loads(answer) == {}
 
-    # 3 good + the odd one (4 llm calls), 5 events of the SDK run, 1 feedback.
+    # 3 good + the odd one (4 llm calls), 5 events of the SDK run, 1 evaluation.
     stack.wait_rows(agent, 4 + 5 + 1)
     rows = stack.rows(
-        f"""SELECT type, count(*), sum(input_tokens), sum(rating)
+        f"""SELECT type, count(*), sum(input_tokens), sum(score)
             FROM events WHERE agent_id = '{agent}' GROUP BY type ORDER BY type"""
     )
     assert rows == [
-        ("feedback", 1, None, 0.75),
+        ("evaluation", 1, None, 0.75),
         ("llm_call", 6, 100 + 200 + 300 + 7 + 100 + 101, None),
         ("task", 2, None, None),
         ("tool_call", 1, None, None),
@@ -507,7 +593,7 @@ def test_collector_kafka_topic_protobuf_and_json(stack: Stack) -> None:
         f"SELECT type, count(*), sum(input_tokens) FROM events WHERE agent_id = '{agent}' GROUP BY type ORDER BY type"
     )
     assert rows == [
-        ("feedback", 1, None),
+        ("evaluation", 1, None),
         ("llm_call", 4, 100 + 101 + 2000),
         ("task", 2, None),
         ("tool_call", 1, None),

@@ -4,8 +4,10 @@ filtered source give the view's own numbers."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -13,11 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ConfigError
+from pipeline.generate import TrafficConfig, generate
 from pipeline.ui import queries
 from pipeline.ui.queries import FILTERS, BadRequest, Filters, parse_filters
-from pipeline.ui.server import check_binding, merge_updates
+from pipeline.ui.server import LakeReader, check_binding, merge_updates
 from sinks.analysis import connect, install_views
 from sinks.catalog import prepare
+from sinks.contracts import EVENTS
+from sinks.lake import LakeWriter
+from sinks.tables import events_to_table
 
 PARAMS = [*FILTERS, "range", "from", "to"]
 
@@ -113,3 +119,44 @@ def test_duckdb_cursor_interrupt_stops_a_query() -> None:
     timer.start()
     with pytest.raises(duckdb.InterruptException):
         cur.execute("SELECT count(*) FROM range(100000000000) a, range(10) b").fetchall()
+
+
+def _land(writer: LakeWriter, n: int, seed: int) -> None:
+    events = list(generate(TrafficConfig(events=n, seed=seed)))
+    extras = {
+        "cost_estimated": [False] * n,
+        "late": [False] * n,
+        "kafka_partition": [0] * n,
+        "kafka_offset": list(range(n)),
+    }
+    writer.append(EVENTS.name, events_to_table(events, extras))
+
+
+def test_answers_are_cached_per_data_version(tmp_path: Path) -> None:
+    """A view asked again is answered from the cache until the worker's next commit; a
+    refresh without a new commit copies nothing; after one, the answer counts the new events."""
+    writer = prepare(tmp_path)
+    _land(writer, 300, 1)
+    reader = LakeReader(tmp_path)
+    everything = Filters(range="all")
+
+    async def overview() -> dict[str, Any]:
+        return await reader.run_cached(queries.overview, everything)
+
+    try:
+        first = asyncio.run(overview())
+        assert first["tiles"]["events"] == 300
+        assert asyncio.run(overview()) is first  # from the cache
+        version = reader.version
+        assert version is not None
+        assert reader.refresh() is False and reader.version == version
+        assert asyncio.run(overview()) is first
+
+        _land(writer, 200, 2)  # the worker's next commit
+        assert reader.refresh() is True and reader.version != version
+        again = asyncio.run(overview())
+        assert again is not first and again["tiles"]["events"] == 500
+        fresh = asyncio.run(reader.run(queries.overview, everything))
+        assert fresh == again and fresh is not again
+    finally:
+        reader.close()

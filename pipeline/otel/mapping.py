@@ -140,11 +140,31 @@ FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "action": ("gen_ai.guardrail.result.type", "agentstream.guardrail.action"),
     "reason (guardrail)": ("gen_ai.guardrail.result.reason",),
 }
-# Evaluation results (log records named gen_ai.evaluation.result) -> feedback for now.
+# Evaluation results: log records named gen_ai.evaluation.result, parented to the span they
+# evaluate (or naming it in gen_ai.response.id) -> evaluation events.
 EVALUATION_EVENT: Final = "gen_ai.evaluation.result"
 EVALUATION: Final[dict[str, tuple[str, ...]]] = {
-    "rating": ("agentstream.feedback.rating", "gen_ai.evaluation.score.value"),
-    "name (in its event_id)": ("gen_ai.evaluation.name",),
+    "evaluator": ("gen_ai.evaluation.name",),
+    "score": ("gen_ai.evaluation.score.value",),
+    "label": ("gen_ai.evaluation.score.label",),
+    "passed": ("agentstream.evaluation.passed",),
+    "evaluator_kind": ("agentstream.evaluation.evaluator.kind",),
+    "scope": ("agentstream.evaluation.scope",),
+    "suite_id": ("agentstream.evaluation.suite.id",),
+    "case_id": ("agentstream.evaluation.case.id",),
+    "explanation": ("gen_ai.evaluation.explanation",),
+}
+# The conventions have no pass/fail attribute; a label that says pass or fail decides it when
+# agentstream.evaluation.passed is absent (other labels, such as "relevant", decide nothing).
+LABEL_PASSED: Final[dict[str, bool]] = {
+    "pass": True, "passed": True, "correct": True, "true": True,
+    "fail": False, "failed": False, "incorrect": False, "false": False,
+}  # fmt: skip
+# A user's rating or correction: a log record named agentstream.feedback, or any log record
+# (an evaluation result included) that carries one of these -> a feedback event.
+FEEDBACK_EVENT: Final = "agentstream.feedback"
+FEEDBACK: Final[dict[str, tuple[str, ...]]] = {
+    "rating": ("agentstream.feedback.rating",),
     "correction": ("agentstream.feedback.correction",),
 }
 # gen_ai.guardrail.result.type values (and common synonyms) -> the schema's actions.
@@ -547,20 +567,55 @@ def map_spans(spans: Sequence[Span]) -> Mapped:
     return Mapped(events, origins, rejected, skipped, len(spans))
 
 
-def evaluation_event(record: LogRecord, base: dict[str, Any]) -> dict[str, Any]:
-    """The event an evaluation result becomes: today a ``feedback`` event with the score as
-    its rating. The one place to change when evaluations get an event type of their own."""
+def _has_result(attrs: dict[str, Any]) -> bool:
+    return any(_first(attrs, EVALUATION[k]) is not None for k in ("score", "label", "passed"))
+
+
+def _is_feedback(record: LogRecord) -> bool:
+    return record.event_name == FEEDBACK_EVENT or any(
+        name in record.attrs for names in FEEDBACK.values() for name in names
+    )
+
+
+def feedback_event(record: LogRecord, base: dict[str, Any]) -> dict[str, Any]:
+    """A user's rating (1-5) and/or correction of the agent's answer."""
     event = {**base, "type": "feedback"}
-    _put(event, "rating", _number(_first(record.attrs, EVALUATION["rating"])))
-    _put(event, "correction", _text(_first(record.attrs, EVALUATION["correction"])))
+    _put(event, "rating", _number(_first(record.attrs, FEEDBACK["rating"])))
+    _put(event, "correction", _text(_first(record.attrs, FEEDBACK["correction"])))
+    return event
+
+
+def evaluation_event(record: LogRecord, base: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation result: the evaluator, its score, label and pass/fail, and what it judged.
+
+    The conventions parent the record to the evaluated span, so without an explicit
+    ``agentstream.evaluation.scope`` the scope is the most precise id the record carries: its
+    span, else its trace, else the task or session named by attributes."""
+    a = record.attrs
+    event = {**base, "type": "evaluation"}
+    _put(event, "evaluator", _name(_first(a, EVALUATION["evaluator"])))
+    _put(event, "score", _number(_first(a, EVALUATION["score"])))
+    label = _name(_first(a, EVALUATION["label"]))
+    _put(event, "label", label)
+    passed = _first(a, EVALUATION["passed"])
+    if passed is None and isinstance(label, str):
+        passed = LABEL_PASSED.get(label.strip().lower())
+    _put(event, "passed", passed)
+    _put(event, "evaluator_kind", _name(_first(a, EVALUATION["evaluator_kind"])))
+    scope = _name(_first(a, EVALUATION["scope"]))
+    if scope is None:
+        ids = ("span", "trace", "task", "session")
+        scope = next((s for s in ids if event.get(f"{s}_id")), "task")
+    event["scope"] = scope
+    for field in ("suite_id", "case_id"):
+        _put(event, field, _name(_first(a, EVALUATION[field])))
+    _put(event, "explanation", _text(_first(a, EVALUATION["explanation"])))
     return event
 
 
 def _record_id(record: LogRecord, found: dict[str, Any]) -> str:
     if record.trace_id and record.span_id:
-        name = _name(
-            _first(record.attrs, EVALUATION["name (in its event_id)"]) or found.get("policy_id")
-        )
+        name = _name(_first(record.attrs, EVALUATION["evaluator"]) or found.get("policy_id"))
         return f"otel:{record.trace_id}:{record.span_id}:{record.event_name}:{name or ''}"
     # No ids: the record's content names it, so a resent record is still a repeat.
     digest = hashlib.blake2b(
@@ -571,15 +626,20 @@ def _record_id(record: LogRecord, found: dict[str, Any]) -> str:
 
 
 def map_logs(records: Sequence[LogRecord]) -> Mapped:
-    """Evaluation results -> feedback, guardrail results -> guardrail; the rest skipped."""
+    """Feedback, evaluation results and guardrail results become events; the rest skipped.
+
+    An evaluator that failed (``error.type`` and no result) produced nothing to count: skipped."""
     events: list[dict[str, Any]] = []
     origins: list[int] = []
     resources: dict[int, dict[str, Any]] = {}
     skipped = 0
     for i, record in enumerate(records):
         f = pick(record.attrs)
+        feedback = _is_feedback(record)
+        evaluation = not feedback and record.event_name == EVALUATION_EVENT
         is_guardrail = record.event_name.startswith("gen_ai.guardrail") or "policy_id" in f
-        if record.event_name != EVALUATION_EVENT and not is_guardrail:
+        failed = evaluation and "error_type" in f and not _has_result(record.attrs)
+        if failed or not (feedback or evaluation or is_guardrail):
             skipped += 1
             continue
         res = resources.get(id(record.resource))
@@ -588,8 +648,11 @@ def map_logs(records: Sequence[LogRecord]) -> Mapped:
         base = _with_ids(_envelope({**res, **_own(f)}), record.trace_id, record.span_id)
         base["event_id"] = _record_id(record, f)
         base["ts"] = _ts(record.time_ns)
-        if record.event_name == EVALUATION_EVENT:
-            events.append(evaluation_event(record, base))
+        if feedback or evaluation:
+            # The judged work's model and provider: its evaluations fall into its metrics keys.
+            _put(base, "model", _name(f.get("model")))
+            _put(base, "provider", _name(f.get("provider")))
+            events.append((feedback_event if feedback else evaluation_event)(record, base))
         else:
             span = Span(
                 record.trace_id, record.span_id, "", "", 0, 0, False, record.attrs, record.resource
@@ -624,7 +687,20 @@ def readme_tables() -> str:
     )
     out.append(f"| a model name ({', '.join(f'`{n}`' for n in FIELDS['model'])}) | `llm_call` |")
     out.append("| anything else (HTTP, database, plumbing) | skipped and counted |")
-    out.append(f"| log record `{EVALUATION_EVENT}` | `feedback` (rating = score) |")
+    out.append(
+        f"| log record `{FEEDBACK_EVENT}`, or any log record with"
+        f" {', '.join(f'`{n}`' for names in FEEDBACK.values() for n in names)} | `feedback` |"
+    )
+    labels = "; ".join(
+        f"{', '.join(f'`{k}`' for k, v in LABEL_PASSED.items() if v is want)} -> {word}"
+        for want, word in ((True, "passed"), (False, "failed"))
+    )
+    out.append(
+        f"| log record `{EVALUATION_EVENT}` | `evaluation` (pass/fail, when not given: from the"
+        f" label, {labels}; scope, when not given: `span` when the record has a span id, else"
+        " `trace`, `task`, `session`; an evaluator that failed, with `error.type` and no"
+        " result: skipped) |"
+    )
     out.append("| log record `gen_ai.guardrail.*` or with a guardrail policy id | `guardrail` |")
     out += ["", "| event field | attributes, first present wins |", "| --- | --- |"]
     for field, how in DERIVED.items():
@@ -633,6 +709,7 @@ def readme_tables() -> str:
         **CONTEXT,
         **FIELDS,
         **{f"evaluation {k}": v for k, v in EVALUATION.items()},
+        **{f"feedback {k}": v for k, v in FEEDBACK.items()},
     }.items():
         out.append(f"| `{field}` | {', '.join(f'`{n}`' for n in names)} |")
     return "\n".join(out) + "\n"

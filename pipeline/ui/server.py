@@ -29,7 +29,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -55,6 +56,9 @@ RECONNECT_S: Final = 300.0
 MIN_REFRESH_GAP_S: Final = 2.0
 PING_S: Final = 15.0
 CSV_ROWS: Final = 100_000
+CACHE_ENTRIES: Final = 64
+PREWARM: Final = 4
+PREWARM_IDLE_S: Final = 60.0
 LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 _CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -98,6 +102,14 @@ class LakeReader:
     The connection comes from ``sinks.analysis.connect`` and holds the ``queries.SNAPSHOT``
     tables; ``refresh`` makes a new one (new files, new tables) and swaps it in whole, so a
     query sees one snapshot or the next, never half of each.
+
+    Answers are cached per data version, the lake's snapshot id (``run_cached``): the lake
+    changes only when the worker commits a flush, so between commits a view asked again
+    (another tab, a filter toggled back, the page's periodic re-read) costs nothing, and a
+    ``refresh`` that finds the same version copies nothing. After a refresh that found new
+    data, the ``PREWARM`` views asked most recently are computed again before the pages are
+    told (``prewarm``): their re-read then finds the answer ready. Only while pages ask
+    (within ``PREWARM_IDLE_S``): a lake nobody looks at costs no queries.
     """
 
     def __init__(self, data_dir: Path, threads: int = 2, timeout_s: float = QUERY_TIMEOUT_S):
@@ -110,33 +122,92 @@ class LakeReader:
         self._generation = 0
         self._made = 0.0
         self._refreshing: asyncio.Lock | None = None
+        self.version: int | None = None  # the lake's snapshot id the copies were made at
+        self._cache: OrderedDict[Hashable, Any] = OrderedDict()
+        self._asked = time.monotonic()
+        self._recent: OrderedDict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            OrderedDict()
+        )
         self.refresh()  # a missing or unreadable lake fails here, once, with its message
 
-    def refresh(self) -> None:
-        """A new copy of the derived tables; every ``RECONNECT_S`` a new connection too (new
-        views: a table that got its first files since is then read)."""
+    def refresh(self) -> bool:
+        """A new copy of the derived tables if the lake has a new version (True then);
+        every ``RECONNECT_S`` a new connection too (new views: a table that got its first
+        files since is then read)."""
         from sinks.analysis import connect
 
         with self._lock:
             con, made = self._con, self._made
-        if con is not None and time.monotonic() - made < RECONNECT_S:
-            # Concurrent readers see the old copy or the new one (one transaction).
-            queries.snapshot(con.cursor())
-            return
+        if con is not None:
+            version = queries.data_version(con.cursor())
+            if version is not None and version == self.version:
+                return False
+            if time.monotonic() - made < RECONNECT_S:
+                # Concurrent readers see the old copy or the new one (one transaction).
+                queries.snapshot(con.cursor())
+                self._swap(con, version, reconnected=False)
+                return True
         con = connect(self.data_dir)
         # Many small files: their footers are read once, not on every query.
         con.execute("SET parquet_metadata_cache = true")
+        version = queries.data_version(con)
         queries.snapshot(con)
-        with self._lock:
-            self._con = con
-            self._made = time.monotonic()
-            self._generation += 1
+        self._swap(con, version, reconnected=True)
+        return True
 
-    async def refresh_async(self) -> None:
+    def _swap(self, con: duckdb.DuckDBPyConnection, version: int | None, reconnected: bool) -> None:
+        with self._lock:
+            if reconnected:
+                self._con = con
+                self._made = time.monotonic()
+                self._generation += 1
+            self.version = version
+            self._cache.clear()
+
+    async def refresh_async(self) -> bool:
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self.refresh)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.refresh)
+
+    async def run_cached(self, fn: Callable[..., T], *args: Any) -> T:
+        """``run``, answered from the cache while the lake's version is the same."""
+        key = (fn.__qualname__, args)
+        with self._lock:
+            self._asked = time.monotonic()
+            self._recent[key] = (fn, args)
+            self._recent.move_to_end(key)
+            while len(self._recent) > PREWARM:
+                self._recent.popitem(last=False)
+            version = self.version
+            if version is not None and key in self._cache:
+                self._cache.move_to_end(key)
+                hit: T = self._cache[key]
+                return hit
+        result = await self.run(fn, *args)
+        with self._lock:
+            if version is not None and version == self.version:
+                self._cache[key] = result
+                while len(self._cache) > CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+        return result
+
+    async def prewarm(self) -> None:
+        """Compute the most recently asked views again (after a refresh that found new
+        data), one at a time; a view that fails is left for its next request to report."""
+        with self._lock:
+            recent = list(self._recent.values())
+            if time.monotonic() - self._asked > PREWARM_IDLE_S:
+                return
+        for fn, args in reversed(recent):
+            with contextlib.suppress(Exception):
+                await self.run_cached(fn, *args)
+
+    def remember(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Count ``fn(args)`` as asked, so ``prewarm`` computes it (the page's first view)."""
+        with self._lock:
+            self._asked = time.monotonic()
+            self._recent[(fn.__qualname__, args)] = (fn, args)
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         local = self._local
@@ -413,7 +484,8 @@ def create_app(
                 continue
             started = time.monotonic()
             try:
-                await reader.refresh_async()
+                if await reader.refresh_async():
+                    await reader.prewarm()
             except Exception as exc:
                 log.warning("refresh failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
             for message in merge_updates(batch):
@@ -428,13 +500,13 @@ def create_app(
     async def page(_request: web.Request) -> web.Response:
         return web.Response(body=index, content_type="text/html", charset="utf-8")
 
-    async def _timed(fn: Callable[..., Any], *args: Any) -> web.Response:
+    async def _timed(fn: Callable[..., Any], *args: Any, fresh: bool = False) -> web.Response:
         started = time.perf_counter()
         # Process CPU time: what the request cost, whatever else the machine runs (one
         # request at a time, as in bench/ui.py).
         cpu = time.process_time()
         try:
-            data = await reader.run(fn, *args)
+            data = await (reader.run(fn, *args) if fresh else reader.run_cached(fn, *args))
         except BadRequest as exc:
             return _json({"error": str(exc)}, 400)
         except QueryTimeout as exc:
@@ -452,6 +524,10 @@ def create_app(
     def _filters(request: web.Request) -> Filters:
         return queries.parse_filters(request.query)
 
+    def _fresh(request: web.Request) -> bool:
+        """``Cache-Control: no-cache``: the client wants the answer computed now (bench)."""
+        return "no-cache" in request.headers.get("Cache-Control", "")
+
     async def view(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         fn = VIEWS.get(name)
@@ -468,16 +544,16 @@ def create_app(
             args.append(request.query.get("by", "agent"))
         if name == "sessions":
             args.append(request.query.get("q", "").strip())
-        return await _timed(fn, *args)
+        return await _timed(fn, *args, fresh=_fresh(request))
 
     async def condition(request: web.Request) -> web.Response:
         cid = request.query.get("id", "")
         if not cid or len(cid) > queries.MAX_FILTER_LEN:
             return _json({"error": "bad id: give the condition_id of an anomaly condition"}, 400)
-        return await _timed(queries.condition, cid)
+        return await _timed(queries.condition, cid, fresh=_fresh(request))
 
     async def options(request: web.Request) -> web.Response:
-        return await _timed(queries.options, Filters())
+        return await _timed(queries.options, Filters(), fresh=_fresh(request))
 
     async def events_csv(request: web.Request) -> web.Response:
         try:
@@ -537,7 +613,12 @@ def create_app(
 
     async def on_startup(_app: web.Application) -> None:
         feed.start()
-        tasks.append(asyncio.get_running_loop().create_task(refresher()))
+        # The page opens on the overview of the default range: have it ready.
+        reader.remember(queries.options, Filters())
+        reader.remember(queries.overview, Filters())
+        loop = asyncio.get_running_loop()
+        tasks.append(loop.create_task(reader.prewarm()))
+        tasks.append(loop.create_task(refresher()))
 
     async def on_shutdown(_app: web.Application) -> None:
         for task in tasks:

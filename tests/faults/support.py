@@ -257,6 +257,29 @@ def wait_until(
         time.sleep(every)
 
 
+def wait_all_committed(
+    settings: Settings, total: int, worker: WorkerProcess, timeout: float = 120
+) -> None:
+    """Wait until the group has committed ``total`` messages of the events topic."""
+    wait_until(
+        "everything committed",
+        lambda: committed(settings) >= total,
+        timeout=timeout,
+        alive=[worker],
+    )
+
+
+def wait_health(worker: WorkerProcess, status: int, timeout: float = 30) -> None:
+    """Wait until ``/health`` answers with HTTP ``status`` (200 ok, 503 degraded)."""
+    wait_until(
+        f"/health answering {status}",
+        lambda: (h := worker.health()) is not None and h[0] == status,
+        timeout=timeout,
+        every=0.1,
+        alive=[worker],
+    )
+
+
 def committed(settings: Settings) -> int:
     """Messages of the events topic the group has committed (0 while unreachable)."""
     try:

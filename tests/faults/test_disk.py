@@ -34,6 +34,8 @@ from tests.faults.support import (
     committed_by_partition,
     report,
     table_folder,
+    wait_all_committed,
+    wait_health,
     wait_until,
     worker_pool,
 )
@@ -104,13 +106,7 @@ def run_outage(bootstrap: str, tmp_path: Path, table: str, n: int, seed: int) ->
         folder.write_bytes(b"this is not a folder\n")
         feeder.resume()
         try:
-            wait_until(
-                "/health to report degraded",
-                lambda: (h := worker.health()) is not None and h[0] == 503,
-                timeout=30,
-                every=0.1,
-                alive=[worker],
-            )
+            wait_health(worker, 503)
             # A flush that was committing when the fault began may still finish: take the
             # committed offsets once the worker has seen the fault, then watch them stand.
             out.committed_during.append(committed_by_partition(settings))
@@ -123,18 +119,8 @@ def run_outage(bootstrap: str, tmp_path: Path, table: str, n: int, seed: int) ->
             folder.unlink()
             away.rename(folder)
         feeder.finish(120)
-        wait_until(
-            "everything committed",
-            lambda: committed(settings) >= len(records),
-            timeout=120,
-            alive=[worker],
-        )
-        wait_until(
-            "/health ok again",
-            lambda: (h := worker.health()) is not None and h[0] == 200,
-            timeout=30,
-            alive=[worker],
-        )
+        wait_all_committed(settings, len(records), worker)
+        wait_health(worker, 200)
         out.health_after = worker.health()
         assert worker.terminate() == 0
         out.log = worker.log_text()
