@@ -461,7 +461,9 @@ class LakeWriter:
                     "updated_at = now() WHERE topic = ? AND partition = ? AND next_offset = ?",
                     [nxt, flush.group_id, topic, part, expected],
                 ).fetchone()
-                if moved is None or moved[0] != 1:
+                # Workers starting together may both claim a new partition (two rows, equal
+                # offsets): they move together, so one or more rows moved is the expected case.
+                if moved is None or moved[0] < 1:
                     raise Fenced(
                         f"partition {topic}/{part} is no longer at offset {expected} in the "
                         "lake: another writer landed it"
