@@ -134,6 +134,9 @@ class BenchOptions:
     profile: Path | None = None
     profile_idle: bool = False
     keep: bool = False
+    # Worker process counts to run the same backlog with, one after another (side by side in
+    # one run: a shared machine's load changes between runs).
+    workers: tuple[int, ...] = (1,)
 
 
 class BenchError(RuntimeError):
@@ -484,8 +487,11 @@ def naive(
 # --------------------------------------------------------------------------------------
 
 
-def spawn_worker(settings: Settings, log: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """An ``agentstream worker`` process configured by ``settings`` (its own process group)."""
+def spawn_worker(
+    settings: Settings, log: Path, cwd: Path, processes: int = 1
+) -> subprocess.Popen[bytes]:
+    """An ``agentstream worker`` process configured by ``settings`` (its own process group),
+    with ``--processes`` children when more than one."""
     env = {
         **os.environ,
         **settings.to_env(),
@@ -493,7 +499,8 @@ def spawn_worker(settings: Settings, log: Path, cwd: Path) -> subprocess.Popen[b
     }
     with log.open("ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"],
+            [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"]
+            + (["--processes", str(processes)] if processes > 1 else []),
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -657,11 +664,13 @@ def agentstream(
     *,
     profile_idle: bool = False,
     timeout: float = 300,
+    processes: int = 1,
 ) -> WorkerRun:
-    """Run one worker from the first offset until ``total`` events are committed."""
-    log = workdir / "worker.log"
+    """Run one worker (``processes`` of them) from the first offset until ``total`` events
+    are committed."""
+    log = workdir / f"worker-{settings.group_id}.log"
     run = WorkerRun()
-    proc = spawn_worker(settings, log, workdir)
+    proc = spawn_worker(settings, log, workdir, processes)
     sampler = RssSampler(proc.pid)
     sampler.start()
     watcher = LogWatcher(log, CONSUMING)
@@ -981,6 +990,31 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         if opts.profile is not None:
             result["profile"] = str(opts.profile)
         lap("agentstream")
+        result["workers"] = {
+            opts.workers[0]: {
+                "eps": result["agentstream_eps"],
+                "eps_steady": result["agentstream_eps_steady"],
+                "seconds": result["agentstream_seconds"],
+            }
+        }
+        for n in opts.workers[1:]:
+            _say(f"agentstream: {n} worker processes until {opts.events:,} events are committed")
+            mine = settings.with_(
+                group_id=f"{settings.group_id}-x{n}",
+                data_dir=workdir / f"lake-x{n}",
+                web_port=free_port(),
+            )
+            w = agentstream(mine, workdir, opts.events, None, processes=n)
+            assert w.done_at is not None
+            start = w.consuming_at if w.consuming_at is not None else w.first_commit_at
+            assert start is not None
+            steady = w.done_at - (w.first_commit_at or start)
+            result["workers"][n] = {
+                "eps": opts.events / (w.done_at - start),
+                "eps_steady": (opts.events - w.first_committed) / steady if steady > 0 else None,
+                "seconds": w.done_at - start,
+            }
+            lap(f"agentstream x{n}")
 
         result.update(
             {
@@ -1052,6 +1086,14 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"  agentstream / ceiling   {result['agentstream_vs_ceiling']:.2f}x",
     ]
+    by_workers = result.get("workers") or {}
+    if len(by_workers) > 1:
+        first = next(iter(by_workers.values()))["eps"]
+        for n, w in by_workers.items():
+            lines.append(
+                f"  {n} worker process{'es' if int(n) > 1 else ''}: {_eps(w['eps'])} "
+                f"(steady {_eps(w['eps_steady'])}), {w['eps'] / first:.2f}x the first"
+            )
     vs_naive = result.get("agentstream_vs_naive")
     lines.append(
         f"  agentstream / naive     {vs_naive:.1f}x"
@@ -1157,7 +1199,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, bool]:
         help="sample idle threads too (wall-clock view; use bench.profile --thread MainThread)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, lake)")
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="worker process counts to run the backlog with, one after another, e.g. 1,2 "
+        "[%(default)s]",
+    )
     a = p.parse_args(argv)
+    try:
+        workers = tuple(int(n) for n in a.workers.split(","))
+    except ValueError:
+        workers = ()
+    if not workers or min(workers) < 1 or max(workers) > 64:
+        p.error(f"--workers {a.workers!r}: give counts from 1 to 64, comma-separated (e.g. 1,2)")
     if a.events < 1 or a.naive_cap < 2 or a.latency_rate < 1 or not a.event_rate > 0:
         p.error("--events, --naive-cap (>= 2), --event-rate and --latency-rate must be positive")
     opts = BenchOptions(
@@ -1174,6 +1228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, bool]:
         profile=a.profile,
         profile_idle=a.profile_idle,
         keep=a.keep,
+        workers=workers,
     )
     return opts, bool(a.json)
 

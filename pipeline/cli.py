@@ -23,7 +23,7 @@ import click
 import msgspec
 
 from pipeline import schema
-from pipeline.config import ConfigError, Settings
+from pipeline.config import ROLES, ConfigError, Settings
 from pipeline.kafka import BrokerUnavailable, committed_lag, ensure_pipeline_topics
 
 if TYPE_CHECKING:
@@ -119,6 +119,20 @@ def broker(kind: str, port: int, broker_dir: Path | None) -> None:
 @data_dir_option
 @click.option("--web-port", type=int, default=None, help="Health and /metrics port [default 6066]")
 @click.option("--group", "group_id", default=None, help="Consumer group [default agentstream]")
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default=None,
+    help="Stages to run: ingest (land events, hand window partials on), aggregate (windows, "
+    "detectors, releases, budgets) or all [env AGENTSTREAM_ROLE; default all]",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Worker processes to run on this machine (web ports from --web-port up)",
+)
 @click.option("--loglevel", default="info", show_default=True)
 @friendly
 def worker(
@@ -126,13 +140,20 @@ def worker(
     data_dir: Path | None,
     web_port: int | None,
     group_id: str | None,
+    role: str | None,
+    processes: int,
     loglevel: str,
 ) -> None:
-    """Consume agent events, land them as Parquet, route bad ones to the dead-letter topic."""
-    from streams.app import run
+    """Consume agent events, land them in the lake, route bad ones to the dead-letter topic,
+    and compute windows, alerts, verdicts and budgets; any number of workers share the work."""
+    from streams.app import run, run_processes
 
-    settings = Settings.load(broker=broker, data_dir=data_dir, web_port=web_port, group_id=group_id)
+    settings = Settings.load(
+        broker=broker, data_dir=data_dir, web_port=web_port, group_id=group_id, role=role
+    )
     ensure_pipeline_topics(settings)
+    if processes > 1:
+        sys.exit(run_processes(settings, processes, loglevel=loglevel))
     sys.exit(run(settings, loglevel=loglevel))
 
 

@@ -17,6 +17,7 @@ from typing import Any, Final
 DEFAULT_BROKER: Final = "127.0.0.1:9092"
 ENV_PREFIX: Final = "AGENTSTREAM_"
 WINDOW_SIZES: Final = {"1m": 60, "5m": 300, "1h": 3600}
+ROLES: Final = ("all", "ingest", "aggregate")
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,9 @@ class Settings:
     verdicts_topic: str = "agent-release-verdicts"
     partitions: int = 4
     group_id: str = "agentstream"
+    # Which stages this worker runs: ingest (validate, land events, window partials), aggregate
+    # (merge partials, close windows, detectors, judge, budgets), or all (both, one process).
+    role: str = "all"
     # Hot path: a flush lands, publishes and commits everything fetched since the last one.
     flush_interval_s: float = 1.0
     flush_max_events: int = 100_000
@@ -156,6 +160,16 @@ class Settings:
         return WINDOW_SIZES[self.window]
 
     @property
+    def repartition_topic(self) -> str:
+        """The internal topic from the ingest stage to the aggregate stage (one per group)."""
+        return f"{self.group_id}-{self.events_topic}-repartition"
+
+    @property
+    def aggregate_group(self) -> str:
+        """The consumer group of the aggregate stage on the repartition topic."""
+        return f"{self.group_id}-aggregate"
+
+    @property
     def redact_kinds(self) -> list[str]:
         """The redactions to apply (empty for ``none``)."""
         kinds = [k.strip() for k in self.redact.split(",") if k.strip()]
@@ -185,6 +199,8 @@ class Settings:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         for what in ("events", "dlq", "metrics", "anomalies", "verdicts"):
             check_topic(getattr(self, f"{what}_topic"), what)
+        if self.role not in ROLES:
+            raise ConfigError(f"bad role {self.role!r}: choose one of {', '.join(ROLES)}")
         if self.window not in WINDOW_SIZES:
             raise ConfigError(
                 f"bad window {self.window!r}: choose one of {', '.join(WINDOW_SIZES)}"

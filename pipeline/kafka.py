@@ -107,6 +107,8 @@ def pipeline_topics(settings: Settings) -> dict[str, int]:
         settings.metrics_topic: settings.partitions,
         settings.anomalies_topic: settings.partitions,
         settings.verdicts_topic: settings.partitions,
+        # One partition: one owner of the aggregate state at a time (streams.aggregate).
+        settings.repartition_topic: 1,
     }
 
 

@@ -10,6 +10,8 @@ CLI sees them after a plain ``ATTACH`` (README, "Lake").
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -124,8 +126,19 @@ def _envelope_names() -> set[str]:
 
 
 def prepare(data_dir: Path, catalog: str = "") -> LakeWriter:
-    """A writer of the lake of ``data_dir``, with every table and view (created if missing)."""
-    return LakeWriter(data_dir, TABLES, type_views(), catalog)
+    """A writer of the lake of ``data_dir``, with every table and view (created if missing).
+
+    Workers started together (``docker compose up --scale worker=3``) race to create the
+    tables; with the SQLite catalog the losers find it locked for a moment: they retry.
+    """
+    for attempt in range(8):
+        try:
+            return LakeWriter(data_dir, TABLES, type_views(), catalog)
+        except LakeError as exc:
+            if "locked" not in str(exc) or attempt == 7:
+                raise
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def connect(

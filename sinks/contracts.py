@@ -300,4 +300,27 @@ ANOMALIES: Final = LakeTable("anomalies", ANOMALIES_SCHEMA, "window_start")
 # Budget status: one row per budget and period, replaced while the period is current.
 BUDGETS: Final = LakeTable("budgets", BUDGETS_SCHEMA, "period_start", ("budget", "period_start"))
 RELEASE_VERDICTS: Final = LakeTable("release_verdicts", VERDICTS_SCHEMA, "window_start")
-TABLES: list[LakeTable] = [EVENTS, DEAD_LETTERS, METRICS, ANOMALIES, BUDGETS, RELEASE_VERDICTS]
+HOP_OUTBOX_SCHEMA: Final = pa.schema(
+    [
+        pa.field("writer", pa.string(), nullable=False),
+        pa.field("ranges", pa.string(), nullable=False),
+        pa.field("payloads", pa.list_(pa.binary()), nullable=False),
+        pa.field("created_at", _TS, nullable=False),
+    ]
+)
+"""The repartition hop's outbox (internal, like ``kafka_offsets``): per ingest process
+(``writer``), the messages of its last landed flush (``payloads``: every chunk for every
+repartition partition, in order) and the events offsets they cover (``ranges``, JSON
+``{partition: [first, next]}``). Landed in the flush's own transaction, replacing the
+writer's previous row, then sent: whoever takes a partition over sends again the row that
+ends at the partition's stored position (``streams.hop``)."""
+HOP_OUTBOX: Final = LakeTable("hop_outbox", HOP_OUTBOX_SCHEMA, "created_at", ("writer",))
+TABLES: list[LakeTable] = [
+    EVENTS,
+    DEAD_LETTERS,
+    METRICS,
+    ANOMALIES,
+    BUDGETS,
+    RELEASE_VERDICTS,
+    HOP_OUTBOX,
+]

@@ -324,8 +324,11 @@ class LakeWriter:
             try:
                 with transaction(self.con, self.spec):
                     self._create(views)
+                # Tables whose rows are replaced (``replace_by``) by several writers at once
+                # (the hop outbox: one row per ingest process) need the same.
+                replaced = [t.name for t in self.tables.values() if t.replace_by]
                 with transaction(self.con, self.spec):
-                    for name in (POSITIONS, CHECKPOINTS):
+                    for name in (POSITIONS, CHECKPOINTS, *replaced):
                         # Rows in files, not inlined in the catalog: DuckLake finds update
                         # conflicts per data file, but per table for inlined rows. Each
                         # writer's rows then sit in files of their own, so writers of other
@@ -458,7 +461,9 @@ class LakeWriter:
                     "updated_at = now() WHERE topic = ? AND partition = ? AND next_offset = ?",
                     [nxt, flush.group_id, topic, part, expected],
                 ).fetchone()
-                if moved is None or moved[0] != 1:
+                # Workers starting together may both claim a new partition (two rows, equal
+                # offsets): they move together, so one or more rows moved is the expected case.
+                if moved is None or moved[0] < 1:
                     raise Fenced(
                         f"partition {topic}/{part} is no longer at offset {expected} in the "
                         "lake: another writer landed it"

@@ -11,8 +11,9 @@ from faust.web import Request, Response, View
 
 from pipeline.config import Settings
 from pipeline.kafka import ssl_context
+from streams.aggregate import AggregateConsumer
+from streams.ingest import IngestConsumer
 from streams.telemetry import WorkerTelemetry
-from streams.worker import EventConsumer
 
 log = logging.getLogger("agentstream.app")
 
@@ -23,12 +24,23 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.telemetry = WorkerTelemetry()
-        self.consumer = EventConsumer(settings, self.telemetry)
+        self.ingest = (
+            IngestConsumer(settings, self.telemetry) if settings.role in ("all", "ingest") else None
+        )
+        self.aggregate = (
+            AggregateConsumer(settings, self.telemetry)
+            if settings.role in ("all", "aggregate")
+            else None
+        )
         self.app = create_app(settings, self)
+
+    @property
+    def stages(self) -> list[IngestConsumer | AggregateConsumer]:
+        return [c for c in (self.ingest, self.aggregate) if c is not None]
 
 
 def create_app(settings: Settings, worker: Worker) -> faust.App:
-    """Build the faust app: the batch consumer as a service, health and metrics pages."""
+    """Build the faust app: the stages as services, health and metrics pages."""
     app = faust.App(
         f"{settings.group_id}-app",
         broker=f"kafka://{settings.broker}",
@@ -45,17 +57,22 @@ def create_app(settings: Settings, worker: Worker) -> faust.App:
         producer_acks=-1,
     )
     # faust accepts an instance here too (it only instantiates classes).
-    app.service(worker.consumer)  # type: ignore[arg-type]
+    for stage in worker.stages:
+        app.service(stage)  # type: ignore[arg-type]
 
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            c = worker.consumer
+            stages = worker.stages
+            ok = all(c.healthy and c.last_error is None for c in stages)
+            ingest, aggregate = worker.ingest, worker.aggregate
             body: dict[str, Any] = {
-                "status": "ok" if c.healthy and c.last_error is None else "degraded",
-                "events_landed": c.landed_events,
-                "dead_letters": c.dead_lettered,
-                "last_error": c.last_error,
+                "status": "ok" if ok else "degraded",
+                "role": worker.settings.role,
+                "events_landed": ingest.landed_events if ingest else 0,
+                "dead_letters": ingest.dead_lettered if ingest else 0,
+                "metrics_emitted": aggregate.metrics_emitted if aggregate else 0,
+                "last_error": next((c.last_error for c in stages if c.last_error), None),
             }
             return self.bytes(
                 msgspec.json.encode(body),
@@ -96,3 +113,50 @@ def run(settings: Settings, *, loglevel: str = "info") -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def run_processes(settings: Settings, processes: int, *, loglevel: str = "info") -> int:
+    """Run ``processes`` workers as child processes (web ports from ``settings.web_port``
+    up) until SIGINT/SIGTERM, which is passed on to each; returns the worst exit code.
+
+    They share the work as workers on several machines do (one consumer group per stage):
+    one Python process uses one core, so this is how one machine's cores are used. A child
+    that dies is not restarted: the others take its partitions over.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.procs import stop_group
+
+    children = []
+    for i in range(processes):
+        env = {
+            **os.environ,
+            **settings.to_env(),
+            "AGENTSTREAM_WEB_PORT": str(settings.web_port + i),
+        }
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", loglevel],
+                env=env,
+                start_new_session=True,
+            )
+        )
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping and any(c.poll() is None for c in children):
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        stopped = [stop_group(c, 60) for c in children]
+    codes = [int(c.returncode) if ok else 1 for c, ok in zip(children, stopped, strict=True)]
+    return max(abs(code) for code in codes)

@@ -259,6 +259,26 @@ class _Alert:
     crossing_us: int | None
 
 
+def spend_rows(events: pa.Table) -> pa.Table:
+    """The costed ``events`` summed per minute, agent and tenant, as ``update`` takes them:
+    ``ts`` (the first event of the minute), ``agent_id``, ``tenant_id``, ``cost_usd``,
+    ``calls``. What the ingest stage hands on to the budgets (``streams.hop``)."""
+    frame = pl.from_arrow(events.select(["ts", "agent_id", "tenant_id", "cost_usd"]))
+    assert isinstance(frame, pl.DataFrame)
+    return (
+        frame.filter(pl.col("cost_usd").is_not_null())
+        .group_by(pl.col("ts").dt.truncate("1m").alias("_m"), "agent_id", "tenant_id")
+        .agg(
+            pl.col("ts").min(),
+            pl.col("cost_usd").sum(),
+            pl.len().cast(pl.Int64).alias("calls"),
+        )
+        .drop("_m")
+        .sort("ts")
+        .to_arrow()
+    )
+
+
 class BudgetTracker:
     """Spend per budget and period, and the burn-rate forecast that raises ``budget_burn``.
 

@@ -413,12 +413,29 @@ class ReleaseJudge:
         )
         assert isinstance(frame, pl.DataFrame)
         w = self.config.window_s * 1_000_000
-        frame = frame.with_columns(
-            ((pl.col("ts").dt.epoch("us") // w) * w).alias("_w"),
-            sketch.bucket_expr(pl.col("latency_ms")).alias("_b"),
+        self.add_latency_counts(
+            frame.group_by(
+                ((pl.col("ts").dt.epoch("us") // w) * w).alias("_w"),
+                "agent_id",
+                "tenant_id",
+                *_VERSION_DIMS,
+                sketch.bucket_expr(pl.col("latency_ms")).alias("_b"),
+            ).agg(pl.len().alias("_n"))
         )
+
+    def add_latency_counts(self, counts: pl.DataFrame) -> None:
+        """Fold step-latency counts into the active releases' per-window histograms.
+
+        ``counts``: columns ``_w`` (window start, us), ``agent_id``, ``tenant_id``, the version
+        dimensions, ``_b`` (``streams.sketch`` bucket) and ``_n`` (how many), late events
+        excluded: what the events of a batch give, or the windows' latency sketches (the
+        aggregate stage gets those, not events).
+        """
+        if not self._releases or counts.height == 0:
+            return
+        w = self.config.window_s * 1_000_000
         for rel in self._releases.values():
-            mine = frame.filter(pl.col("agent_id") == rel.agent_id)
+            mine = counts.filter(pl.col("agent_id") == rel.agent_id)
             if rel.tenant_id is not None:
                 mine = mine.filter(pl.col("tenant_id") == rel.tenant_id)
             first = (rel.started_us // w) * w
@@ -428,12 +445,12 @@ class ReleaseJudge:
             if rel.ended_us is not None:
                 mine = mine.filter(pl.col("_w") < rel.ended_us)
             side = pl.col(rel.dimension)
-            counts = (
+            summed = (
                 mine.filter(side.is_in([rel.candidate, rel.baseline]))
                 .group_by("_w", side.alias("_side"), "_b")
-                .agg(pl.len().alias("_n"))
+                .agg(pl.col("_n").sum())
             )
-            for window, version, bucket, n in counts.iter_rows():
+            for window, version, bucket, n in summed.iter_rows():
                 hist = rel.hists.get(window)
                 if hist is None:
                     hist = rel.hists[window] = _Hist({}, {})

@@ -175,3 +175,27 @@ def frame_lookup(metrics: pl.DataFrame, windows: int = HISTORY_WINDOWS) -> Histo
         )
 
     return lookup
+
+
+def landed_ids(data_dir: Path, partitions: list[int], horizon_s: float) -> pa.Table:
+    """``event_id`` and ``ts`` of the events landed from ``partitions`` within ``horizon_s``
+    of event time before the newest of them: what a worker taking those partitions over must
+    remember to send a repeat to the dead letters, as their previous owner would have."""
+    empty = pa.schema(
+        [pa.field("event_id", pa.string()), pa.field("ts", pa.timestamp("us", tz="UTC"))]
+    ).empty_table()
+    if not partitions or horizon_s <= 0:
+        return empty
+    parts = ", ".join(str(int(p)) for p in partitions)
+    sql = f"""
+        WITH mine AS (SELECT event_id, ts FROM events WHERE kafka_partition IN ({parts}))
+        SELECT event_id, ts FROM mine
+        WHERE ts >= (SELECT max(ts) FROM mine) - to_microseconds(CAST($h AS BIGINT))
+    """
+    try:
+        table: pa.Table = (
+            connect(data_dir).sql(sql, params={"h": int(horizon_s * 1e6)}).to_arrow_table()
+        )
+    except (QueryError, duckdb.Error):
+        return empty
+    return table.cast(empty.schema)

@@ -66,6 +66,7 @@ __all__ = [
     "ROLLUPS",
     "STEP_TYPES",
     "WindowAggregator",
+    "WindowPartial",
     "metric_records",
 ]
 
@@ -277,6 +278,39 @@ class _Snapshot(msgspec.Struct, frozen=True):
 _SNAPSHOT_VERSION: Final = 1
 
 
+class WindowPartial(msgspec.Struct, frozen=True):
+    """What ``WindowAggregator.drain`` hands on: the open-window state of one aggregator, to be
+    added to another's with ``merge`` (two-phase aggregation: counts, sums and latency
+    histograms per window and key add, so merging partials equals aggregating the events).
+
+    Zstd Arrow IPC of the four state tables; rows of windows that are due at the receiver
+    count there as late.
+    """
+
+    agg: bytes
+    tools: bytes
+    guard: bytes
+    sketch: bytes
+
+    def frames(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        return (
+            _from_ipc(self.agg, _AGG_SCHEMA),
+            _from_ipc(self.tools, _TOOLS_SCHEMA),
+            _from_ipc(self.guard, _GUARD_SCHEMA),
+            _from_ipc(self.sketch, _SKETCH_SCHEMA),
+        )
+
+    def latency_counts(self) -> pl.DataFrame:
+        """Step latencies per window, key and histogram bucket (every step type together):
+        what the release judge folds in (``ReleaseJudge.add_latency_counts``)."""
+        steps = _from_ipc(self.sketch, _SKETCH_SCHEMA)
+        return (
+            steps.group_by([_W, *DIMENSIONS, "bucket"])
+            .agg(pl.col("count").sum().cast(pl.Int64))
+            .rename({_W: "_w", "bucket": "_b", "count": "_n"})
+        )
+
+
 class WindowAggregator:
     """Tumbling event-time windows of agent KPIs, fed whole Arrow batches.
 
@@ -448,6 +482,53 @@ class WindowAggregator:
             .agg(pl.len().cast(sketch.COUNT_DTYPE).alias("count"))
         )
         self._sketch.add(steps)
+
+    # ----------------------------------------------------------------------------------
+    # two-phase aggregation: one aggregator's state handed on and merged into another's
+    # ----------------------------------------------------------------------------------
+
+    def drain(self) -> WindowPartial:
+        """Remove and return every open window's state (the clocks stay): an upstream stage
+        decides lateness with its own horizon and hands on what it counted."""
+        part = WindowPartial(
+            _ipc(self._agg),
+            _ipc(self._tools.frame()),
+            _ipc(self._guard.frame()),
+            _ipc(self._sketch.frame()),
+        )
+        self._agg = _AGG_SCHEMA.to_frame()
+        for table in (self._tools, self._guard, self._sketch):
+            table.load(table.schema.to_frame())
+        return part
+
+    def merge(self, partial: WindowPartial) -> int:
+        """Add a drained partial to the open windows; returns how many of its events counted
+        late here.
+
+        Rows of a window already due here (its owner upstream had not seen that window close
+        yet: an upstream clock behind this one's after a rebalance) count as ``late_events``
+        of their key in the oldest open window, as ``update`` counts a late event.
+        """
+        agg, tools, guard, steps = partial.frames()
+        late = 0
+        if self._horizon is not None and agg.height:
+            due = pl.col(_W) + self._w <= self._horizon
+            gone = agg.filter(due)
+            if gone.height:
+                late = int(gone.get_column("events").sum())
+                oldest = (self._horizon // self._w) * self._w
+                moved = (
+                    gone.group_by(DIMENSIONS)
+                    .agg((pl.col("events") + pl.col("late_events")).sum().alias("late_events"))
+                    .with_columns(pl.lit(oldest, dtype=pl.Int64).alias(_W))
+                )
+                agg, tools, guard, steps = (f.filter(~due) for f in (agg, tools, guard, steps))
+                self._agg = _merge(self._agg, moved.select(_W, *DIMENSIONS, "late_events"), _KEY)
+        self._agg = _merge(self._agg, agg, _KEY)
+        self._tools.add(tools)
+        self._guard.add(guard)
+        self._sketch.add(steps)
+        return late
 
     # ----------------------------------------------------------------------------------
     # emitting

@@ -144,10 +144,11 @@ def _port_mappings(service: Mapping[str, Any]) -> list[tuple[str | None, int | N
             continue
         text = str(entry).split("/", 1)[0]
         parts = text.rsplit(":", 2)
+        # A host port range ("6066-6069") is given as its first port.
         if len(parts) == 3:
-            out.append((parts[0].strip("[]"), int(parts[1]), int(parts[2])))
+            out.append((parts[0].strip("[]"), int(parts[1].split("-")[0]), int(parts[2])))
         elif len(parts) == 2:
-            out.append((None, int(parts[0]), int(parts[1])))
+            out.append((None, int(parts[0].split("-")[0]), int(parts[1])))
         else:
             out.append((None, None, int(parts[0])))
     return out
@@ -273,6 +274,21 @@ def test_worker_web_port_health_and_signals(services: dict[str, dict[str, Any]])
     # docker compose stop sends SIGTERM, then SIGKILL after the grace period (10 s by
     # default); the worker needs time to land what it holds.
     assert _seconds(worker.get("stop_grace_period", "10s")) >= 30
+
+
+def test_worker_scales_out(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    """``docker compose up --scale worker=3``: replicas need host ports of their own, no fixed
+    container name, and one shared lake (the stages split the work: README, "Scale out")."""
+    worker = services["worker"]
+    assert "container_name" not in worker, "a fixed container name cannot be scaled"
+    (entry,) = worker["ports"]
+    host = str(entry).split("/", 1)[0].rsplit(":", 2)[1]
+    first, _, last = host.partition("-")
+    assert last and int(last) - int(first) + 1 >= 3, f"{entry}: 3 replicas need 3 host ports"
+    (data,) = [v for v in worker["volumes"] if str(v).split(":")[1] == COMPOSE_DATA]
+    named = set(compose["volumes"])
+    assert str(data).split(":")[0] in named, f"{data}: replicas must share a named volume"
+    assert "--role" not in _argv(worker["command"]), "each replica runs every stage"
 
 
 @cache

@@ -485,21 +485,6 @@ def test_good_rollout_is_never_flagged_regressed(seed: int) -> None:
     assert "regressed" not in verdicts["verdict"].to_pylist()
 
 
-def test_worker_state_from_before_releases_still_loads() -> None:
-    """A snapshot written before the judge existed decodes with an empty release state."""
-    from streams.worker import WorkerState
-
-    class _OldState(msgspec.Struct, frozen=True):
-        windows: bytes
-        dedupe: bytes
-        detector: bytes
-
-    old = msgspec.msgpack.encode(_OldState(b"w", b"d", b"x"))
-    state = msgspec.msgpack.decode(old, type=WorkerState)
-    assert (state.windows, state.releases) == (b"w", b"")
-    assert ReleaseJudge.restore(state.releases).releases() == []
-
-
 def test_a_release_from_before_the_quality_measures_is_judged_on_them_too() -> None:
     judge = ReleaseJudge(JudgeConfig(alpha=ALPHA))
     judge.register(_events(_release()))

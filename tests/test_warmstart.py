@@ -109,8 +109,7 @@ def test_a_worker_without_usable_detector_state_primes_from_the_lake(tmp_path: P
     import msgspec
 
     from pipeline.config import Settings
-    from streams.telemetry import WorkerTelemetry
-    from streams.worker import EventConsumer
+    from streams.aggregate import Shard, ShardState
 
     config = TrafficConfig(events=1_000)
     land_history(config, tmp_path, minutes=5)
@@ -120,12 +119,15 @@ def test_a_worker_without_usable_detector_state_primes_from_the_lake(tmp_path: P
         .to_pylist()
     )
     watched = {tuple(k.values()) for k in keys if k["level"] in ("key", "agent")}
-    consumer = EventConsumer(Settings.load(env={}, data_dir=tmp_path), WorkerTelemetry())
-    # No snapshot for the committed offsets (a new group, a lost .state): a warm start.
-    consumer._restore_windows()
-    assert consumer.detector.tracked_keys() == len(watched)
+    settings = Settings.load(env={}, data_dir=tmp_path)
+    # No snapshot for the aggregate state (a new group, a lost .state): a warm start.
+    shard = Shard(settings)
+    shard.prime(rules=True)
+    assert shard.detector.tracked_keys() == len(watched)
     # A snapshot of an older version (an upgrade): not a crash, fresh detectors primed again.
     old = b"agentstream.detect\x00" + b"1:0.1.0:0.22\x00..."
-    consumer._saved = msgspec.structs.replace(consumer._saved, detector=old)
-    consumer._rewind()
-    assert consumer.detector.tracked_keys() == len(watched)
+    state = msgspec.msgpack.decode(shard.snapshot(), type=ShardState)
+    restored = Shard.restore(
+        settings, msgspec.msgpack.encode(msgspec.structs.replace(state, detector=old))
+    )
+    assert restored.detector.tracked_keys() == len(watched)

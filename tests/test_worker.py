@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,68 @@ def test_repeated_event_ids_go_to_dead_letters_once(bootstrap: str, tmp_path: Pa
         scalar(lake, "SELECT count(*) FROM dead_letters WHERE reason LIKE 'duplicate event_id%'")
         == 80
     )
+
+
+def test_roles_and_processes_split_the_work(bootstrap: str, tmp_path: Path) -> None:
+    """``--role ingest --processes 2`` (two ingest processes under one parent) and a separate
+    ``--role aggregate`` worker: events land once, every window is closed once by the
+    aggregate process, and SIGTERM to the parent stops its children cleanly."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.procs import stop_group
+    from sinks.catalog import connect
+    from streams.windows import DIMENSIONS
+    from tests.helpers import REPO, worker_env
+
+    settings = unique_settings(bootstrap, tmp_path / "lake", partitions=4)
+    values = generated_values(3000, seed=4)
+    produce_raw(settings, values)
+
+    def start(*args: str, name: str) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{name}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker", *args],
+                env=worker_env(settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+
+    ingest = start("--role", "ingest", "--processes", "2", name="ingest")
+    aggregate = start(
+        "--role", "aggregate", "--web-port", str(settings.web_port + 2), name="aggregate"
+    )
+    try:
+        wait_committed(settings, len(values), ingest)
+        # Two ingest processes under the one parent, each a member of the group.
+        deadline = time.monotonic() + 60
+        while True:
+            text = (tmp_path / "ingest.log").read_text()
+            if len(set(re.findall(r"\[(\d+)\] \[INFO\] consuming", text))) == 2:
+                break
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.5)
+        con_sql = "SELECT count(*) FROM metrics WHERE level = 'key'"
+        deadline = time.monotonic() + 90
+        while scalar(settings.data_dir, con_sql) == 0:
+            assert aggregate.poll() is None, (tmp_path / "aggregate.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the aggregate process closed no window"
+            time.sleep(0.5)
+    finally:
+        assert stop_group(ingest, 60), "the ingest parent did not stop on SIGTERM"
+        assert stop_group(aggregate, 60)
+    assert ingest.returncode == 0 and aggregate.returncode == 0
+    agg_log = (tmp_path / "aggregate.log").read_text()
+    assert "landed" not in agg_log.split("aggregating")[0]  # no ingest stage in it
+    con = connect(settings.data_dir)
+    assert con.sql("SELECT count(*), count(DISTINCT event_id) FROM events").fetchall() == [
+        (len(values), len(values))
+    ]
+    dims = ", ".join(DIMENSIONS)
+    rows, distinct = con.sql(
+        f"SELECT count(*), count(DISTINCT (window_start, level, {dims})) FROM metrics"
+    ).fetchall()[0]
+    assert rows == distinct > 0

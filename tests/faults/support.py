@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -650,6 +651,21 @@ def landed_tables(data_dir: Path) -> tuple[pa.Table, pa.Table]:
     ev = con.sql("SELECT * EXCLUDE (date) FROM events").to_arrow_table()
     got = con.sql("SELECT * EXCLUDE (date) FROM metrics").to_arrow_table()
     return ev, got
+
+
+def sentinels_ahead(events: Sequence[Any], partitions: int, seconds: float) -> dict[int, Any]:
+    """An on-time event for each partition, ``seconds`` after the newest of ``events`` (ids
+    ``sentinel-<partition>``): sent to every partition, they move event time on so that
+    every earlier window closes."""
+    import msgspec
+
+    newest = max(ev.ts for ev in events)
+    return {
+        p: msgspec.structs.replace(
+            events[p], event_id=f"sentinel-{p}", ts=newest + timedelta(seconds=seconds)
+        )
+        for p in range(partitions)
+    }
 
 
 def wait_window_emitted(

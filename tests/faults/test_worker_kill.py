@@ -10,7 +10,7 @@ over the landed events.
 
 After the kills, a clean restart is followed by new traffic on one partition only: the other
 partitions have nothing new to read and must not hold event time back. (Regression: they did,
-``EventConsumer._behind`` counted a partition not fetched since the restart as behind for
+``IngestConsumer._behind`` counted a partition not fetched since the restart as behind for
 ever, so no window closed again until every partition got a new record.)
 """
 

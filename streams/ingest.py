@@ -1,36 +1,41 @@
-"""The events consumer: fetch in batches, land, publish dead letters, then commit.
+"""The ingest stage: fetch events in batches, land them, hand window partials on.
 
 Faust's per-event stream iterator costs about 120 us an event (see the README's speed
 section), so the high-volume events topic is read by this service with aiokafka ``getmany``
-inside the faust worker. Faust keeps what it is good at: the worker life cycle, the web
-endpoint, and agents for the low-volume derived topics.
+inside the faust worker. Any number of ingest workers share the events topic (one consumer
+group); each lands the partitions it reads and pre-aggregates them, and the aggregate stage
+(``streams.aggregate``) owns every key's windows, detectors, releases and budgets.
 
 Fetching and validating go on while the previous flush runs (in a thread: polars, pyarrow and
 DuckDB release the GIL), one flush at a time. Order of a flush: (1) repeated event ids
-dropped, windows updated, due windows closed and judged by the detectors, (2) dead letters,
-metrics, anomalies and verdicts acknowledged by the broker, (3) state snapshot saved, (4) one
-lake transaction: the rows of every table, the next offset of every partition covered and
-the snapshot's number (``sinks.lake.LakeWriter.commit``), (5) offsets committed to Kafka too
-(best effort: the lake's positions are the ones that count). A crash anywhere before (4)
-lands nothing: the partitions are read again from the positions stored in the lake (seek on
-assignment) and the window state is the snapshot that the lake's last commit names
-(``streams.state``), so every record lands exactly once. Derived topics are at least once
-(consumers de-duplicate on the records' stable ids).
+dropped, lateness decided on this worker's event clock, windows folded and drained into
+partials (``streams.windows.WindowPartial``), spend per minute and release records taken,
+(2) dead letters acknowledged by the broker, (3) one lake transaction: the events, dead
+letters, the hop messages of the flush (``hop_outbox``) and the next offset of every partition
+covered (``sinks.lake.LakeWriter.commit``), (4) the hop messages sent to the repartition topic
+and acknowledged, (5) offsets committed to Kafka too (best effort: the lake's positions are
+the ones that count). A crash before (3) lands nothing: the partitions are read again from
+the positions stored in the lake (seek on assignment). A crash between (3) and (4) leaves the
+messages in the outbox: the next owner of the partitions sends them before its own
+(``streams.hop``). So every record lands exactly once and counts once downstream.
+
+State: the ids remembered for de-duplication (rebuilt from the lake for partitions taken
+over, ``streams.warmstart.landed_ids``) and the event clock; windows never stay open here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import json
 import logging
-import random
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import msgspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,75 +43,37 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from mode import Service
 
 from pipeline.config import Settings, parse_duration
-from pipeline.kafka import Headers, client_kwargs, dead_letter_copy, send_batches, start_producer
+from pipeline.kafka import dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
-from sinks.catalog import (
-    ANOMALIES,
-    BUDGETS,
-    DEAD_LETTERS,
-    EVENTS,
-    METRICS,
-    RELEASE_VERDICTS,
-    QueryError,
-    connect,
-    prepare,
-)
-from sinks.lake import Fenced, Flush, is_conflict
+from sinks.catalog import DEAD_LETTERS, EVENTS, prepare
+from sinks.contracts import HOP_OUTBOX
+from sinks.lake import Fenced, Flush
 from sinks.maintenance import maintain
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
-from streams.budgets import BudgetTracker, load_budgets
+from streams import hop
+from streams.budgets import spend_rows
 from streams.dedupe import Deduplicator
-from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
-from streams.explain import explain
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
-from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
-from streams.rules import RuleEngine, load_rules
-from streams.state import SnapshotStore
+from streams.stage import Stopwatch, deliver, group_consumer, pause_after_failure
 from streams.telemetry import WorkerTelemetry
-from streams.warmstart import history_lookup, metrics_history, spend_history
-from streams.windows import DIMENSIONS, WindowAggregator, metric_records
+from streams.warmstart import landed_ids
+from streams.windows import WindowAggregator, WindowPartial
 
 log = logging.getLogger("agentstream.worker")
 EMPTY_EVENTS = EVENTS_SCHEMA.empty_table()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPTY_DEAD = DEAD_LETTERS_SCHEMA.empty_table()
-BUDGET_STATUS_EVERY_S = 10.0
-# A commit refused because another writer committed first is retried at once this many times
-# in a row; a lock held longer than that is an outage (/health degraded).
-MAX_QUICK_RETRIES = 5
 _MAINTENANCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-maintenance")
 
 
-class WorkerState(msgspec.Struct, frozen=True):
-    """What a snapshot holds: open windows, remembered event ids, drift detectors, spend,
-    releases, rule conditions.
-
-    ``budgets``, ``releases`` and ``rules`` default to empty so an older snapshot still loads.
-    """
+@dataclass(frozen=True)
+class _Saved:
+    """The ingest state as of the last commit, in memory (a failed flush rewinds to it)."""
 
     windows: bytes
     dedupe: bytes
-    detector: bytes
-    budgets: bytes = b""
-    releases: bytes = b""
-    rules: bytes = b""
-
-
-class _Stopwatch:
-    """Seconds spent in each step of a flush, for the flush's log line."""
-
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-        self.laps: list[tuple[str, float]] = []
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps.append((name, now - self._last))
-        self._last = now
-
-    def __str__(self) -> str:
-        total = sum(t for _, t in self.laps)
-        return f"{total:.2f} s (" + ", ".join(f"{n} {t:.2f}" for n, t in self.laps) + ")"
+    clock: tuple[datetime | None, float]
+    partition_ts: dict[int, datetime]
 
 
 class EventClock:
@@ -119,9 +86,16 @@ class EventClock:
     disagrees with the agents'.
     """
 
-    def __init__(self) -> None:
-        self._ts: datetime | None = None
-        self._wall = 0.0
+    def __init__(self, state: tuple[datetime | None, float] = (None, 0.0)) -> None:
+        self._ts, self._wall = state
+
+    @property
+    def newest(self) -> datetime | None:
+        """The newest event time seen (no wall-clock extrapolation)."""
+        return self._ts
+
+    def state(self) -> tuple[datetime | None, float]:
+        return self._ts, self._wall
 
     def advance(self, newest: datetime | None) -> datetime:
         """Take the event time the stream has reached into account; return the current one."""
@@ -136,7 +110,7 @@ class EventClock:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, owner: EventConsumer) -> None:
+    def __init__(self, owner: IngestConsumer) -> None:
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
@@ -147,8 +121,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.owner.recover(assigned)
 
 
-class EventConsumer(Service):
-    """Consumes the events topic in batches and lands it; runs inside the faust worker."""
+class IngestConsumer(Service):
+    """Consumes the events topic in batches, lands it and hands window partials on to the
+    aggregate stage; runs inside the faust worker."""
 
     def __init__(self, settings: Settings, telemetry: WorkerTelemetry, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -166,9 +141,6 @@ class EventConsumer(Service):
         self._retry_published = False
         self._paused = False
         self._inflight = 0  # records in the flush being attempted
-        # Whether the window state is this worker's own, consistent with what it committed
-        # (so a rebalance keeps it), rather than to be restored from a snapshot.
-        self._live = False
         self._pending_since = 0.0
         # _lock guards the pending list (short holds); _flush_lock makes flushes, and the
         # recovery of newly assigned partitions, happen one at a time.
@@ -184,36 +156,36 @@ class EventConsumer(Service):
         self.last_error: str | None = None
         self.landed_events = 0
         self.dead_lettered = 0
-        self.metrics_emitted = 0
         self.clock = EventClock()
-        self.snapshots = SnapshotStore(settings.data_dir / ".state", settings.group_id)
+        # Windows only decide lateness and fold a flush's events: drained at every flush.
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
+        self._partition_ts: dict[int, datetime] = {}
         self.dedupe = Deduplicator(settings.dedupe_horizon_s)
-        self.detector = DriftDetector()
-        self.budgets = self._budget_tracker()
-        self._budgets_landed = 0.0
-        self.judge = ReleaseJudge(self._judge_config())
-        self.rules = self._rule_engine()
+        # The state as of the last commit (a failed flush rewinds to it), in memory only: the
+        # lake holds everything a new owner of a partition needs.
         self._saved = self._state()
+        # Names this process's row in the hop outbox (each flush replaces it).
+        self.writer = f"{settings.group_id}/{uuid.uuid4().hex[:12]}"
+        self.hop_messages = 0
         self._offsets: dict[int, int] = {}
+        self._known: set[int] = set()  # partitions whose landed ids the de-duplicator holds
+        self._sources = 0  # partitions of the events topic
         self._published = False
         self._conflicts = 0  # failed attempts in a row
-        self._partition_ts: dict[int, datetime] = {}
         self._last_flush = time.monotonic()
 
     async def on_start(self) -> None:
         s = self.settings
         self._producer = await start_producer(s, linger_ms=5)
-        self._consumer = AIOKafkaConsumer(
-            **client_kwargs(s),
-            group_id=s.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        self._sources = len(await self._producer.partitions_for(s.events_topic))
+        self._consumer = group_consumer(
+            s,
+            s.group_id,
+            s.events_topic,
+            _Rebalance(self),
             max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20,
-            max_poll_interval_ms=600_000,
         )
-        self._consumer.subscribe([s.events_topic], listener=_Rebalance(self))
         await self._consumer.start()
         self.healthy = True
         log.info(
@@ -228,20 +200,12 @@ class EventConsumer(Service):
         try:
             if self._flush_task is not None:
                 await self._flush_task
-            await self.flush(reason="shutdown", emit_open=not self._owns_every_partition())
+            await self.flush(reason="shutdown")
         finally:
             if self._consumer is not None:
                 await self._consumer.stop()
             if self._producer is not None:
                 await self._producer.stop()
-
-    def _owns_every_partition(self) -> bool:
-        """Whether this worker reads the whole events topic (no other worker in its group)."""
-        if self._consumer is None:
-            return True
-        every = self._consumer.partitions_for_topic(self.settings.events_topic) or set()
-        mine = {tp.partition for tp in self._consumer.assignment()}
-        return mine >= every
 
     async def release(self, revoked: Sequence[TopicPartition]) -> None:
         """Forget what was fetched from ``revoked`` partitions and not committed.
@@ -259,6 +223,7 @@ class EventConsumer(Service):
             )
             self._pending = [p for p in kept if p.records]
             self._retry = [p for p in retry if p.records]
+            self._known -= gone
             for part in gone:
                 self._next_offset.pop(part, None)
                 self._partition_ts.pop(part, None)
@@ -315,137 +280,67 @@ class EventConsumer(Service):
                 self._next_offset[tp.partition] = self._offsets[tp.partition]
                 self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
         await loop.run_in_executor(None, self.lake.claim, topic, first, self.settings.group_id)
+        if stored:
+            # Kafka's offsets are for lag monitoring: a flush whose commit to Kafka met a
+            # rebalance left them behind the lake's, and nothing new may come to move them.
+            try:
+                await self._consumer.commit(
+                    {tp: stored[tp.partition] for tp in assigned if tp.partition in stored}
+                )
+            except Exception as exc:  # best effort, as after every flush
+                log.warning("the lake's positions not committed to Kafka: %s", exc)
         self._resumed = bool(stored)
         if stored:
             log.info(
                 "resuming from the lake's positions %s",
                 ",".join(f"{p}@{o}" for p, o in sorted(self._offsets.items())),
             )
-        self._restore_windows()
+        await self._take_over(assigned)
 
-    def _restore_windows(self) -> None:
-        if self._live:
-            # A rebalance: the state holds exactly what this worker committed (the revocation
-            # flushed or rewound it), whichever partitions it reads now; nobody else counts
-            # those events, so it stays.
-            self._rewind()
-            log.info(
-                "rebalance: keeping %d open windows (state %s)",
-                self.windows.open_windows(),
-                self.windows.source,
-            )
-            return
-        self._live = True
-        saved = self.snapshots.load(self._offsets, self.lake.checkpoints())
-        if saved is not None:
-            self._saved = msgspec.msgpack.decode(saved, type=WorkerState)
-            self._rewind()
-            log.info(
-                "state restored: %d open windows, %d event ids remembered, %d keys watched",
-                self.windows.open_windows(),
-                self.dedupe.remembered(),
-                self.detector.tracked_keys(),
-            )
-            return
-        if self._resumed:
-            log.warning(
-                "no window snapshot matches the committed offsets %s: windows open at the last "
-                "stop start empty (their metrics will be partial)",
-                self._offsets,
-            )
-        self.windows = WindowAggregator(
-            self.settings.window_seconds,
-            self.settings.allowed_lateness_s,
-            source=_lineage(self.settings.group_id, self._offsets),
-        )
-        self.dedupe = Deduplicator(self.settings.dedupe_horizon_s)
-        self.detector = DriftDetector()
-        self.budgets = self._budget_tracker()
-        self.judge = ReleaseJudge(self._judge_config())
-        self.rules = self._rule_engine()
-        self._warm_start()
+    async def _take_over(self, assigned: Sequence[TopicPartition]) -> None:
+        """Remember the ids landed from partitions new to this worker (their repeats go to
+        the dead letters, as with their previous owner), and send again the hop messages a
+        previous owner landed but may not have sent."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        new = sorted({tp.partition for tp in assigned} - self._known)
+        if new:
+            ids = await loop.run_in_executor(None, landed_ids, s.data_dir, new, s.dedupe_horizon_s)
+            if ids.num_rows:
+                self.dedupe.repeats(ids["event_id"], ids["ts"])
+            self._known |= set(new)
+            log.info("%d event ids of partitions %s remembered from the lake", ids.num_rows, new)
         self._saved = self._state()
+        await self._resend(self._offsets)
 
-    def _warm_start(self) -> None:
-        """Prime detectors, rules and budgets from the lake (``streams.warmstart``): a start
-        without a snapshot is then not blind for ``warmup_windows``."""
-        self._prime(rules=True)
-        if self.budgets.budgets and self._offsets:
-            since = self.budgets.history_start(self._newest_landed())
-            if since is not None:
-                spend = spend_history(self.settings.data_dir, since, self._offsets)
-                self.budgets.update(spend)
-                log.info("warm start: %d spend minutes primed the budgets", spend.num_rows)
+    async def _resend(self, positions: dict[int, int]) -> None:
+        """Send the outbox rows that end at ``positions`` (the aggregate stage drops repeats)."""
+        assert self._producer is not None
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(None, hop.outbox, self.settings.data_dir)
+        for writer, ranges, payloads in rows:
+            if any(positions.get(p) == nxt for p, (_, nxt) in ranges.items()):
+                log.info("sending again the hop messages of %s for %s", writer, ranges)
+                await deliver(self._producer, self.settings.repartition_topic, payloads)
 
-    def _prime(self, *, rules: bool) -> None:
-        """Feed the last windows of every key in the lake to the detectors (and rules)."""
-        n = self.settings.warm_start_windows
-        if n <= 0:
-            return
-        try:
-            history = metrics_history(self.settings.data_dir, n)
-        except QueryError as exc:
-            log.warning("warm start skipped, the lake's metrics are unreadable: %s", exc)
-            return
-        if history.num_rows:
-            newest = history["window_end"][-1].as_py()
-            # What these windows raised was published when they closed (same ids): drop it.
-            self.detector.observe(history, detected_at=newest)
-            if rules:
-                self.rules.observe(history, detected_at=newest)
-            log.info(
-                "warm start: %d metrics rows from the lake up to %s primed %d keys",
-                history.num_rows,
-                newest.isoformat(),
-                self.detector.tracked_keys(),
-            )
-
-    def _newest_landed(self) -> datetime | None:
-        try:
-            got = metrics_history(self.settings.data_dir, 1)
-        except QueryError:
-            return None
-        return None if got.num_rows == 0 else pc.max(got["window_end"]).as_py()
-
-    def _budget_tracker(self) -> BudgetTracker:
-        return BudgetTracker(load_budgets(self.settings.budgets))
-
-    def _rule_engine(self) -> RuleEngine:
-        return RuleEngine(load_rules(self.settings.rules))
-
-    def _state(self) -> WorkerState:
-        return WorkerState(
+    def _state(self) -> _Saved:
+        return _Saved(
             self.windows.snapshot(),
             self.dedupe.snapshot(),
-            self.detector.snapshot(),
-            self.budgets.snapshot(),
-            self.judge.snapshot(),
-            self.rules.snapshot(),
+            self.clock.state(),
+            dict(self._partition_ts),
         )
 
     def _rewind(self) -> None:
-        """Windows, ids and detectors back to the last committed state (a flush is retried)."""
+        """Windows, remembered ids and the event clock back to the last commit (a flush is
+        retried): a clock moved on by events that did not land would tell the aggregate
+        stage that windows are complete while their events are still to come."""
         self.windows = WindowAggregator.restore(self._saved.windows)
         self.dedupe = Deduplicator.restore(self._saved.dedupe)
-        try:
-            self.detector = DriftDetector.restore(self._saved.detector)
-        except ValueError as exc:
-            # A snapshot of another version (an upgrade): fresh detectors, primed from the
-            # lake, instead of a worker that cannot start.
-            log.warning("detector state not restored (%s): priming new detectors", exc)
-            self.detector = DriftDetector()
-            self._prime(rules=False)
-        self.budgets = self._budget_tracker()
-        if self._saved.budgets:
-            self.budgets.restore(self._saved.budgets)
-        self.judge = ReleaseJudge.restore(self._saved.releases, self._judge_config())
-        self.rules = self._rule_engine()
-        if self._saved.rules:
-            self.rules.restore(self._saved.rules)
-
-    def _judge_config(self) -> JudgeConfig:
-        # The judge keeps latency histograms per window: they must be the metrics' windows.
-        return JudgeConfig(window_s=self.settings.window_seconds)
+        self.clock = EventClock(self._saved.clock)
+        self._partition_ts = {
+            p: ts for p, ts in self._saved.partition_ts.items() if p in self._known
+        }
 
     def _drop_repeats(
         self, events: pa.Table, pending: Sequence[Processed]
@@ -518,7 +413,8 @@ class EventConsumer(Service):
             since = self._pending_since if self._pending else self._last_flush
             due = waiting >= s.flush_max_events or (
                 time.monotonic() - since >= s.flush_interval_s
-                and (self._pending or self._retry or self.windows.open_windows() > 0)
+                # Nothing to land: the flush still reports the event clock downstream.
+                and bool(self._pending or self._retry or consumer.assignment())
             )
             flushing = self._flush_task is not None and not self._flush_task.done()
             if due and not flushing:
@@ -582,12 +478,11 @@ class EventConsumer(Service):
                 lag += max(0, high - self._next_offset.get(tp.partition, high))
         self.telemetry.consumer_lag.set(lag)
 
-    async def flush(self, *, reason: str, emit_open: bool = False) -> None:
-        """Aggregate and land everything pending, publish, snapshot, then commit offsets.
+    async def flush(self, *, reason: str) -> None:
+        """Land everything pending, hand its partials on, then commit offsets.
 
         A batch that failed before is retried first, alone; a flush on rebalance or shutdown
-        then goes on with what is pending. ``emit_open`` also closes every open window (a
-        worker leaving a group: nobody else holds its part of them).
+        then goes on with what is pending.
         """
         async with self._flush_lock:
             while True:
@@ -602,7 +497,7 @@ class EventConsumer(Service):
                 # A retry computes the same records as the failed attempt (same ids): if
                 # that attempt got them to the broker, they are not sent again.
                 self._published = retrying and self._retry_published
-                if not await self._attempt(batch, emit_open=emit_open and last):
+                if not await self._attempt(batch):
                     return
                 if last:
                     return
@@ -620,12 +515,12 @@ class EventConsumer(Service):
         kept = [_without(p, set(p.ranges) - assigned) for p in batch]
         return [p for p in kept if p.records or not p.ranges]
 
-    async def _attempt(self, batch: list[Processed], *, emit_open: bool) -> bool:
+    async def _attempt(self, batch: list[Processed]) -> bool:
         started = time.perf_counter()
         self._last_flush = time.monotonic()
         self._inflight = sum(len(p.records) for p in batch)
         try:
-            await self._flush(batch, emit_open=emit_open)
+            await self._flush(batch)
         except Fenced as exc:
             # Another worker owns these partitions now and landed them: drop what this one
             # holds and read on from where the lake stands.
@@ -640,17 +535,9 @@ class EventConsumer(Service):
             self._retry = batch
             self._rewind()
             self._conflicts += 1
-            if is_conflict(exc) and self._conflicts <= MAX_QUICK_RETRIES:
-                # Another writer of the lake committed first (several workers on a
-                # PostgreSQL catalog): not an error, the retry lands on top of its commit.
-                self.telemetry.lake_conflicts.inc()
-                log.info("lake commit conflicted with another writer's; retrying")
-                await asyncio.sleep(random.uniform(0.05, 0.3))
-                return False
-            self.telemetry.landing_errors.inc()
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("flush failed, offsets not committed, will retry: %s", self.last_error)
-            await asyncio.sleep(1.0)
+            self.last_error = await pause_after_failure(
+                exc, self._conflicts, self.telemetry, "flush"
+            )
             return False
         finally:
             self._inflight = 0
@@ -661,7 +548,7 @@ class EventConsumer(Service):
         self.telemetry.batch_seconds.observe(time.perf_counter() - started)
         return True
 
-    async def _flush(self, pending: list[Processed], *, emit_open: bool = False) -> None:
+    async def _flush(self, pending: list[Processed]) -> None:
         assert self._consumer is not None and self._producer is not None
         s = self.settings
         events = pa.concat_tables([p.events for p in pending]) if pending else EMPTY_EVENTS
@@ -673,50 +560,63 @@ class EventConsumer(Service):
                 ranges[part] = (min(old[0], lo), max(old[1], hi))
         loop = asyncio.get_running_loop()
         behind = self._behind({**self._offsets, **{p: hi + 1 for p, (_, hi) in ranges.items()}})
-        steps = _Stopwatch()
-        events, repeats, metrics, anomalies, burns, verdicts = await loop.run_in_executor(
-            None, self._aggregate, events, pending, behind, emit_open
+        steps = Stopwatch()
+        owned = {tp.partition for tp in self._consumer.assignment()}
+        events, repeats, partial, clocks = await loop.run_in_executor(
+            None, self._ingest, events, pending, behind, owned
+        )
+        covered = {part: (self._offsets.get(part, lo), hi + 1) for part, (lo, hi) in ranges.items()}
+        payloads = await loop.run_in_executor(
+            None, self._messages, covered, clocks, partial, events
         )
         steps.lap("aggregate")
-        if not pending and metrics.num_rows == 0 and burns.num_rows == 0:
+        if not pending:
+            # Nothing to land: the event clock goes downstream (windows close on it).
+            await deliver(self._producer, s.repartition_topic, payloads)
+            # The horizon moved with the clock sent: a retry must not decide lateness on an
+            # older one than the aggregate stage has seen.
+            self._saved = self._state()
             return
         rejected = [bad for p in pending for bad in p.rejected] + repeats
         if repeats:
             dead = pa.concat_tables([dead, dead_letter_table(repeats)])
         if not self._published:
-            await self._publish(rejected, metrics, pa.concat_tables([anomalies, burns]), verdicts)
+            await self._publish(rejected)
             self._published = True
         steps.lap("publish")
-        offsets = {**self._offsets, **{part: hi + 1 for part, (_, hi) in ranges.items()}}
+        offsets = {**self._offsets, **{part: nxt for part, (_, nxt) in covered.items()}}
         state = await loop.run_in_executor(None, self._state)
-        lineage = self.windows.source or "default"
-        seq = await loop.run_in_executor(
-            None, self.snapshots.save, msgspec.msgpack.encode(state), offsets, lineage
+        outbox = pa.Table.from_pylist(
+            [
+                {
+                    "writer": self.writer,
+                    "ranges": json.dumps({str(p): list(r) for p, r in sorted(covered.items())}),
+                    "payloads": [payload for _, payload in payloads],
+                    "created_at": datetime.now(UTC),
+                }
+            ],
+            schema=HOP_OUTBOX.schema,
         )
-        steps.lap("snapshot")
         flush = Flush(
-            rows=self._rows(events, dead, metrics, pa.concat_tables([anomalies, burns]), verdicts),
-            positions={
-                (s.events_topic, part): (self._offsets.get(part, lo), hi + 1)
-                for part, (lo, hi) in ranges.items()
-            },
-            checkpoint=(lineage, seq),
+            rows={EVENTS.name: events, DEAD_LETTERS.name: dead, HOP_OUTBOX.name: outbox},
+            positions={(s.events_topic, part): span for part, span in covered.items()},
             group_id=s.group_id,
         )
         await loop.run_in_executor(None, self.lake.commit, flush)
         steps.lap("land")
-        await loop.run_in_executor(None, self.snapshots.committed, lineage, seq)
-        if ranges:
-            try:
-                await self._consumer.commit(
-                    {TopicPartition(s.events_topic, p): hi + 1 for p, (_, hi) in ranges.items()}
-                )
-            except Exception as exc:  # the lake holds the positions that count
-                log.warning("offsets landed in the lake, not committed to Kafka: %s", exc)
+        # Landed: from here on the messages must reach the repartition topic (a new owner of
+        # these partitions would send them again from the outbox if this worker died now).
+        await deliver(self._producer, s.repartition_topic, payloads)
+        self.hop_messages += len(payloads)
+        steps.lap("hop")
+        try:
+            await self._consumer.commit(
+                {TopicPartition(s.events_topic, p): nxt for p, (_, nxt) in covered.items()}
+            )
+        except Exception as exc:  # the lake holds the positions that count
+            log.warning("offsets landed in the lake, not committed to Kafka: %s", exc)
         self._offsets = offsets
         self._saved = state
-        self.metrics_emitted += metrics.num_rows
-        self.telemetry.metrics_emitted.inc(metrics.num_rows)
         total = sum(hi - lo + 1 for lo, hi in ranges.values())
         self.landed_events += events.num_rows
         self.dead_lettered += dead.num_rows
@@ -725,14 +625,14 @@ class EventConsumer(Service):
         self.telemetry.dead_letters.inc(dead.num_rows)
         self.telemetry.batch_events.observe(total)
         log.info(
-            "flush: %d messages, %d events landed, %d dead letters, %d metrics rows, "
-            "%d anomalies, partitions %s; %s",
+            "flush: %d messages, %d events landed, %d dead letters, %d hop messages "
+            "(%d bytes), partitions %s; %s",
             total,
             events.num_rows,
             dead.num_rows,
-            metrics.num_rows,
-            anomalies.num_rows,
-            ",".join(f"{p}@{hi + 1}" for p, (_, hi) in sorted(ranges.items())),
+            len(payloads),
+            sum(len(p) for _, p in payloads),
+            ",".join(f"{p}@{nxt}" for p, (_, nxt) in sorted(covered.items())),
             steps,
         )
 
@@ -766,18 +666,18 @@ class EventConsumer(Service):
         reached = [ts for p, ts in self._partition_ts.items() if p in behind]
         return min(reached) if reached else max(self._partition_ts.values(), default=None)
 
-    def _aggregate(
+    def _ingest(
         self,
         events: pa.Table,
         pending: Sequence[Processed],
         behind: set[int],
-        emit_open: bool = False,
-    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], pa.Table, pa.Table, pa.Table, pa.Table]:
-        """Fold ``events`` into the windows, detectors, budgets and release verdicts.
+        owned: set[int],
+    ) -> tuple[pa.Table, list[tuple[Record, Rejection]], WindowPartial, dict[int, int]]:
+        """Drop repeats, decide lateness, fold ``events`` into windows and drain them.
 
         Returns the events to land (repeats taken out, ``late`` set), the repeats as dead
-        letters, the rows of the windows that closed, the anomalies found in them (release
-        regressions included), the ``budget_burn`` anomalies, and the release verdicts.
+        letters, the flush's window partial, and the event clock of each owned partition
+        that has one (``hop.HopMessage.clocks``).
         """
         events, repeats = self._drop_repeats(events, pending)
         reached = self._event_time(events, behind)
@@ -788,107 +688,60 @@ class EventConsumer(Service):
             late = self.windows.update(events, now=now, event_time=reached or _EPOCH)
             events = events.set_column(events.schema.get_field_index("late"), "late", late)
             self.telemetry.late_events.inc(pc.sum(late).as_py() or 0)
-        metrics = self.windows.close_due(now=now)
-        if emit_open:
-            metrics = pa.concat_tables([metrics, self.windows.flush_all()])
-        detected_at = datetime.now(UTC)
-        anomalies = pa.concat_tables(
-            [
-                self.detector.observe(metrics, detected_at=detected_at),
-                self.rules.observe(metrics, detected_at=detected_at),
-            ]
-        )
-        # Releases before metrics: a release and the first window it covers may close in
-        # the same flush.
-        self.judge.register(events)
-        verdicts, regressions = self.judge.observe(metrics, detected_at=detected_at)
-        if regressions.num_rows:
-            anomalies = pa.concat_tables([anomalies, regressions])
-        if anomalies.num_rows:
-            history = history_lookup(self.settings.data_dir, metrics)
-            anomalies = explain(anomalies, metrics, history)
-            anomalies = self._with_examples(anomalies, events)
-            self.telemetry.anomalies.inc(anomalies.num_rows)
-        burns = ANOMALIES_SCHEMA.empty_table()
-        if self.budgets.budgets:
-            # Event time, like the windows: a replay forecasts and alerts exactly as before.
-            self.budgets.update(events)
-            burns = self.budgets.check(now, detected_at)
-            self.telemetry.anomalies.inc(burns.num_rows)
-        return events, repeats, metrics, anomalies, burns, verdicts
+        partial = self.windows.drain()
+        # Advances the horizon with the clock (a quiet stream); nothing is open to close.
+        self.windows.close_due(now=now)
+        return events, repeats, partial, self._clocks(now, behind, owned)
 
-    def _with_examples(self, anomalies: pa.Table, events: pa.Table) -> pa.Table:
-        """Fill ``example_event_ids`` with a few events of each anomaly's window and key.
+    def _clocks(self, now: datetime, behind: set[int], owned: set[int]) -> dict[int, int]:
+        """What this worker tells the aggregate stage about each partition's event time.
 
-        Anomalies are rare, so this reads the landed events of those windows from the lake.
+        A partition with records still to read: the newest event read from it (a partition
+        not read since it was assigned: nothing, its previous report stands). A partition
+        read to its end: this worker's clock, so that it does not hold windows back, as in
+        ``_event_time``. Never more than this worker's clock, whose horizon decides lateness.
         """
-        con = connect(self.settings.data_dir)
-        con.register("current", events)
-        examples = []
-        for row in anomalies.select(["window_start", "window_end", *DIMENSIONS]).to_pylist():
-            where = " AND ".join(f"{d} = ${d}" for d in DIMENSIONS if row[d] is not None)
-            params = {d: row[d] for d in DIMENSIONS if row[d] is not None}
-            sql = (
-                "SELECT event_id FROM (SELECT event_id, ts, {dims} FROM events UNION ALL "
-                "SELECT event_id, ts, {dims} FROM current) WHERE ts >= $start AND ts < $end "
-                "AND {where} ORDER BY ts LIMIT 5"
-            ).format(dims=", ".join(DIMENSIONS), where=where or "true")
-            got = con.execute(
-                sql, {**params, "start": row["window_start"], "end": row["window_end"]}
-            )
-            examples.append([r[0] for r in got.fetchall()])
-        index = anomalies.schema.get_field_index("example_event_ids")
-        return anomalies.set_column(
-            index, anomalies.schema.field(index), pa.array(examples, pa.list_(pa.string()))
-        ).cast(anomalies.schema)
+        out: dict[int, int] = {}
+        for part in owned:
+            if part in behind:
+                ts = self._partition_ts.get(part)
+                if ts is not None:
+                    out[part] = _us(min(ts, now))
+            elif now > _EPOCH:
+                out[part] = _us(now)
+        return out
 
-    async def _publish(
+    def _messages(
         self,
-        rejected: list[tuple[Record, Rejection]],
-        metrics: pa.Table,
-        anomalies: pa.Table,
-        verdicts: pa.Table,
-    ) -> None:
-        """Send dead letters and derived records to their topics (one record batch per
-        partition); wait for the broker."""
+        covered: dict[int, tuple[int, int]],
+        clocks: dict[int, int],
+        partial: WindowPartial,
+        events: pa.Table,
+    ) -> list[tuple[int, bytes]]:
+        """The encoded hop messages of a flush: ``(repartition partition, chunk)``."""
+        releases = events.filter(pc.equal(events["type"], "release")) if events.num_rows else None
+        chunks = hop.chunked(
+            ranges=covered,
+            sources=self._sources,
+            clocks=clocks,
+            windows=partial if covered else None,
+            spend=hop.ipc(spend_rows(events)) if events.num_rows else b"",
+            releases=hop.ipc(releases),
+        )
+        return [(0, chunk) for chunk in chunks]
+
+    async def _publish(self, rejected: list[tuple[Record, Rejection]]) -> None:
+        """Send dead letters to their topic (one record batch per partition); wait for the
+        broker."""
         assert self._producer is not None
-        s = self.settings
-        dead_copies = (_dead_letter_copy(record, rejection) for record, rejection in rejected)
-        derived = [
-            (s.dlq_topic, ((key, value, headers) for value, key, headers in dead_copies)),
-            (s.metrics_topic, _unkeyed(metric_records(metrics))),
-            (s.anomalies_topic, _unkeyed(anomaly_records(anomalies))),
-            (s.verdicts_topic, _unkeyed(verdict_records(verdicts))),
-        ]
-        sends = [
-            f for topic, out in derived for f in await send_batches(self._producer, topic, out)
-        ]
+        copies = (_dead_letter_copy(record, rejection) for record, rejection in rejected)
+        sends = await send_batches(
+            self._producer,
+            self.settings.dlq_topic,
+            ((key, value, headers) for value, key, headers in copies),
+        )
         if sends:
             await asyncio.gather(*sends)
-
-    def _rows(
-        self,
-        events: pa.Table,
-        dead: pa.Table,
-        metrics: pa.Table,
-        anomalies: pa.Table,
-        verdicts: pa.Table,
-    ) -> dict[str, pa.Table]:
-        """The rows of each lake table that this flush lands."""
-        rows = {
-            EVENTS.name: events,
-            DEAD_LETTERS.name: dead,
-            METRICS.name: metrics,
-            ANOMALIES.name: anomalies,
-            RELEASE_VERDICTS.name: verdicts,
-        }
-        # The budgets' status is a running figure: landed every few seconds, and with alerts.
-        if self.budgets.budgets and (
-            anomalies.num_rows or time.monotonic() - self._budgets_landed >= BUDGET_STATUS_EVERY_S
-        ):
-            rows[BUDGETS.name] = self.budgets.status()
-            self._budgets_landed = time.monotonic()
-        return rows
 
     async def _resync(self) -> None:
         """Drop every batch held and seek each assigned partition to the lake's position."""
@@ -897,17 +750,18 @@ class EventConsumer(Service):
             self._pending, self._retry, self._retry_published = [], [], False
         self._rewind()
         stored = self.lake.positions(self.settings.events_topic)
-        for tp in self._consumer.assignment():
+        mine = list(self._consumer.assignment())
+        for tp in mine:
             if tp.partition in stored:
                 self._consumer.seek(tp, stored[tp.partition])
                 self._offsets[tp.partition] = stored[tp.partition]
+        # Another writer landed some of them: remember its ids, send what it may not have.
+        self._known -= {tp.partition for tp in mine}
+        await self._take_over(mine)
 
 
-def _lineage(group: str, offsets: dict[int, int]) -> str:
-    """Name of a window state started empty at ``offsets``: the same start, the same name, so a
-    replay rewrites the files and ids it emitted before a crash."""
-    seed = msgspec.json.encode([group, sorted(offsets.items())])
-    return hashlib.blake2b(seed, digest_size=5).hexdigest()
+def _us(when: datetime) -> int:
+    return (when - _EPOCH) // timedelta(microseconds=1)
 
 
 def _without(batch: Processed, partitions: set[int]) -> Processed:
@@ -926,11 +780,6 @@ def _without(batch: Processed, partitions: set[int]) -> Processed:
         {p: span for p, span in batch.ranges.items() if p not in partitions},
         [r for r in batch.records if r.partition not in partitions],
     )
-
-
-def _unkeyed(records: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, Headers]]:
-    """``(key, value)`` records of a derived topic as ``send_batches`` takes them (no headers)."""
-    return ((key, value, []) for key, value in records)
 
 
 def _dead_letter_copy(

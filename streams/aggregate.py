@@ -1,0 +1,580 @@
+"""The aggregate stage: window partials in; metrics, anomalies, verdicts and budgets out.
+
+The ingest stage (``streams.ingest``, any number of workers) hands each flush's window
+partials, spend and release records on through the repartition topic (``streams.hop``). This
+stage owns the state that needs all of a key: it merges the partials into the open windows,
+closes a window once every partition of the events topic has reported an event clock past
+it (the minimum over them), and runs the drift detectors, alert rules, release judge and
+budget tracker on the closed windows. One flush of a repartition partition: (1) its messages
+applied once each (``Shard.apply``: per source partition, the next offset applied), due
+windows closed and judged, (2) metrics, anomalies and verdicts acknowledged by the broker,
+(3) the shard's state saved (``streams.state``), (4) one lake transaction: the rows, the next
+offset of the repartition partition and the snapshot's number, (5) the offset committed to
+Kafka too. The state moves with its partition: a new owner (after a rebalance or the owner's
+death) reads the lake's position and restores the snapshot the lake names, so every partial
+counts once and every window closes once, whichever worker owns it.
+
+The repartition topic has one partition: one owner of the aggregate state at a time, which
+is cheap because the partials of a flush are a row per window and key, not per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from mode import Service
+
+from pipeline.config import Settings
+from pipeline.kafka import Headers, send_batches, start_producer
+from sinks.catalog import (
+    ANOMALIES,
+    BUDGETS,
+    METRICS,
+    RELEASE_VERDICTS,
+    QueryError,
+    connect,
+    prepare,
+)
+from sinks.lake import Fenced, Flush
+from streams import hop
+from streams.budgets import BudgetTracker, load_budgets
+from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
+from streams.explain import explain
+from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
+from streams.rules import RuleEngine, load_rules
+from streams.stage import Stopwatch, group_consumer, pause_after_failure
+from streams.state import SnapshotStore
+from streams.telemetry import WorkerTelemetry
+from streams.warmstart import history_lookup, metrics_history
+from streams.windows import DIMENSIONS, METRICS_SCHEMA, WindowAggregator, metric_records
+
+log = logging.getLogger("agentstream.aggregate")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+BUDGET_STATUS_EVERY_S = 10.0
+
+
+class ShardState(msgspec.Struct, frozen=True):
+    """What a snapshot of one repartition partition's state holds."""
+
+    windows: bytes
+    detector: bytes
+    budgets: bytes
+    releases: bytes
+    rules: bytes
+    progress: dict[int, int]  # source partition -> next events offset applied
+    chunks: dict[str, list[int]]  # a message being applied chunk by chunk: chunks applied
+    clocks: dict[int, int]  # source partition -> event clock reported (us)
+    sources: int
+
+
+class Shard:
+    """The aggregate state of one repartition partition: windows, detectors, rules, releases,
+    budgets, and what it has applied of every source partition."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
+        self.detector = DriftDetector()
+        self.budgets = BudgetTracker(load_budgets(settings.budgets))
+        self.judge = ReleaseJudge(self._judge_config())
+        self.rules = RuleEngine(load_rules(settings.rules))
+        self.progress: dict[int, int] = {}
+        self.chunks: dict[str, list[int]] = {}
+        self.clocks: dict[int, int] = {}
+        self.sources = 0
+
+    def _judge_config(self) -> JudgeConfig:
+        # The judge keeps latency histograms per window: they must be the metrics' windows.
+        return JudgeConfig(window_s=self.settings.window_seconds)
+
+    def snapshot(self) -> bytes:
+        return msgspec.msgpack.encode(
+            ShardState(
+                self.windows.snapshot(),
+                self.detector.snapshot(),
+                self.budgets.snapshot(),
+                self.judge.snapshot(),
+                self.rules.snapshot(),
+                dict(self.progress),
+                {k: list(v) for k, v in self.chunks.items()},
+                dict(self.clocks),
+                self.sources,
+            )
+        )
+
+    @classmethod
+    def restore(cls, settings: Settings, data: bytes) -> Shard:
+        state = msgspec.msgpack.decode(data, type=ShardState)
+        shard = cls(settings)
+        shard.windows = WindowAggregator.restore(state.windows)
+        try:
+            shard.detector = DriftDetector.restore(state.detector)
+        except ValueError as exc:
+            # A snapshot of another version (an upgrade): fresh detectors, primed from the
+            # lake, instead of a worker that cannot start.
+            log.warning("detector state not restored (%s): priming new detectors", exc)
+            shard.prime(rules=False)
+        if state.budgets:
+            shard.budgets.restore(state.budgets)
+        shard.judge = ReleaseJudge.restore(state.releases, shard._judge_config())
+        if state.rules:
+            shard.rules.restore(state.rules)
+        shard.progress = dict(state.progress)
+        shard.chunks = {k: list(v) for k, v in state.chunks.items()}
+        shard.clocks = dict(state.clocks)
+        shard.sources = state.sources
+        return shard
+
+    def prime(self, *, rules: bool) -> None:
+        """Feed the last windows of every key in the lake to the detectors (and rules)."""
+        n = self.settings.warm_start_windows
+        if n <= 0:
+            return
+        try:
+            history = metrics_history(self.settings.data_dir, n)
+        except QueryError as exc:
+            log.warning("warm start skipped, the lake's metrics are unreadable: %s", exc)
+            return
+        if history.num_rows:
+            newest = history["window_end"][-1].as_py()
+            # What these windows raised was published when they closed (same ids): drop it.
+            self.detector.observe(history, detected_at=newest)
+            if rules:
+                self.rules.observe(history, detected_at=newest)
+            log.info(
+                "warm start: %d metrics rows from the lake up to %s primed %d keys",
+                history.num_rows,
+                newest.isoformat(),
+                self.detector.tracked_keys(),
+            )
+
+    # ----------------------------------------------------------------------------------
+    # applying the hop's messages
+    # ----------------------------------------------------------------------------------
+
+    def apply(self, message: hop.HopMessage) -> bool:
+        """Apply one message unless it was applied before; returns whether it was applied.
+
+        A message covers events offsets ``[first, next)`` of source partitions; the ranges of
+        landed flushes never overlap (the lake's positions), so a message whose every range
+        ends at or below the progress of its partitions is a repeat (sent again from the
+        outbox, or by a producer's retry).
+        """
+        if message.ranges:
+            if all(self.progress.get(p, -1) >= nxt for p, (_, nxt) in message.ranges.items()):
+                return False
+            key = ",".join(f"{p}:{lo}-{nxt}" for p, (lo, nxt) in sorted(message.ranges.items()))
+            done = self.chunks.setdefault(key, [])
+            if message.chunk in done:
+                return False
+            done.append(message.chunk)
+            self._fold(message)
+            if len(done) < message.chunks:
+                return True  # the clock waits for the message's last chunk
+            del self.chunks[key]
+            for p, (_, nxt) in message.ranges.items():
+                self.progress[p] = max(self.progress.get(p, nxt), nxt)
+        self.sources = max(self.sources, message.sources)
+        for p, clock in message.clocks.items():
+            self.clocks[p] = max(self.clocks.get(p, clock), clock)  # event time only moves on
+        return True
+
+    def _fold(self, message: hop.HopMessage) -> None:
+        releases = message.release_table()
+        if releases is not None:
+            # Releases before their windows' latencies, which the judge keeps per release.
+            self.judge.register(releases)
+        if message.windows is not None:
+            self.windows.merge(message.windows)
+            if self.judge.releases():
+                self.judge.add_latency_counts(message.windows.latency_counts())
+        spend = message.spend_table()
+        if spend is not None and self.budgets.budgets:
+            self.budgets.update(spend)
+
+    def clock(self) -> datetime | None:
+        """How far event time has got over every source partition: the minimum of what their
+        ingest workers reported (None until each has reported).
+
+        Each report is at most its worker's own event clock, whose horizon decided the
+        lateness of the events it landed, so a window closed here is closed for every ingest
+        worker too: none hands on a partial for it later (``WindowAggregator.merge`` would
+        count one as late). Within one worker, partitions read to their end follow its clock
+        (``IngestConsumer._clocks``); across workers, a quiet one holds windows back until
+        its clock, which moves on with the wall clock, passes them.
+        """
+        if not self.sources or any(p not in self.clocks for p in range(self.sources)):
+            return None
+        return _EPOCH + min(self.clocks[p] for p in range(self.sources)) * _US
+
+    # ----------------------------------------------------------------------------------
+    # closing windows
+    # ----------------------------------------------------------------------------------
+
+    def close(self, telemetry: WorkerTelemetry) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
+        """Close the due windows and judge them: metrics, anomalies (release regressions
+        included), ``budget_burn`` anomalies, release verdicts."""
+        now = self.clock()
+        empty = ANOMALIES_SCHEMA.empty_table()
+        if now is None:
+            return METRICS_SCHEMA.empty_table(), empty, empty, _no_verdicts()
+        metrics = self.windows.close_due(now=now)
+        detected_at = datetime.now(UTC)
+        anomalies = pa.concat_tables(
+            [
+                self.detector.observe(metrics, detected_at=detected_at),
+                self.rules.observe(metrics, detected_at=detected_at),
+            ]
+        )
+        verdicts, regressions = self.judge.observe(metrics, detected_at=detected_at)
+        if regressions.num_rows:
+            anomalies = pa.concat_tables([anomalies, regressions])
+        if anomalies.num_rows:
+            history = history_lookup(self.settings.data_dir, metrics)
+            anomalies = explain(anomalies, metrics, history)
+            anomalies = _with_examples(self.settings, anomalies)
+            telemetry.anomalies.inc(anomalies.num_rows)
+        burns = empty
+        if self.budgets.budgets:
+            # Event time, like the windows: a replay forecasts and alerts exactly as before.
+            burns = self.budgets.check(now, detected_at)
+            telemetry.anomalies.inc(burns.num_rows)
+        return metrics, anomalies, burns, verdicts
+
+
+def _no_verdicts() -> pa.Table:
+    from streams.releases import VERDICTS_SCHEMA
+
+    return VERDICTS_SCHEMA.empty_table()
+
+
+def _with_examples(settings: Settings, anomalies: pa.Table) -> pa.Table:
+    """Fill ``example_event_ids`` with a few landed events of each anomaly's window and key.
+
+    Anomalies are rare, so this reads the events of those windows from the lake (the ingest
+    stage landed them before handing their partials on).
+    """
+    con = connect(settings.data_dir)
+    examples = []
+    for row in anomalies.select(["window_start", "window_end", *DIMENSIONS]).to_pylist():
+        where = " AND ".join(f"{d} = ${d}" for d in DIMENSIONS if row[d] is not None)
+        params = {d: row[d] for d in DIMENSIONS if row[d] is not None}
+        sql = (
+            "SELECT event_id FROM events WHERE ts >= $start AND ts < $end "
+            "AND {where} ORDER BY ts LIMIT 5"
+        ).format(where=where or "true")
+        got = con.execute(sql, {**params, "start": row["window_start"], "end": row["window_end"]})
+        examples.append([r[0] for r in got.fetchall()])
+    index = anomalies.schema.get_field_index("example_event_ids")
+    return anomalies.set_column(
+        index, anomalies.schema.field(index), pa.array(examples, pa.list_(pa.string()))
+    ).cast(anomalies.schema)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: AggregateConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self.owner.flush()
+        await self.owner.release(revoked)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self.owner.recover(assigned)
+
+
+class AggregateConsumer(Service):
+    """Consumes the repartition topic, owns the shards of the partitions it is given, lands
+    and publishes what closes; runs inside the faust worker."""
+
+    def __init__(self, settings: Settings, telemetry: WorkerTelemetry, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.telemetry = telemetry
+        self.lake = prepare(settings.data_dir, settings.catalog)
+        self.snapshots = SnapshotStore(settings.data_dir / ".state", settings.aggregate_group)
+        self.shards: dict[int, Shard] = {}
+        self._saved: dict[int, bytes] = {}  # each shard as of its last commit
+        self._offsets: dict[int, int] = {}  # each partition's next offset, as landed
+        self._pending: dict[int, list[ConsumerRecord[bytes, bytes]]] = {}
+        self._seeks: dict[int, int] = {}
+        self._next: dict[int, int] = {}  # the next offset to queue, per partition
+        self._gap: dict[int, int] = {}
+        self._lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()
+        self._flush_task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._last_flush = time.monotonic()
+        self._budgets_landed = 0.0
+        self._conflicts = 0
+        self.healthy = False
+        self.last_error: str | None = None
+        self.metrics_emitted = 0
+        self.applied = 0
+
+    async def on_start(self) -> None:
+        s = self.settings
+        self._producer = await start_producer(s, linger_ms=5)
+        self._consumer = group_consumer(s, s.aggregate_group, s.repartition_topic, _Rebalance(self))
+        await self._consumer.start()
+        self.healthy = True
+        log.info("aggregating %s as group %s", s.repartition_topic, s.aggregate_group)
+
+    async def on_stop(self) -> None:
+        try:
+            if self._flush_task is not None:
+                await self._flush_task
+            await self.flush()
+        finally:
+            if self._consumer is not None:
+                await self._consumer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
+
+    async def release(self, revoked: Sequence[TopicPartition]) -> None:
+        """Forget the shards of ``revoked`` partitions: their new owner restores them."""
+        async with self._flush_lock, self._lock:
+            for tp in revoked:
+                self.shards.pop(tp.partition, None)
+                self._saved.pop(tp.partition, None)
+                self._offsets.pop(tp.partition, None)
+                self._pending.pop(tp.partition, None)
+
+    async def recover(self, assigned: Sequence[TopicPartition]) -> None:
+        """Resume assigned partitions from the lake's positions and the snapshots it names."""
+        async with self._flush_lock:
+            await self._recover(assigned)
+
+    async def _recover(self, assigned: Sequence[TopicPartition]) -> None:
+        assert self._consumer is not None
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(None, self.lake.positions, s.repartition_topic)
+        new = [tp for tp in assigned if tp.partition not in stored]
+        first = {tp.partition: 0 for tp in new}
+        if new:
+            beginning = await self._consumer.beginning_offsets(new)
+            first = {tp.partition: beginning[tp] for tp in new}
+            await loop.run_in_executor(
+                None, self.lake.claim, s.repartition_topic, first, s.aggregate_group
+            )
+        log.info(
+            "aggregating partitions %s of %s",
+            ",".join(str(tp.partition) for tp in sorted(assigned)) or "none",
+            s.repartition_topic,
+        )
+        checkpoints = await loop.run_in_executor(None, self.lake.checkpoints)
+        for tp in assigned:
+            r = tp.partition
+            position = stored.get(r, first.get(r, 0))
+            saved = self.snapshots.load({r: position}, checkpoints)
+            if saved is not None:
+                shard = Shard.restore(s, saved)
+                log.info(
+                    "partition %d: state restored at offset %d: %d open windows, %d keys watched",
+                    r,
+                    position,
+                    shard.windows.open_windows(),
+                    shard.detector.tracked_keys(),
+                )
+            else:
+                if r in stored:
+                    log.warning(
+                        "partition %d: no snapshot at the landed offset %d: windows open at "
+                        "the last stop start empty",
+                        r,
+                        position,
+                    )
+                shard = Shard(s)
+                shard.prime(rules=True)
+            async with self._lock:
+                self.shards[r] = shard
+                self._saved[r] = shard.snapshot()
+                self._offsets[r] = position
+                self._pending[r] = []
+                self._next[r] = position
+                self._consumer.seek(tp, position)
+                self._seeks[r] = self._seeks.get(r, 0) + 1
+
+    @Service.task
+    async def _consume(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        s = self.settings
+        while not self.should_stop:
+            seeks = dict(self._seeks)
+            fetched = await consumer.getmany(timeout_ms=200, max_records=5000)
+            async with self._lock:
+                for tp, records in fetched.items():
+                    self._take(consumer, tp, records, stale=self._seeks != seeks)
+            waiting = sum(len(v) for v in self._pending.values())
+            due = waiting and (
+                waiting >= 2000 or time.monotonic() - self._last_flush >= s.flush_interval_s
+            )
+            flushing = self._flush_task is not None and not self._flush_task.done()
+            if due and not flushing:
+                self._flush_task = asyncio.create_task(self.flush())
+
+    def _take(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        *,
+        stale: bool,
+    ) -> None:
+        """Queue fetched ``records`` that continue where this worker reads on.
+
+        The repartition topic's offsets have no gaps (no transactions, no compaction), so a
+        fetch that does not start at the next offset expected was made before a seek (on
+        assignment, or after a fenced flush) or skips records dropped as such: the partition
+        is read again from the offset expected. A fetch racing a seek is dropped whole.
+        """
+        r = tp.partition
+        if r not in self.shards:
+            return
+        nxt = self._next[r]
+        fresh = [rec for rec in records if rec.offset >= nxt]
+        if stale or (fresh and fresh[0].offset > nxt and self._gap.get(r) != nxt):
+            self._gap[r] = nxt  # a real gap (none expected) is accepted the second time
+            consumer.seek(tp, nxt)
+            self._seeks[r] = self._seeks.get(r, 0) + 1
+            return
+        if fresh:
+            self._pending[r].extend(fresh)
+            self._next[r] = fresh[-1].offset + 1
+
+    async def flush(self) -> None:
+        """Apply, close, land and publish every partition with messages waiting."""
+        async with self._flush_lock:
+            self._last_flush = time.monotonic()
+            for r in sorted(self.shards):
+                async with self._lock:
+                    batch, self._pending[r] = self._pending.get(r, []), []
+                if not batch:
+                    continue
+                if not await self._attempt(r, batch):
+                    async with self._lock:
+                        # Kept for the next attempt, ahead of what came since.
+                        if r in self.shards:
+                            self._pending[r] = batch + self._pending[r]
+
+    async def _attempt(self, r: int, batch: list[ConsumerRecord[bytes, bytes]]) -> bool:
+        started = time.perf_counter()
+        try:
+            await self._flush(r, batch)
+        except Fenced as exc:
+            # Another worker owns this partition now and landed it: read on from the lake.
+            log.error("aggregate flush not landed: %s", exc)
+            self.last_error = str(exc)
+            assert self._consumer is not None
+            await self._recover([TopicPartition(self.settings.repartition_topic, r)])
+            return True
+        except Exception as exc:
+            # Nothing was committed: back to the last commit, the retry applies it all again.
+            self.shards[r] = Shard.restore(self.settings, self._saved[r])
+            self._conflicts += 1
+            self.last_error = await pause_after_failure(
+                exc, self._conflicts, self.telemetry, "aggregate flush"
+            )
+            return False
+        self._conflicts = 0
+        self.last_error = None
+        self.telemetry.batch_seconds.observe(time.perf_counter() - started)
+        return True
+
+    async def _flush(self, r: int, batch: list[ConsumerRecord[bytes, bytes]]) -> None:
+        assert self._consumer is not None and self._producer is not None
+        s = self.settings
+        shard = self.shards[r]
+        loop = asyncio.get_running_loop()
+        steps = Stopwatch()
+
+        def fold() -> tuple[int, tuple[pa.Table, pa.Table, pa.Table, pa.Table]]:
+            applied = sum(shard.apply(hop.decode(record.value)) for record in batch)
+            return applied, shard.close(self.telemetry)
+
+        applied, (metrics, anomalies, burns, verdicts) = await loop.run_in_executor(None, fold)
+        steps.lap("aggregate")
+        alerts = pa.concat_tables([anomalies, burns])
+        await self._publish(metrics, alerts, verdicts)
+        steps.lap("publish")
+        nxt = batch[-1].offset + 1
+        state = await loop.run_in_executor(None, shard.snapshot)
+        lineage = f"hop{r}"
+        seq = await loop.run_in_executor(None, self.snapshots.save, state, {r: nxt}, lineage)
+        steps.lap("snapshot")
+        rows = {
+            METRICS.name: metrics,
+            ANOMALIES.name: alerts,
+            RELEASE_VERDICTS.name: verdicts,
+        }
+        # The budgets' status is a running figure: landed every few seconds, and with alerts.
+        if shard.budgets.budgets and (
+            alerts.num_rows or time.monotonic() - self._budgets_landed >= BUDGET_STATUS_EVERY_S
+        ):
+            rows[BUDGETS.name] = shard.budgets.status()
+            self._budgets_landed = time.monotonic()
+        flush = Flush(
+            rows=rows,
+            positions={(s.repartition_topic, r): (self._offsets[r], nxt)},
+            checkpoint=(lineage, seq),
+            group_id=s.aggregate_group,
+        )
+        await loop.run_in_executor(None, self.lake.commit, flush)
+        steps.lap("land")
+        await loop.run_in_executor(None, self.snapshots.committed, lineage, seq)
+        try:
+            await self._consumer.commit({TopicPartition(s.repartition_topic, r): nxt})
+        except Exception as exc:  # the lake holds the positions that count
+            log.warning("offsets landed in the lake, not committed to Kafka: %s", exc)
+        self._offsets[r] = nxt
+        self._saved[r] = state
+        self.applied += applied
+        self.metrics_emitted += metrics.num_rows
+        self.telemetry.metrics_emitted.inc(metrics.num_rows)
+        log.info(
+            "aggregate flush: %d hop messages (%d applied), %d metrics rows, %d anomalies, "
+            "%d verdicts, partition %d@%d, event clock %s; %s",
+            len(batch),
+            applied,
+            metrics.num_rows,
+            alerts.num_rows,
+            verdicts.num_rows,
+            r,
+            nxt,
+            c.isoformat() if (c := shard.clock()) is not None else "not yet",
+            steps,
+        )
+
+    async def _publish(self, metrics: pa.Table, anomalies: pa.Table, verdicts: pa.Table) -> None:
+        """Send derived records to their topics (one record batch per partition); wait for
+        the broker. At least once: a retried flush sends the same records (same ids)."""
+        assert self._producer is not None
+        s = self.settings
+        derived = [
+            (s.metrics_topic, _unkeyed(metric_records(metrics))),
+            (s.anomalies_topic, _unkeyed(anomaly_records(anomalies))),
+            (s.verdicts_topic, _unkeyed(verdict_records(verdicts))),
+        ]
+        sends = [
+            f for topic, out in derived for f in await send_batches(self._producer, topic, out)
+        ]
+        if sends:
+            await asyncio.gather(*sends)
+
+
+def _unkeyed(records: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, Headers]]:
+    """``(key, value)`` records of a derived topic as ``send_batches`` takes them (no headers)."""
+    return ((key, value, []) for key, value in records)

@@ -1,0 +1,105 @@
+"""What the ingest and aggregate stages share: timing a flush's steps, sending what must arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+
+from pipeline.config import Settings
+from pipeline.kafka import client_kwargs
+from sinks.lake import is_conflict
+from streams.telemetry import WorkerTelemetry
+
+log = logging.getLogger("agentstream.stage")
+# A commit refused because another writer committed first is retried at once this many times
+# in a row; a lock held longer than that is an outage (/health degraded).
+MAX_QUICK_RETRIES = 5
+
+
+class Stopwatch:
+    """Seconds spent in each step of a flush, for the flush's log line."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        total = sum(t for _, t in self.laps)
+        return f"{total:.2f} s (" + ", ".join(f"{n} {t:.2f}" for n, t in self.laps) + ")"
+
+
+async def deliver(
+    producer: AIOKafkaProducer, topic: str, messages: Sequence[tuple[int, bytes]]
+) -> None:
+    """Send ``(partition, value)`` messages in order and wait until the broker has them all,
+    retrying (the whole list, in order) until it does.
+
+    What is sent here was landed already: giving up would lose it downstream, and a repeat is
+    harmless (the receiver drops what it has applied), so a broker outage only waits.
+    """
+    delay = 0.5
+    while True:
+        try:
+            sent = [await producer.send(topic, value=v, partition=p) for p, v in messages]
+            await asyncio.gather(*sent)
+            return
+        except Exception as exc:
+            log.warning("sending %d messages to %s failed, retrying: %s", len(messages), topic, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def pause_after_failure(
+    exc: BaseException, conflicts: int, telemetry: WorkerTelemetry, what: str
+) -> str | None:
+    """Wait before a stage retries a flush that landed nothing; returns the error to show on
+    ``/health`` (None: another writer of the lake committed first, not an error).
+
+    ``conflicts`` counts the failed attempts in a row, this one included: a conflict is
+    retried at once (after a short random pause) this many times, then it is an outage.
+    """
+    if is_conflict(exc) and conflicts <= MAX_QUICK_RETRIES:
+        # Several workers on one lake: the retry lands on top of the other's commit.
+        telemetry.lake_conflicts.inc()
+        log.info("lake commit conflicted with another writer's; retrying")
+        await asyncio.sleep(random.uniform(0.05, 0.3))
+        return None
+    telemetry.landing_errors.inc()
+    error = f"{type(exc).__name__}: {exc}"
+    log.error("%s failed, offsets not committed, will retry: %s", what, error)
+    await asyncio.sleep(1.0)
+    return error
+
+
+def group_consumer(
+    settings: Settings,
+    group: str,
+    topic: str,
+    listener: ConsumerRebalanceListener,
+    **options: Any,
+) -> AIOKafkaConsumer:
+    """A consumer of ``topic`` in ``group`` (subscribed; start it once the stage holds it: its
+    rebalance listener uses it) that commits only what a stage landed
+    (the lake's positions count; Kafka's are for lag monitoring) and whose flushes, however
+    long, never make it leave the group."""
+    consumer = AIOKafkaConsumer(
+        **client_kwargs(settings),
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_interval_ms=600_000,
+        **options,
+    )
+    consumer.subscribe([topic], listener=listener)
+    return consumer
