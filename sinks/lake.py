@@ -299,6 +299,11 @@ class LakeWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         data_path(self.root).mkdir(exist_ok=True)
         self.con = lake_connection()
+        # A DuckDB connection is not safe to use from two threads at once, and the worker
+        # calls a writer from its event loop and its executor threads (a position read while
+        # a flush's transaction is open would also run inside that transaction): every use
+        # of ``con`` holds this lock, taken before the process's commit lock.
+        self._use = threading.RLock()
         # Dates of the partitions are UTC dates, whatever the machine's zone.
         self.con.execute("SET TimeZone = 'UTC'")
         for attempt in range(5):
@@ -400,11 +405,12 @@ class LakeWriter:
 
     def positions(self, topic: str) -> dict[int, int]:
         """The stored next offset of every partition of ``topic``."""
-        rows = self.con.execute(
-            f"SELECT partition, max(next_offset) FROM {ALIAS}.{POSITIONS} WHERE topic = ? "
-            "GROUP BY partition",
-            [topic],
-        ).fetchall()
+        with self._use:
+            rows = self.con.execute(
+                f"SELECT partition, max(next_offset) FROM {ALIAS}.{POSITIONS} WHERE topic = ? "
+                "GROUP BY partition",
+                [topic],
+            ).fetchall()
         return {int(p): int(o) for p, o in rows}
 
     def claim(self, topic: str, partitions: dict[int, int], group_id: str) -> None:
@@ -413,18 +419,25 @@ class LakeWriter:
         new = {p: o for p, o in partitions.items() if p not in known}
         if not new:
             return
-        with transaction(self.con, self.spec):
+        with self._use, transaction(self.con, self.spec):
             for part, offset in sorted(new.items()):
+                # Another worker may have claimed it since ``positions`` (workers starting
+                # together): its row stands. Claims in flight at the same moment can still
+                # both land (equal rows, moved together by flushes); a claim that lands after
+                # the other's first flush leaves a row below the partition's position, which
+                # nothing reads (the position is the highest row).
                 self.con.execute(
-                    f"INSERT INTO {ALIAS}.{POSITIONS} VALUES (?, ?, ?, ?, now())",
-                    [topic, part, offset, group_id],
+                    f"INSERT INTO {ALIAS}.{POSITIONS} SELECT ?, ?, ?, ?, now() WHERE NOT EXISTS "
+                    f"(SELECT 1 FROM {ALIAS}.{POSITIONS} WHERE topic = ? AND partition = ?)",
+                    [topic, part, offset, group_id, topic, part],
                 )
 
     def checkpoints(self) -> dict[str, int]:
         """The window-state snapshot each lineage committed last."""
-        rows = self.con.execute(
-            f"SELECT lineage, max(seq) FROM {ALIAS}.{CHECKPOINTS} GROUP BY lineage"
-        ).fetchall()
+        with self._use:
+            rows = self.con.execute(
+                f"SELECT lineage, max(seq) FROM {ALIAS}.{CHECKPOINTS} GROUP BY lineage"
+            ).fetchall()
         return {str(lineage): int(seq) for lineage, seq in rows}
 
     def commit(self, flush: Flush) -> None:
@@ -444,11 +457,12 @@ class LakeWriter:
             if rows.num_rows > INLINE_ROWS and _dates_known(rows, tables[name].time_column)
         ]
         files = dict(zip(big, self._write(flush, big), strict=True))
-        try:
-            self._land(flush, tables, files)
-        except BaseException:
-            self._discard_unlanded(files)
-            raise
+        with self._use:
+            try:
+                self._land(flush, tables, files)
+            except BaseException:
+                self._discard_unlanded(files)
+                raise
 
     def _land(
         self, flush: Flush, tables: dict[str, LakeTable], files: dict[str, list[Path]]
@@ -562,7 +576,8 @@ class LakeWriter:
             self.con.unregister("_replacing")
 
     def close(self) -> None:
-        self.con.close()
+        with self._use:
+            self.con.close()
 
 
 def _dates_known(rows: pa.Table, time_column: str) -> bool:
