@@ -298,28 +298,47 @@ class LakeWriter:
         self.tables = {t.name: t for t in tables}
         self.root.mkdir(parents=True, exist_ok=True)
         data_path(self.root).mkdir(exist_ok=True)
-        self.con = lake_connection()
         # A DuckDB connection is not safe to use from two threads at once, and the worker
         # calls a writer from its event loop and its executor threads (a position read while
         # a flush's transaction is open would also run inside that transaction): every use
         # of ``con`` holds this lock, taken before the process's commit lock.
         self._use = threading.RLock()
-        # Dates of the partitions are UTC dates, whatever the machine's zone.
-        self.con.execute("SET TimeZone = 'UTC'")
-        for attempt in range(5):
-            try:
-                self.spec = attach(self.con, self.root, catalog, read_only=False, create=True)
-                break
-            except LakeError:
-                # Two writers creating a new catalog at once: the loser retries and finds it.
-                if attempt == 4:
-                    raise
-                time.sleep(0.5 + attempt)
+        self._catalog = catalog
+        self.con, self.spec = self._open()
         if self.spec.startswith("sqlite:"):
             _wal(Path(self.spec.split(":", 1)[1]))
         else:
             (self.root / CATALOG_POINTER).write_text(_safe(self.spec) + "\n")
         self._prepare(views)
+
+    def _open(self) -> tuple[duckdb.DuckDBPyConnection, str]:
+        con = lake_connection()
+        # Dates of the partitions are UTC dates, whatever the machine's zone.
+        con.execute("SET TimeZone = 'UTC'")
+        for attempt in range(5):
+            try:
+                return con, attach(con, self.root, self._catalog, read_only=False, create=True)
+            except LakeError:
+                # Two writers creating a new catalog at once: the loser retries and finds it.
+                if attempt == 4:
+                    con.close()
+                    raise
+                time.sleep(0.5 + attempt)
+        raise AssertionError("unreachable")
+
+    def _reopen(self) -> None:
+        """A fresh connection after a failed transaction. The failed one is not used again:
+        DuckLake's state after a refused or broken COMMIT is its own business (a worker that
+        went on with the same connection after a conflict crashed in the extension, twice
+        with three workers on one lake). If the catalog cannot be reached, the old one stays
+        and the next flush tries again."""
+        try:
+            con, _ = self._open()
+        except (LakeError, duckdb.Error):
+            return
+        with suppress(duckdb.Error):
+            self.con.close()
+        self.con = con
 
     def _prepare(self, views: Sequence[tuple[str, str]]) -> None:
         """Create missing tables and columns, the position tables, and the views."""
@@ -461,6 +480,7 @@ class LakeWriter:
             try:
                 self._land(flush, tables, files)
             except BaseException:
+                self._reopen()
                 self._discard_unlanded(files)
                 raise
 
