@@ -152,6 +152,10 @@ def lake(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         while connect(settings.data_dir).execute(query, [last]).fetchall() == [(0,)]:
             assert time.monotonic() < deadline, "the last windows were never emitted"
             time.sleep(0.5)
+        # Budget status rows land every 10 s (sooner with an alert): the budgets view needs one.
+        while connect(settings.data_dir).sql("SELECT count(*) FROM budgets").fetchall() == [(0,)]:
+            assert time.monotonic() < deadline, "no budget status was landed"
+            time.sleep(0.5)
         yield Lake(settings, Path(settings.data_dir), newest, spend)
 
 
