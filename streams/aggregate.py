@@ -51,7 +51,7 @@ from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
 from streams.explain import explain
 from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
 from streams.rules import RuleEngine, load_rules
-from streams.stage import Stopwatch, group_consumer, pause_after_failure
+from streams.stage import Stopwatch, group_consumer, pause_after_failure, stop_stage
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.warmstart import history_lookup, metrics_history
@@ -332,15 +332,7 @@ class AggregateConsumer(Service):
         log.info("aggregating %s as group %s", s.repartition_topic, s.aggregate_group)
 
     async def on_stop(self) -> None:
-        try:
-            if self._flush_task is not None:
-                await self._flush_task
-            await self.flush()
-        finally:
-            if self._consumer is not None:
-                await self._consumer.stop()
-            if self._producer is not None:
-                await self._producer.stop()
+        await stop_stage(self._flush_task, self.flush, self._consumer, self._producer)
 
     async def release(self, revoked: Sequence[TopicPartition]) -> None:
         """Forget the shards of ``revoked`` partitions: their new owner restores them."""

@@ -54,7 +54,13 @@ from streams import hop
 from streams.budgets import spend_rows
 from streams.dedupe import Deduplicator
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
-from streams.stage import Stopwatch, deliver, group_consumer, pause_after_failure
+from streams.stage import (
+    Stopwatch,
+    deliver,
+    group_consumer,
+    pause_after_failure,
+    stop_stage,
+)
 from streams.telemetry import WorkerTelemetry
 from streams.warmstart import landed_ids
 from streams.windows import WindowAggregator, WindowPartial
@@ -197,15 +203,9 @@ class IngestConsumer(Service):
         )
 
     async def on_stop(self) -> None:
-        try:
-            if self._flush_task is not None:
-                await self._flush_task
-            await self.flush(reason="shutdown")
-        finally:
-            if self._consumer is not None:
-                await self._consumer.stop()
-            if self._producer is not None:
-                await self._producer.stop()
+        await stop_stage(
+            self._flush_task, lambda: self.flush(reason="shutdown"), self._consumer, self._producer
+        )
 
     async def release(self, revoked: Sequence[TopicPartition]) -> None:
         """Forget what was fetched from ``revoked`` partitions and not committed.
@@ -749,7 +749,9 @@ class IngestConsumer(Service):
         async with self._lock:
             self._pending, self._retry, self._retry_published = [], [], False
         self._rewind()
-        stored = self.lake.positions(self.settings.events_topic)
+        # In a thread: the writer's connection may be busy with a flush's commit.
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(None, self.lake.positions, self.settings.events_topic)
         mine = list(self._consumer.assignment())
         for tp in mine:
             if tp.partition in stored:

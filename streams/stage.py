@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -80,6 +80,25 @@ async def pause_after_failure(
     log.error("%s failed, offsets not committed, will retry: %s", what, error)
     await asyncio.sleep(1.0)
     return error
+
+
+async def stop_stage(
+    flush_task: asyncio.Task[None] | None,
+    last_flush: Callable[[], Awaitable[None]],
+    consumer: AIOKafkaConsumer | None,
+    producer: AIOKafkaProducer | None,
+) -> None:
+    """A stage's shutdown: the flush in progress ends, a last one lands what is held, then the
+    Kafka clients close (even if that flush failed: the lake's positions say what landed)."""
+    try:
+        if flush_task is not None:
+            await flush_task
+        await last_flush()
+    finally:
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
 
 
 def group_consumer(
