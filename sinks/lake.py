@@ -438,18 +438,24 @@ class LakeWriter:
         new = {p: o for p, o in partitions.items() if p not in known}
         if not new:
             return
+        row = "(?::VARCHAR, ?::INTEGER, ?::BIGINT, ?::VARCHAR)"
+        claims = f"(VALUES {', '.join(row for _ in new)}) AS c(topic, part, first, grp)"
+        params = [
+            x for part, offset in sorted(new.items()) for x in (topic, part, offset, group_id)
+        ]
         with self._use, transaction(self.con, self.spec):
-            for part, offset in sorted(new.items()):
-                # Another worker may have claimed it since ``positions`` (workers starting
-                # together): its row stands. Claims in flight at the same moment can still
-                # both land (equal rows, moved together by flushes); a claim that lands after
-                # the other's first flush leaves a row below the partition's position, which
-                # nothing reads (the position is the highest row).
-                self.con.execute(
-                    f"INSERT INTO {ALIAS}.{POSITIONS} SELECT ?, ?, ?, ?, now() WHERE NOT EXISTS "
-                    f"(SELECT 1 FROM {ALIAS}.{POSITIONS} WHERE topic = ? AND partition = ?)",
-                    [topic, part, offset, group_id, topic, part],
-                )
+            # Another worker may have claimed one since ``positions`` (workers starting
+            # together): its row stands. Claims in flight at the same moment can still both
+            # land (equal rows, moved together by flushes); a claim that lands after the
+            # other's first flush leaves a row below the partition's position, which nothing
+            # reads (the position is the highest row). One statement for all partitions
+            # (see ``_move_positions``).
+            self.con.execute(
+                f"INSERT INTO {ALIAS}.{POSITIONS} SELECT c.topic, c.part, c.first, c.grp, now() "
+                f"FROM {claims} WHERE NOT EXISTS (SELECT 1 FROM {ALIAS}.{POSITIONS} AS k "
+                "WHERE k.topic = c.topic AND k.partition = c.part)",
+                params,
+            )
 
     def checkpoints(self) -> dict[str, int]:
         """The window-state snapshot each lineage committed last."""
@@ -489,19 +495,7 @@ class LakeWriter:
     ) -> None:
         con = self.con
         with transaction(con, self.spec):
-            for (topic, part), (expected, nxt) in sorted(flush.positions.items()):
-                moved = con.execute(
-                    f"UPDATE {ALIAS}.{POSITIONS} SET next_offset = ?, group_id = ?, "
-                    "updated_at = now() WHERE topic = ? AND partition = ? AND next_offset = ?",
-                    [nxt, flush.group_id, topic, part, expected],
-                ).fetchone()
-                # Workers starting together may both claim a new partition (two rows, equal
-                # offsets): they move together, so one or more rows moved is the expected case.
-                if moved is None or moved[0] < 1:
-                    raise Fenced(
-                        f"partition {topic}/{part} is no longer at offset {expected} in the "
-                        "lake: another writer landed it"
-                    )
+            self._move_positions(flush)
             for name, rows in flush.rows.items():
                 if name in files:
                     self._register(tables[name], rows, files[name])
@@ -519,6 +513,45 @@ class LakeWriter:
                         f"INSERT INTO {ALIAS}.{CHECKPOINTS} VALUES (?, ?, ?, now())",
                         [lineage, seq, flush.group_id],
                     )
+
+    def _move_positions(self, flush: Flush) -> None:
+        """Move every partition of ``flush`` from its expected offset to its next one, or
+        raise ``Fenced``.
+
+        One check and one UPDATE for all partitions: each statement on a DuckLake table reads
+        the table through the catalog (~20 ms here), and an UPDATE a partition cost 0.1 s a
+        flush for 4 partitions and half a second for 24. A writer that lands the same
+        partition between the check and the COMMIT deletes the same rows: DuckLake refuses
+        the later commit as a conflict, and its retry finds the partition moved (fenced).
+        """
+        if not flush.positions:
+            return
+        moves = sorted(flush.positions.items())
+        row = "(?::VARCHAR, ?::INTEGER, ?::BIGINT, ?::BIGINT, ?::VARCHAR)"
+        params = [x for (t, p), (e, n) in moves for x in (t, p, e, n, flush.group_id)]
+        moving = f"(VALUES {', '.join(row for _ in moves)}) AS m(topic, part, expected, nxt, grp)"
+        found = {
+            (str(t), int(p))
+            for t, p in self.con.execute(
+                f"SELECT DISTINCT k.topic, k.partition FROM {ALIAS}.{POSITIONS} AS k, {moving} "
+                "WHERE k.topic = m.topic AND k.partition = m.part AND k.next_offset = m.expected",
+                params,
+            ).fetchall()
+        }
+        # Workers starting together may both claim a new partition (two rows, equal
+        # offsets): they move together, so one or more rows a partition is the expected case.
+        for (topic, part), (expected, _) in moves:
+            if (topic, part) not in found:
+                raise Fenced(
+                    f"partition {topic}/{part} is no longer at offset {expected} in the "
+                    "lake: another writer landed it"
+                )
+        self.con.execute(
+            f"UPDATE {ALIAS}.{POSITIONS} AS k SET next_offset = m.nxt, group_id = m.grp, "
+            f"updated_at = now() FROM {moving} WHERE k.topic = m.topic "
+            "AND k.partition = m.part AND k.next_offset = m.expected",
+            params,
+        )
 
     def _discard_unlanded(self, files: dict[str, list[Path]]) -> None:
         """After a failed transaction: remove its files that the catalog does not list.

@@ -135,6 +135,31 @@ def test_a_second_writer_of_a_partition_is_fenced(tmp_path: Path) -> None:
     assert b.positions("t") == {0: 10}
 
 
+def test_one_stale_partition_of_many_fences_the_whole_flush(tmp_path: Path) -> None:
+    """Positions move in one statement: one partition not where the flush expects it refuses
+    the flush, and the other partitions stay where they were."""
+    lake = prepare(tmp_path)
+    lake.claim("t", dict.fromkeys(range(24), 0), "g")
+    lake.commit(Flush(positions={("t", p): (0, 5 + p) for p in range(24)}, group_id="g"))
+    assert lake.positions("t") == {p: 5 + p for p in range(24)}
+    moves = {("t", p): (5 + p, 50) for p in range(24)}
+    moves[("t", 17)] = (0, 50)  # a writer that missed another's flush of partition 17
+    with pytest.raises(Fenced, match="partition t/17 is no longer at offset 0"):
+        lake.commit(Flush(rows={EVENTS.name: tools(17, 0, 9)}, positions=moves))
+    assert lake.positions("t") == {p: 5 + p for p in range(24)}
+    assert rows(tmp_path, "SELECT count(*) FROM events") == [(0,)]
+
+
+def test_a_partition_claimed_twice_moves_both_rows(tmp_path: Path) -> None:
+    """Two workers starting together may both claim a partition: its rows move together."""
+    lake = prepare(tmp_path)
+    lake.con.execute("INSERT INTO lake.kafka_offsets VALUES ('t', 0, 0, 'a', now())")
+    lake.con.execute("INSERT INTO lake.kafka_offsets VALUES ('t', 0, 0, 'b', now())")
+    lake.commit(Flush(positions={("t", 0): (0, 10)}, group_id="g"))
+    moved = lake.con.execute("SELECT next_offset, group_id FROM lake.kafka_offsets").fetchall()
+    assert moved == [(10, "g"), (10, "g")]
+
+
 def test_concurrent_writers_of_one_partition_never_both_land(tmp_path: Path) -> None:
     """Both transactions open before either commits (two processes' view of the catalog):
     the catalog lets one of them through."""
