@@ -343,6 +343,32 @@ class AggregateConsumer(Service):
                 self._offsets.pop(tp.partition, None)
                 self._pending.pop(tp.partition, None)
 
+    def _shard(
+        self, r: int, position: int, landed: bool, checkpoints: dict[str, int]
+    ) -> tuple[Shard, bytes]:
+        """Partition ``r``'s state at ``position``, restored or new, and its snapshot."""
+        saved = self.snapshots.load({r: position}, checkpoints)
+        if saved is not None:
+            shard = Shard.restore(self.settings, saved)
+            log.info(
+                "partition %d: state restored at offset %d: %d open windows, %d keys watched",
+                r,
+                position,
+                shard.windows.open_windows(),
+                shard.detector.tracked_keys(),
+            )
+        else:
+            if landed:
+                log.warning(
+                    "partition %d: no snapshot at the landed offset %d: windows open at "
+                    "the last stop start empty",
+                    r,
+                    position,
+                )
+            shard = Shard(self.settings)
+            shard.prime(rules=True)
+        return shard, shard.snapshot()
+
     async def recover(self, assigned: Sequence[TopicPartition]) -> None:
         """Resume assigned partitions from the lake's positions and the snapshots it names."""
         async with self._flush_lock:
@@ -370,29 +396,14 @@ class AggregateConsumer(Service):
         for tp in assigned:
             r = tp.partition
             position = stored.get(r, first.get(r, 0))
-            saved = self.snapshots.load({r: position}, checkpoints)
-            if saved is not None:
-                shard = Shard.restore(s, saved)
-                log.info(
-                    "partition %d: state restored at offset %d: %d open windows, %d keys watched",
-                    r,
-                    position,
-                    shard.windows.open_windows(),
-                    shard.detector.tracked_keys(),
-                )
-            else:
-                if r in stored:
-                    log.warning(
-                        "partition %d: no snapshot at the landed offset %d: windows open at "
-                        "the last stop start empty",
-                        r,
-                        position,
-                    )
-                shard = Shard(s)
-                shard.prime(rules=True)
+            # In a thread: restoring or priming reads the lake and decodes the state, which
+            # would hold up the ingest stage's fetches on this event loop.
+            shard, state = await loop.run_in_executor(
+                None, self._shard, r, position, r in stored, checkpoints
+            )
             async with self._lock:
                 self.shards[r] = shard
-                self._saved[r] = shard.snapshot()
+                self._saved[r] = state
                 self._offsets[r] = position
                 self._pending[r] = []
                 self._next[r] = position

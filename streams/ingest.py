@@ -295,23 +295,30 @@ class IngestConsumer(Service):
                 "resuming from the lake's positions %s",
                 ",".join(f"{p}@{o}" for p, o in sorted(self._offsets.items())),
             )
-        await self._take_over(assigned)
+        await self._take_over(assigned, set(stored))
 
-    async def _take_over(self, assigned: Sequence[TopicPartition]) -> None:
+    async def _take_over(self, assigned: Sequence[TopicPartition], landed: set[int]) -> None:
         """Remember the ids landed from partitions new to this worker (their repeats go to
         the dead letters, as with their previous owner), and send again the hop messages a
-        previous owner landed but may not have sent."""
+        previous owner landed but may not have sent.
+
+        ``landed``: the partitions with a position in the lake. The others were never landed
+        (every landing moves a position): nothing to remember or send, and no lake query,
+        which at a first start would compete with the first fetches for the GIL.
+        """
         s = self.settings
         loop = asyncio.get_running_loop()
         new = sorted({tp.partition for tp in assigned} - self._known)
-        if new:
-            ids = await loop.run_in_executor(None, landed_ids, s.data_dir, new, s.dedupe_horizon_s)
+        read = [p for p in new if p in landed]
+        if read:
+            ids = await loop.run_in_executor(None, landed_ids, s.data_dir, read, s.dedupe_horizon_s)
             if ids.num_rows:
                 self.dedupe.repeats(ids["event_id"], ids["ts"])
-            self._known |= set(new)
-            log.info("%d event ids of partitions %s remembered from the lake", ids.num_rows, new)
+            log.info("%d event ids of partitions %s remembered from the lake", ids.num_rows, read)
+        self._known |= set(new)
         self._saved = self._state()
-        await self._resend(self._offsets)
+        if landed & {tp.partition for tp in assigned}:
+            await self._resend(self._offsets)
 
     async def _resend(self, positions: dict[int, int]) -> None:
         """Send the outbox rows that end at ``positions`` (the aggregate stage drops repeats)."""
@@ -759,7 +766,7 @@ class IngestConsumer(Service):
                 self._offsets[tp.partition] = stored[tp.partition]
         # Another writer landed some of them: remember its ids, send what it may not have.
         self._known -= {tp.partition for tp in mine}
-        await self._take_over(mine)
+        await self._take_over(mine, set(stored))
 
 
 def _us(when: datetime) -> int:
