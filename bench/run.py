@@ -137,6 +137,9 @@ class BenchOptions:
     # Worker process counts to run the same backlog with, one after another (side by side in
     # one run: a shared machine's load changes between runs).
     workers: tuple[int, ...] = (1,)
+    # The main run's worker role: "ingest" leaves the aggregate stage out, so the figure is
+    # the landing's own (what the Parquet folders before DuckLake are compared with).
+    role: str = "all"
 
 
 class BenchError(RuntimeError):
@@ -487,8 +490,17 @@ def naive(
 # --------------------------------------------------------------------------------------
 
 
+def worker_argv(processes: int = 1, role: str = "all") -> list[str]:
+    """The command line of an ``agentstream worker`` the benchmark runs."""
+    return (
+        [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"]
+        + (["--processes", str(processes)] if processes > 1 else [])
+        + (["--role", role] if role != "all" else [])
+    )
+
+
 def spawn_worker(
-    settings: Settings, log: Path, cwd: Path, processes: int = 1
+    settings: Settings, log: Path, cwd: Path, processes: int = 1, role: str = "all"
 ) -> subprocess.Popen[bytes]:
     """An ``agentstream worker`` process configured by ``settings`` (its own process group),
     with ``--processes`` children when more than one."""
@@ -499,8 +511,7 @@ def spawn_worker(
     }
     with log.open("ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "info"]
-            + (["--processes", str(processes)] if processes > 1 else []),
+            worker_argv(processes, role),
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -665,12 +676,13 @@ def agentstream(
     profile_idle: bool = False,
     timeout: float = 300,
     processes: int = 1,
+    role: str = "all",
 ) -> WorkerRun:
     """Run one worker (``processes`` of them) from the first offset until ``total`` events
     are committed."""
     log = workdir / f"worker-{settings.group_id}.log"
     run = WorkerRun()
-    proc = spawn_worker(settings, log, workdir, processes)
+    proc = spawn_worker(settings, log, workdir, processes, role)
     sampler = RssSampler(proc.pid)
     sampler.start()
     watcher = LogWatcher(log, CONSUMING)
@@ -954,10 +966,19 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         result["naive_cap"] = {"events": cap, "seconds": opts.naive_seconds}
         lap("naive")
 
-        _say(f"agentstream: one worker until {opts.events:,} events are committed")
-        w = agentstream(
-            settings, workdir, opts.events, opts.profile, profile_idle=opts.profile_idle
+        _say(
+            f"agentstream: one worker (--role {opts.role}) until {opts.events:,} events are "
+            "committed"
         )
+        w = agentstream(
+            settings,
+            workdir,
+            opts.events,
+            opts.profile,
+            profile_idle=opts.profile_idle,
+            role=opts.role,
+        )
+        result["agentstream_role"] = opts.role
         assert w.done_at is not None
         start = w.consuming_at if w.consuming_at is not None else w.first_commit_at
         assert start is not None
@@ -1200,6 +1221,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, bool]:
     )
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, lake)")
     p.add_argument(
+        "--role",
+        choices=("all", "ingest"),
+        default=d.role,
+        help="the main run's worker role; ingest leaves the aggregate stage out (the "
+        "landing's own rate) [%(default)s]",
+    )
+    p.add_argument(
         "--workers",
         default="1",
         help="worker process counts to run the backlog with, one after another, e.g. 1,2 "
@@ -1229,6 +1257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchOptions, bool]:
         profile_idle=a.profile_idle,
         keep=a.keep,
         workers=workers,
+        role=a.role,
     )
     return opts, bool(a.json)
 

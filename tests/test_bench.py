@@ -85,3 +85,16 @@ def test_otlp_bench_posts_every_span_and_publishes_its_events(
     # Per agent run: 7 spans, the HTTP one skipped, the agent span two task events.
     assert (result["accepted"], result["skipped"], result["events"]) == (3000, 500, 3500)
     assert result["spans_per_s"] > 0 and result["spans_per_cpu_s"] > 0
+
+
+def test_the_role_and_processes_reach_the_worker() -> None:
+    """``--role ingest`` measures the landing alone: the worker is started with that role."""
+    from bench.run import parse_args, worker_argv
+
+    opts, _ = parse_args(["--role", "ingest", "--workers", "1,2"])
+    assert (opts.role, opts.workers) == ("ingest", (1, 2))
+    assert worker_argv(1, opts.role)[-2:] == ["--role", "ingest"]
+    assert "--role" not in worker_argv(2, "all")
+    assert worker_argv(2, "all")[-2:] == ["--processes", "2"]
+    with pytest.raises(SystemExit):
+        parse_args(["--role", "aggregate"])
