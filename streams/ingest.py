@@ -175,6 +175,8 @@ class IngestConsumer(Service):
         self.hop_messages = 0
         self._offsets: dict[int, int] = {}
         self._known: set[int] = set()  # partitions whose landed ids the de-duplicator holds
+        # Landed positions (partition -> next offset) Kafka has not accepted yet.
+        self._kafka_owed: dict[int, int] = {}
         self._sources = 0  # partitions of the events topic
         self._published = False
         self._conflicts = 0  # failed attempts in a row
@@ -283,12 +285,9 @@ class IngestConsumer(Service):
         if stored:
             # Kafka's offsets are for lag monitoring: a flush whose commit to Kafka met a
             # rebalance left them behind the lake's, and nothing new may come to move them.
-            try:
-                await self._consumer.commit(
-                    {tp: stored[tp.partition] for tp in assigned if tp.partition in stored}
-                )
-            except Exception as exc:  # best effort, as after every flush
-                log.warning("the lake's positions not committed to Kafka: %s", exc)
+            await self._commit_to_kafka(
+                {tp.partition: stored[tp.partition] for tp in assigned if tp.partition in stored}
+            )
         self._resumed = bool(stored)
         if stored:
             log.info(
@@ -509,6 +508,31 @@ class IngestConsumer(Service):
                 if last:
                     return
 
+    async def _commit_to_kafka(self, positions: dict[int, int]) -> None:
+        """Commit landed ``positions`` (partition -> next offset) to Kafka, best effort.
+
+        The lake holds the positions that count; Kafka's are what lag monitoring reads. A
+        commit refused during a rebalance is tried again at the next flush (an idle flush
+        too: with no new events nothing else would move them, and the group would show lag
+        for events landed long ago).
+        """
+        assert self._consumer is not None
+        self._kafka_owed.update(positions)
+        assigned = {tp.partition for tp in self._consumer.assignment()}
+        self._kafka_owed = {p: o for p, o in self._kafka_owed.items() if p in assigned}
+        owed = dict(self._kafka_owed)  # a flush may add to it while this commit waits
+        if not owed:
+            return
+        topic = self.settings.events_topic
+        try:
+            await self._consumer.commit({TopicPartition(topic, p): o for p, o in owed.items()})
+        except Exception as exc:  # the lake holds the positions that count
+            log.warning("offsets landed in the lake, not committed to Kafka yet: %s", exc)
+            return
+        for p, o in owed.items():
+            if self._kafka_owed.get(p) == o:
+                del self._kafka_owed[p]
+
     def _assigned_only(self, batch: list[Processed]) -> list[Processed]:
         """``batch`` without records of partitions this worker no longer reads.
 
@@ -580,6 +604,7 @@ class IngestConsumer(Service):
         if not pending:
             # Nothing to land: the event clock goes downstream (windows close on it).
             await deliver(self._producer, s.repartition_topic, payloads)
+            await self._commit_to_kafka({})
             # The horizon moved with the clock sent: a retry must not decide lateness on an
             # older one than the aggregate stage has seen.
             self._saved = self._state()
@@ -616,12 +641,7 @@ class IngestConsumer(Service):
         await deliver(self._producer, s.repartition_topic, payloads)
         self.hop_messages += len(payloads)
         steps.lap("hop")
-        try:
-            await self._consumer.commit(
-                {TopicPartition(s.events_topic, p): nxt for p, (_, nxt) in covered.items()}
-            )
-        except Exception as exc:  # the lake holds the positions that count
-            log.warning("offsets landed in the lake, not committed to Kafka: %s", exc)
+        await self._commit_to_kafka({p: nxt for p, (_, nxt) in covered.items()})
         self._offsets = offsets
         self._saved = state
         total = sum(hi - lo + 1 for lo, hi in ranges.values())
@@ -756,6 +776,7 @@ class IngestConsumer(Service):
         async with self._lock:
             self._pending, self._retry, self._retry_published = [], [], False
         self._rewind()
+        self._kafka_owed.clear()  # the lake's positions may be ahead of them now
         # In a thread: the writer's connection may be busy with a flush's commit.
         loop = asyncio.get_running_loop()
         stored = await loop.run_in_executor(None, self.lake.positions, self.settings.events_topic)
