@@ -2,8 +2,9 @@
 queries a user runs, timed warm, before and after one maintenance pass.
 
 1. ``--events`` generated events (``--event-rate`` per second of event time, so 10M events at
-   the default 2,000/s span ~83 hours) are published to a fresh 4-partition topic of a local
-   Apache Kafka (or ``--broker``), in chunks, while one ``agentstream worker`` lands them
+   the default 50/s span ~56 hours over 3 dates: a backlog, one chunk after another in event
+   time) are published to a fresh 4-partition topic of a local Apache Kafka (or
+   ``--broker``), in chunks, while one ``agentstream worker`` lands them
    (its maintenance schedule off, so the file count is what landing alone leaves).
 2. Once the worker has committed every event: the lake's data files (current snapshot),
    then each query of ``QUERIES`` run twice through ``sinks.catalog.connect``; the second
@@ -52,6 +53,7 @@ from bench.run import (
 )
 from pipeline.broker import LocalBroker, ensure_topics
 from pipeline.config import Settings
+from pipeline.generate import DEFAULT_START
 from pipeline.publisher import Publisher
 from sinks.catalog import connect
 from sinks.maintenance import data_files, maintain
@@ -125,8 +127,10 @@ def run(events: int, seed: int, rate: float, broker: str | None) -> dict[str, An
             for at in range(0, events, CHUNK):
                 n = min(CHUNK, events - at)
                 _say(f"publishing events {at:,}..{at + n:,}")
-                # Each chunk its own seed: a chunk's events are new ids, times follow on.
-                records = encoded_events(n, seed + at // CHUNK, rate)
+                # Each chunk its own seed (new ids) and its own stretch of event time, after
+                # the previous chunk's: the lake spans events / rate seconds, as a stream would.
+                start = DEFAULT_START + timedelta(seconds=at / rate)
+                records = encoded_events(n, seed + at // CHUNK, rate, start)
                 asyncio.run(publish(settings, records))
             asyncio.run(_wait_committed(settings, events, proc, watcher, worker, log, 7200))
         finally:
@@ -244,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="agentstream lake bench", description=__doc__.split("\n")[0])
     p.add_argument("--events", type=int, default=10_000_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--event-rate", type=float, default=2000.0)
+    p.add_argument("--event-rate", type=float, default=50.0, help="[%(default)s] events/s")
     p.add_argument("--broker", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument(

@@ -73,7 +73,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -391,9 +391,14 @@ def code_info() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def encoded_events(n: int, seed: int, rate: float) -> list[tuple[bytes, bytes]]:
-    """``n`` generated events as ``(key, JSON)`` pairs, keyed by task like the publisher."""
+def encoded_events(
+    n: int, seed: int, rate: float, start: datetime | None = None
+) -> list[tuple[bytes, bytes]]:
+    """``n`` generated events as ``(key, JSON)`` pairs, keyed by task like the publisher,
+    from ``start`` (the generator's default start if None)."""
     config = TrafficConfig(events=n, seed=seed, rate_per_s=rate)
+    if start is not None:
+        config = replace(config, start=start)
     return [(event_key(ev), schema.encode(ev)) for ev in generate(config)]
 
 
@@ -870,10 +875,13 @@ async def _latency_run(
     }
 
 
-def latency(settings: Settings, workdir: Path, opts: BenchOptions, tag: str) -> dict[str, Any]:
-    """Steady live traffic through a fresh worker; window-close latency of its records."""
-    log = workdir / "latency-worker.log"
-    proc = spawn_worker(settings, log, workdir)
+def latency(
+    settings: Settings, workdir: Path, opts: BenchOptions, tag: str, processes: int = 1
+) -> dict[str, Any]:
+    """Steady live traffic through a fresh worker (``processes`` of them); window-close
+    latency of its records."""
+    log = workdir / f"latency-worker-x{processes}.log"
+    proc = spawn_worker(settings, log, workdir, processes)
     watcher = LogWatcher(log, CONSUMING)
     watcher.start()
     try:
@@ -1054,8 +1062,28 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 allowed_lateness_s=opts.latency_lateness,
             )
             ensure_topics(live.broker, _topics(live))
-            result.update(latency(live, workdir, opts, tag))
+            got = latency(live, workdir, opts, tag)
+            result.update(got)
+            if opts.workers[0] == 1:
+                result["workers"][1].update(
+                    {k: v for k, v in got.items() if k.startswith(("latency_p50", "latency_p99"))}
+                )
             lap("latency")
+            for n in opts.workers[1:]:
+                _say(f"latency with {n} worker processes")
+                live_n = _settings(
+                    bootstrap,
+                    workdir / f"latency-lake-x{n}",
+                    f"{tag}-live-x{n}",
+                    window="1m",
+                    allowed_lateness_s=opts.latency_lateness,
+                )
+                ensure_topics(live_n.broker, _topics(live_n))
+                got = latency(live_n, workdir, opts, f"{tag}x{n}", processes=n)
+                result["workers"][n].update(
+                    {k: v for k, v in got.items() if k.startswith(("latency_p50", "latency_p99"))}
+                )
+                lap(f"latency x{n}")
 
         result["agentstream_vs_ceiling"] = result["agentstream_eps"] / result["ceiling_eps"]
         result["agentstream_vs_naive"] = (
@@ -1111,9 +1139,11 @@ def render(result: dict[str, Any]) -> str:
     if len(by_workers) > 1:
         first = next(iter(by_workers.values()))["eps"]
         for n, w in by_workers.items():
+            p99 = w.get("latency_p99_metrics_s")
             lines.append(
                 f"  {n} worker process{'es' if int(n) > 1 else ''}: {_eps(w['eps'])} "
                 f"(steady {_eps(w['eps_steady'])}), {w['eps'] / first:.2f}x the first"
+                + (f"; publish-to-metrics p99 {p99:.2f} s" if p99 is not None else "")
             )
     vs_naive = result.get("agentstream_vs_naive")
     lines.append(
