@@ -61,6 +61,11 @@ log = logging.getLogger("agentstream.aggregate")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 BUDGET_STATUS_EVERY_S = 10.0
+# Hop messages applied in one flush at most. A flush's tables (metrics rows, derived records)
+# grow with the messages it takes: behind a backlog, taking all that waited made each flush
+# bigger than the last (a 10M-event backlog peaked at 3.9 GB). In backlog each message is an
+# ingest flush's partials (~4,000 metrics rows at 50 events/s of event time).
+HOP_MESSAGES_PER_FLUSH = 8
 
 
 class ShardState(msgspec.Struct, frozen=True):
@@ -459,19 +464,24 @@ class AggregateConsumer(Service):
             self._next[r] = fresh[-1].offset + 1
 
     async def flush(self) -> None:
-        """Apply, close, land and publish every partition with messages waiting."""
+        """Apply, close, land and publish every partition with messages waiting, at most
+        ``HOP_MESSAGES_PER_FLUSH`` messages a transaction."""
         async with self._flush_lock:
             self._last_flush = time.monotonic()
             for r in sorted(self.shards):
-                async with self._lock:
-                    batch, self._pending[r] = self._pending.get(r, []), []
-                if not batch:
-                    continue
-                if not await self._attempt(r, batch):
+                while True:
                     async with self._lock:
-                        # Kept for the next attempt, ahead of what came since.
-                        if r in self.shards:
-                            self._pending[r] = batch + self._pending[r]
+                        waiting = self._pending.get(r, [])
+                        batch = waiting[:HOP_MESSAGES_PER_FLUSH]
+                        self._pending[r] = waiting[HOP_MESSAGES_PER_FLUSH:]
+                    if not batch:
+                        break
+                    if not await self._attempt(r, batch):
+                        async with self._lock:
+                            # Kept for the next attempt, ahead of what came since.
+                            if r in self.shards:
+                                self._pending[r] = batch + self._pending[r]
+                        break
 
     async def _attempt(self, r: int, batch: list[ConsumerRecord[bytes, bytes]]) -> bool:
         started = time.perf_counter()
@@ -566,11 +576,18 @@ class AggregateConsumer(Service):
         the broker. At least once: a retried flush sends the same records (same ids)."""
         assert self._producer is not None
         s = self.settings
-        derived = [
-            (s.metrics_topic, _unkeyed(metric_records(metrics))),
-            (s.anomalies_topic, _unkeyed(anomaly_records(anomalies))),
-            (s.verdicts_topic, _unkeyed(verdict_records(verdicts))),
-        ]
+
+        def encode() -> list[tuple[str, list[tuple[bytes, bytes]]]]:
+            return [
+                (s.metrics_topic, metric_records(metrics)),
+                (s.anomalies_topic, anomaly_records(anomalies)),
+                (s.verdicts_topic, verdict_records(verdicts)),
+            ]
+
+        # In a thread: tens of thousands of JSON records behind a backlog would hold up the
+        # ingest stage's fetches on this event loop for seconds.
+        encoded = await asyncio.get_running_loop().run_in_executor(None, encode)
+        derived = [(topic, _unkeyed(records)) for topic, records in encoded]
         sends = [
             f for topic, out in derived for f in await send_batches(self._producer, topic, out)
         ]
