@@ -31,7 +31,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -102,14 +103,29 @@ def time_queries(data_dir: Path) -> dict[str, float]:
     return out
 
 
-def run(events: int, seed: int, rate: float, broker: str | None) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="agentstream-lakebench-"))
+@contextmanager
+def _workplace(prefix: str, broker: str | None) -> Iterator[tuple[Path, str]]:
+    """A work folder (removed after) and a broker: ``broker``, or a local Apache Kafka."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     local: LocalBroker | None = None
     try:
         if broker is None:
             _say("starting a local Apache Kafka broker")
             local = LocalBroker("kafka", data_dir=workdir / "broker")
             broker = local.start(timeout=120)
+        yield workdir, broker
+    finally:
+        if local is not None:
+            local.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _files_on_disk(data_dir: Path) -> int:
+    return sum(1 for _ in (data_dir / "lake").rglob("*.parquet"))
+
+
+def run(events: int, seed: int, rate: float, broker: str | None) -> dict[str, Any]:
+    with _workplace("agentstream-lakebench-", broker) as (workdir, broker):
         settings = _settings(
             broker, workdir / "lake", uuid.uuid4().hex[:8], maintain_interval_s=0.0
         )
@@ -153,10 +169,6 @@ def run(events: int, seed: int, rate: float, broker: str | None) -> dict[str, An
             p.stat().st_size for p in (settings.data_dir / "lake").rglob("*.parquet")
         )
         return result
-    finally:
-        if local is not None:
-            local.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def publish_live(
@@ -183,13 +195,7 @@ def _files_by_table(data_dir: Path) -> dict[str, int]:
 
 
 def run_live(seconds: float, rate: float, seed: int, broker: str | None) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="agentstream-lakebench-live-"))
-    local: LocalBroker | None = None
-    try:
-        if broker is None:
-            _say("starting a local Apache Kafka broker")
-            local = LocalBroker("kafka", data_dir=workdir / "broker")
-            broker = local.start(timeout=120)
+    with _workplace("agentstream-lakebench-live-", broker) as (workdir, broker):
         # The worker's defaults (flush every second, maintenance every 5 minutes).
         settings = _settings(broker, workdir / "lake", uuid.uuid4().hex[:8])
         ensure_topics(settings.broker, _topics(settings))
@@ -226,7 +232,7 @@ def run_live(seconds: float, rate: float, seed: int, broker: str | None) -> dict
             unexpected=len(landed - published),
             data_files_before=data_files(con),
             files_by_table_before=_files_by_table(settings.data_dir),
-            files_on_disk_before=sum(1 for _ in (settings.data_dir / "lake").rglob("*.parquet")),
+            files_on_disk_before=_files_on_disk(settings.data_dir),
         )
         con.close()
         _say("maintaining the lake")
@@ -234,14 +240,8 @@ def run_live(seconds: float, rate: float, seed: int, broker: str | None) -> dict
         result["maintain_seconds"] = round(done.seconds, 1)
         result["data_files_after"] = done.files_after
         result["files_by_table_after"] = _files_by_table(settings.data_dir)
-        result["files_on_disk_after"] = sum(
-            1 for _ in (settings.data_dir / "lake").rglob("*.parquet")
-        )
+        result["files_on_disk_after"] = _files_on_disk(settings.data_dir)
         return result
-    finally:
-        if local is not None:
-            local.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
