@@ -438,8 +438,7 @@ class LakeWriter:
         new = {p: o for p, o in partitions.items() if p not in known}
         if not new:
             return
-        row = "(?::VARCHAR, ?::INTEGER, ?::BIGINT, ?::VARCHAR)"
-        claims = f"(VALUES {', '.join(row for _ in new)}) AS c(topic, part, first, grp)"
+        claims = _values("c(topic, part, first, grp)", "VARCHAR INTEGER BIGINT VARCHAR", len(new))
         params = [
             x for part, offset in sorted(new.items()) for x in (topic, part, offset, group_id)
         ]
@@ -527,9 +526,12 @@ class LakeWriter:
         if not flush.positions:
             return
         moves = sorted(flush.positions.items())
-        row = "(?::VARCHAR, ?::INTEGER, ?::BIGINT, ?::BIGINT, ?::VARCHAR)"
         params = [x for (t, p), (e, n) in moves for x in (t, p, e, n, flush.group_id)]
-        moving = f"(VALUES {', '.join(row for _ in moves)}) AS m(topic, part, expected, nxt, grp)"
+        moving = _values(
+            "m(topic, part, expected, nxt, grp)",
+            "VARCHAR INTEGER BIGINT BIGINT VARCHAR",
+            len(moves),
+        )
         found = {
             (str(t), int(p))
             for t, p in self.con.execute(
@@ -631,6 +633,15 @@ class LakeWriter:
     def close(self) -> None:
         with self._use:
             self.con.close()
+
+
+def _values(alias: str, types: str, rows: int) -> str:
+    """A ``VALUES`` list of ``rows`` rows of typed parameters, named ``alias(columns)``.
+
+    Typed: DuckDB cannot infer a parameter's type inside ``VALUES``.
+    """
+    row = "(" + ", ".join(f"?::{t}" for t in types.split()) + ")"
+    return f"(VALUES {', '.join(row for _ in range(rows))}) AS {alias}"
 
 
 def _dates_known(rows: pa.Table, time_column: str) -> bool:
