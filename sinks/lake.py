@@ -96,6 +96,11 @@ class Flush:
 _CONFLICT_MARKS: Final = ("Transaction conflict", "database is locked")
 
 
+def is_lake_error(exc: BaseException) -> bool:
+    """Whether ``exc`` came from DuckDB or the lake (its catalog, its files), not from Kafka."""
+    return isinstance(exc, (duckdb.Error, LakeError))
+
+
 def is_conflict(exc: BaseException) -> bool:
     """Whether ``exc`` is a commit refused because another one came first (DuckLake's
     conflict, or with the SQLite catalog another process holding its write lock): nothing
@@ -255,6 +260,12 @@ def _safe(spec: str) -> str:
     return " ".join(p for p in spec.split() if not p.lower().startswith("password="))
 
 
+def catalog_label(spec: str) -> str:
+    """``spec`` for people: which database holds the catalog (no password)."""
+    kind, _, rest = spec.partition(":")
+    return f"PostgreSQL catalog {_safe(rest)}" if kind == "postgres" else f"SQLite catalog {rest}"
+
+
 def _sql_text(text: str) -> str:
     return text.replace("'", "''")
 
@@ -309,6 +320,7 @@ class LakeWriter:
             _wal(Path(self.spec.split(":", 1)[1]))
         else:
             (self.root / CATALOG_POINTER).write_text(_safe(self.spec) + "\n")
+        self.label = catalog_label(self.spec)
         self._prepare(views)
 
     def _open(self) -> tuple[duckdb.DuckDBPyConnection, str]:

@@ -499,7 +499,7 @@ class AggregateConsumer(Service):
             self.shards[r] = Shard.restore(self.settings, self._saved[r])
             self._conflicts += 1
             self.last_error = await pause_after_failure(
-                exc, self._conflicts, self.telemetry, "aggregate flush"
+                exc, self._conflicts, self.telemetry, "aggregate flush", self.lake.label
             )
             return False
         self._conflicts = 0

@@ -567,7 +567,7 @@ class IngestConsumer(Service):
             self._rewind()
             self._conflicts += 1
             self.last_error = await pause_after_failure(
-                exc, self._conflicts, self.telemetry, "flush"
+                exc, self._conflicts, self.telemetry, "flush", self.lake.label
             )
             return False
         finally:

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs
-from sinks.lake import is_conflict
+from sinks.lake import is_conflict, is_lake_error
 from streams.telemetry import WorkerTelemetry
 
 log = logging.getLogger("agentstream.stage")
@@ -61,10 +61,13 @@ async def deliver(
 
 
 async def pause_after_failure(
-    exc: BaseException, conflicts: int, telemetry: WorkerTelemetry, what: str
+    exc: BaseException, conflicts: int, telemetry: WorkerTelemetry, what: str, lake: str
 ) -> str | None:
     """Wait before a stage retries a flush that landed nothing; returns the error to show on
     ``/health`` (None: another writer of the lake committed first, not an error).
+
+    ``lake`` names the lake's catalog (``catalog_label``): the driver's own message may not
+    (a refused connection is libpq's text, with no word of which database it was).
 
     ``conflicts`` counts the failed attempts in a row, this one included: a conflict is
     retried at once (after a short random pause) this many times, then it is an outage.
@@ -78,6 +81,8 @@ async def pause_after_failure(
     telemetry.landing_errors.inc()
     error = f"{type(exc).__name__}: {exc}"
     log.error("%s failed, offsets not committed, will retry: %s", what, error)
+    if is_lake_error(exc):
+        error = f"{what} failed on the lake ({lake}): {error}"
     await asyncio.sleep(1.0)
     return error
 

@@ -39,6 +39,7 @@ from sinks.lake import (
     LakeError,
     LakeTable,
     LakeWriter,
+    catalog_label,
     is_conflict,
 )
 from sinks.maintenance import maintain, status
@@ -490,6 +491,13 @@ def test_a_lake_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
     lake.con.execute("INSERT INTO lake.agentstream_lake VALUES (99, now())")
     with pytest.raises(QueryError, match="layout version 99, newer"):
         connect(tmp_path)
+
+
+def test_a_catalog_is_named_for_people_without_its_password() -> None:
+    spec = "postgres:host=db.internal port=5433 password=hunter2 dbname=lake user=ops"
+    label = catalog_label(spec)
+    assert label == "PostgreSQL catalog host=db.internal port=5433 dbname=lake user=ops"
+    assert catalog_label("sqlite:/data/lake.sqlite") == "SQLite catalog /data/lake.sqlite"
 
 
 def test_a_catalog_from_a_newer_ducklake_is_refused(tmp_path: Path) -> None:
