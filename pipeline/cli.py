@@ -1080,6 +1080,9 @@ def maintain(data_dir: Path | None, retention: str | None) -> None:
         settings.catalog,
         retention=timedelta(seconds=parse_duration(settings.lake_retention, "lake_retention")),
         events_retention_days=settings.events_retention_days,
+        query_grace=timedelta(
+            seconds=parse_duration(settings.lake_query_grace, "lake_query_grace")
+        ),
     )
     click.echo(f"maintained {settings.data_dir}: {done.summary()}")
 

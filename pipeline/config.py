@@ -134,9 +134,11 @@ class Settings:
     catalog: str = ""
     # Lake maintenance in the worker: a pass every so often (0: never; `agentstream lake
     # maintain` runs one by hand), keeping this much time travel, and raw events for this many
-    # days (0: forever).
+    # days (0: forever). A snapshot is expired only once replaced for lake_query_grace (the
+    # longest a query on the lake may run), whatever the retention.
     maintain_interval_s: float = 300.0
     lake_retention: str = "1d"
+    lake_query_grace: str = "1m"
     events_retention_days: int = 0
     # Alert rules: inline JSON or "@rules.toml" / "@rules.json" (see streams.rules).
     rules: str = ""
@@ -246,6 +248,7 @@ class Settings:
             except BudgetError as exc:
                 raise ConfigError(f"bad AGENTSTREAM_BUDGETS: {exc}") from None
         parse_duration(self.lake_retention, "lake_retention")
+        parse_duration(self.lake_query_grace, "lake_query_grace")
         from sinks.lake import LakeError, catalog_spec
 
         try:

@@ -7,7 +7,8 @@ lake maintain``:
 1. flushes rows inlined in the catalog into Parquet files,
 2. merges adjacent small files of each table and date into larger ones,
 3. drops raw events (and dead letters) older than ``events_retention_days`` when set,
-4. expires snapshots older than the retention (time travel kept: a day by default),
+4. expires snapshots older than the retention (time travel kept: a day by default) and
+   replaced by a newer one at least ``QUERY_GRACE`` ago, whatever the retention,
 5. deletes the files no snapshot references any more, and orphaned files (of commits that
    never happened, e.g. a writer killed between writing and committing) older than the
    retention.
@@ -40,6 +41,13 @@ from sinks.lake import (
 )
 
 log = logging.getLogger("agentstream.lake")
+# A query reads the snapshot that was the latest when it began. A snapshot is expired only
+# once it has been replaced for this long, so a query running at most this long still finds
+# its snapshot's files and catalog rows, even with a retention of 0s; and a writer's open
+# transaction keeps the newer snapshots its commit checks conflicts against (ducklake#1472).
+# (Counting from a snapshot's creation instead, a snapshot that stayed the latest for an hour
+# would be expired the instant the next commit replaced it.)
+QUERY_GRACE = timedelta(minutes=1)
 
 
 @dataclass
@@ -92,8 +100,12 @@ def maintain(
     *,
     retention: timedelta = timedelta(days=1),
     events_retention_days: int = 0,
+    query_grace: timedelta = QUERY_GRACE,
 ) -> Pass:
-    """One maintenance pass over the lake of ``data_dir`` (see the module docstring)."""
+    """One maintenance pass over the lake of ``data_dir`` (see the module docstring).
+
+    ``query_grace``: the longest a query on the lake may run (``lake_query_grace``).
+    """
     started = time.perf_counter()
     con, spec = _open(data_dir, catalog, read_only=False)
     done = Pass()
@@ -128,18 +140,22 @@ def maintain(
                 if table in tables:
                     gone = step(f"DELETE FROM {ALIAS}.{table} WHERE date < ?", [cutoff])
                     done.rows_expired += int(gone[0][0]) if gone else 0
-        older = datetime.now(UTC) - retention
+        now = datetime.now(UTC)
+        expired = _expired_snapshots(con, now, retention, query_grace)
         log.info("lake maintenance: expiring snapshots")
-        done.snapshots_expired = len(
-            step(f"CALL ducklake_expire_snapshots('{ALIAS}', older_than => ?)", [older])
-        )
+        if expired:  # an empty list is a syntax error in DuckLake 1.5 (ducklake#1300)
+            done.snapshots_expired = len(
+                step(f"CALL ducklake_expire_snapshots('{ALIAS}', versions => ?)", [expired])
+            )
         log.info("lake maintenance: deleting unused files")
+        # Every file no snapshot references any more: the expiry above kept what a reader
+        # may still use.
         done.files_deleted = len(
-            step(f"CALL ducklake_cleanup_old_files('{ALIAS}', older_than => ?)", [older])
+            step(f"CALL ducklake_cleanup_old_files('{ALIAS}', cleanup_all => true)")
         )
         # Orphans: files of a flush killed before its commit. A grace period, because a
         # live writer's files are orphans until it commits.
-        grace = min(older, datetime.now(UTC) - timedelta(minutes=10))
+        grace = min(now - retention, now - timedelta(minutes=10))
         done.orphans_deleted = len(
             step(f"CALL ducklake_delete_orphaned_files('{ALIAS}', older_than => ?)", [grace])
         )
@@ -150,6 +166,25 @@ def maintain(
         con.close()
     done.seconds = time.perf_counter() - started
     return done
+
+
+def _expired_snapshots(
+    con: duckdb.DuckDBPyConnection, now: datetime, retention: timedelta, grace: timedelta
+) -> list[int]:
+    """The snapshots to expire: made before ``now - retention`` and replaced by a newer one
+    before ``now - grace``; never the latest.
+
+    Chosen here, by id, rather than with ``older_than``: DuckLake 1.5.5 on a SQLite catalog
+    compared that cutoff coarsely (in a test, snapshots 3 s newer than it were expired).
+    """
+    rows = con.execute(
+        f"SELECT snapshot_id FROM (SELECT snapshot_id, snapshot_time, lead(snapshot_time) "
+        f"OVER (ORDER BY snapshot_id) AS replaced_at FROM ducklake_snapshots('{ALIAS}')) "
+        "WHERE replaced_at IS NOT NULL AND snapshot_time < ? AND replaced_at < ? "
+        "ORDER BY snapshot_id",
+        [now - retention, now - grace],
+    ).fetchall()
+    return [int(r[0]) for r in rows]
 
 
 def status(data_dir: Path, catalog: str = "") -> str:

@@ -5,6 +5,7 @@ import, and its read path (sinks/catalog.py). Real DuckDB and DuckLake, a real S
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -255,7 +256,7 @@ def test_maintenance_merges_small_files_and_keeps_every_row(tmp_path: Path) -> N
     before = rows(
         tmp_path, "SELECT count(*), count(DISTINCT event_id), sum(kafka_offset) FROM events"
     )
-    done = maintain(tmp_path, retention=timedelta(0))
+    done = maintain(tmp_path, retention=timedelta(0), query_grace=timedelta(0))
     assert done.files_before >= 30
     files = dict(
         connect(tmp_path)
@@ -493,6 +494,41 @@ def test_a_lake_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
         connect(tmp_path)
 
 
+def test_a_snapshot_replaced_a_moment_ago_is_not_expired_however_old(tmp_path: Path) -> None:
+    """A query reads the snapshot that was the latest when it began: expiring it the instant
+    a commit replaces it (DuckLake's ``older_than`` counts from its creation, an hour ago
+    here) would take its files from under the query. Even with a retention of 0s, only
+    snapshots replaced at least ``QUERY_GRACE`` ago go."""
+    lake = prepare(tmp_path)
+    for i in range(4):
+        lake.commit(Flush(rows={EVENTS.name: tools(0, i * 50, i * 50 + 49)}))
+    # Time passes (an hour, one second a snapshot), then the next commit replaces the latest.
+    catalog = sqlite3.connect(tmp_path / CATALOG_FILE)
+    ids = [r[0] for r in catalog.execute("SELECT snapshot_id FROM ducklake_snapshot ORDER BY 1")]
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with catalog:
+        for i, sid in enumerate(ids):
+            when = (hour_ago + timedelta(seconds=i)).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+            catalog.execute(
+                "UPDATE ducklake_snapshot SET snapshot_time = ? WHERE snapshot_id = ?", [when, sid]
+            )
+    catalog.close()
+    replaced = ids[-1]
+    lake.commit(Flush(rows={EVENTS.name: tools(0, 200, 249)}))
+    lake.close()
+
+    done = maintain(tmp_path, retention=timedelta(0))
+    kept = [r[0] for r in rows(tmp_path, "SELECT snapshot_id FROM ducklake_snapshots('lake')")]
+    assert done.snapshots_expired == len(ids) - 1
+    # Kept: the one replaced a moment ago, and the newer ones (the commit, the pass's merge).
+    assert kept[0] == replaced and all(k > replaced for k in kept[1:]), kept
+    at = rows(tmp_path, f"SELECT count(*) FROM lake.events AT (VERSION => {replaced})")
+    assert at == [(200,)]
+    # Without the grace (nothing reads): everything but the latest goes.
+    again = maintain(tmp_path, retention=timedelta(0), query_grace=timedelta(0))
+    assert again.snapshots_expired == len(kept) - 1
+
+
 def test_a_catalog_is_named_for_people_without_its_password() -> None:
     spec = "postgres:host=db.internal port=5433 password=hunter2 dbname=lake user=ops"
     label = catalog_label(spec)
@@ -517,6 +553,7 @@ def test_a_catalog_from_a_newer_ducklake_is_refused(tmp_path: Path) -> None:
     [
         ({"AGENTSTREAM_LAKE_RETENTION": "forever"}, "bad lake_retention 'forever'"),
         ({"AGENTSTREAM_LAKE_RETENTION": "-1d"}, "bad lake_retention"),
+        ({"AGENTSTREAM_LAKE_QUERY_GRACE": "soon"}, "bad lake_query_grace 'soon'"),
         ({"AGENTSTREAM_EVENTS_RETENTION_DAYS": "-2"}, "must be >= 0"),
         ({"AGENTSTREAM_CATALOG": "mysql:db"}, "bad catalog 'mysql:db'"),
     ],

@@ -75,6 +75,9 @@ def test_sigkill_during_lake_maintenance_loses_and_duplicates_nothing(
         flush_interval_s=0.2,
         maintain_interval_s=3.0,
         lake_retention="0s",
+        # Queries of the test's reader take well under a second: snapshots replaced 5 s ago
+        # expire within the test's minute (the default grace is a minute).
+        lake_query_grace="5s",
     )
     values = generated_values(16_000, seed=61)
     records = [(b"k%d" % (i % 89), v) for i, v in enumerate(values)]
@@ -126,7 +129,8 @@ def test_sigkill_during_lake_maintenance_loses_and_duplicates_nothing(
         for name in names:
             os.utime(Path(folder) / name, (old, old))
     orphans = orphaned_files(settings.data_dir)
-    done = maintain(settings.data_dir, retention=timedelta(0))
+    # Nothing reads any more: no grace either.
+    done = maintain(settings.data_dir, retention=timedelta(0), query_grace=timedelta(0))
     partitions = {
         name: n
         for name, n in lake_sql(
