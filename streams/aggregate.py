@@ -51,7 +51,13 @@ from streams.detect import ANOMALIES_SCHEMA, DriftDetector, anomaly_records
 from streams.explain import explain
 from streams.releases import JudgeConfig, ReleaseJudge, verdict_records
 from streams.rules import RuleEngine, load_rules
-from streams.stage import Stopwatch, group_consumer, pause_after_failure, stop_stage
+from streams.stage import (
+    KafkaCommits,
+    Stopwatch,
+    group_consumer,
+    pause_after_failure,
+    stop_stage,
+)
 from streams.state import SnapshotStore
 from streams.telemetry import WorkerTelemetry
 from streams.warmstart import history_lookup, metrics_history
@@ -311,6 +317,7 @@ class AggregateConsumer(Service):
         self.shards: dict[int, Shard] = {}
         self._saved: dict[int, bytes] = {}  # each shard as of its last commit
         self._offsets: dict[int, int] = {}  # each partition's next offset, as landed
+        self._kafka = KafkaCommits(settings.repartition_topic)  # landed, not in Kafka yet
         self._pending: dict[int, list[ConsumerRecord[bytes, bytes]]] = {}
         self._seeks: dict[int, int] = {}
         self._next: dict[int, int] = {}  # the next offset to queue, per partition
@@ -397,6 +404,11 @@ class AggregateConsumer(Service):
             ",".join(str(tp.partition) for tp in sorted(assigned)) or "none",
             s.repartition_topic,
         )
+        # Kafka's offsets (lag monitoring) may be behind the lake's after a refused commit.
+        await self._kafka.commit(
+            self._consumer,
+            {tp.partition: stored[tp.partition] for tp in assigned if tp.partition in stored},
+        )
         checkpoints = await loop.run_in_executor(None, self.lake.checkpoints)
         for tp in assigned:
             r = tp.partition
@@ -431,7 +443,9 @@ class AggregateConsumer(Service):
                 waiting >= 2000 or time.monotonic() - self._last_flush >= s.flush_interval_s
             )
             flushing = self._flush_task is not None and not self._flush_task.done()
-            if due and not flushing:
+            # A commit to Kafka refused (a rebalance) is tried again by an idle flush too.
+            idle = self._kafka.owed and time.monotonic() - self._last_flush >= s.flush_interval_s
+            if (due or idle) and not flushing:
                 self._flush_task = asyncio.create_task(self.flush())
 
     def _take(
@@ -482,6 +496,8 @@ class AggregateConsumer(Service):
                             if r in self.shards:
                                 self._pending[r] = batch + self._pending[r]
                         break
+            assert self._consumer is not None
+            await self._kafka.commit(self._consumer, {})
 
     async def _attempt(self, r: int, batch: list[ConsumerRecord[bytes, bytes]]) -> bool:
         started = time.perf_counter()
@@ -548,10 +564,7 @@ class AggregateConsumer(Service):
         await loop.run_in_executor(None, self.lake.commit, flush)
         steps.lap("land")
         await loop.run_in_executor(None, self.snapshots.committed, lineage, seq)
-        try:
-            await self._consumer.commit({TopicPartition(s.repartition_topic, r): nxt})
-        except Exception as exc:  # the lake holds the positions that count
-            log.warning("offsets landed in the lake, not committed to Kafka: %s", exc)
+        await self._kafka.commit(self._consumer, {r: nxt})
         self._offsets[r] = nxt
         self._saved[r] = state
         self.applied += applied

@@ -55,6 +55,7 @@ from streams.budgets import spend_rows
 from streams.dedupe import Deduplicator
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
 from streams.stage import (
+    KafkaCommits,
     Stopwatch,
     deliver,
     group_consumer,
@@ -176,7 +177,7 @@ class IngestConsumer(Service):
         self._offsets: dict[int, int] = {}
         self._known: set[int] = set()  # partitions whose landed ids the de-duplicator holds
         # Landed positions (partition -> next offset) Kafka has not accepted yet.
-        self._kafka_owed: dict[int, int] = {}
+        self._kafka = KafkaCommits(settings.events_topic)
         self._sources = 0  # partitions of the events topic
         self._published = False
         self._conflicts = 0  # failed attempts in a row
@@ -455,6 +456,7 @@ class IngestConsumer(Service):
             return
         loop = asyncio.get_running_loop()
         retention = timedelta(seconds=parse_duration(s.lake_retention, "lake_retention"))
+        grace = timedelta(seconds=parse_duration(s.lake_query_grace, "lake_query_grace"))
         while not self.should_stop:
             await self.sleep(s.maintain_interval_s)
             if self.should_stop:
@@ -467,6 +469,7 @@ class IngestConsumer(Service):
                         s.catalog,
                         retention=retention,
                         events_retention_days=s.events_retention_days,
+                        query_grace=grace,
                     ),
                 )
             except Exception as exc:  # retried at the next pass; landing is unaffected
@@ -509,29 +512,8 @@ class IngestConsumer(Service):
                     return
 
     async def _commit_to_kafka(self, positions: dict[int, int]) -> None:
-        """Commit landed ``positions`` (partition -> next offset) to Kafka, best effort.
-
-        The lake holds the positions that count; Kafka's are what lag monitoring reads. A
-        commit refused during a rebalance is tried again at the next flush (an idle flush
-        too: with no new events nothing else would move them, and the group would show lag
-        for events landed long ago).
-        """
         assert self._consumer is not None
-        self._kafka_owed.update(positions)
-        assigned = {tp.partition for tp in self._consumer.assignment()}
-        self._kafka_owed = {p: o for p, o in self._kafka_owed.items() if p in assigned}
-        owed = dict(self._kafka_owed)  # a flush may add to it while this commit waits
-        if not owed:
-            return
-        topic = self.settings.events_topic
-        try:
-            await self._consumer.commit({TopicPartition(topic, p): o for p, o in owed.items()})
-        except Exception as exc:  # the lake holds the positions that count
-            log.warning("offsets landed in the lake, not committed to Kafka yet: %s", exc)
-            return
-        for p, o in owed.items():
-            if self._kafka_owed.get(p) == o:
-                del self._kafka_owed[p]
+        await self._kafka.commit(self._consumer, positions)
 
     def _assigned_only(self, batch: list[Processed]) -> list[Processed]:
         """``batch`` without records of partitions this worker no longer reads.
@@ -776,7 +758,7 @@ class IngestConsumer(Service):
         async with self._lock:
             self._pending, self._retry, self._retry_published = [], [], False
         self._rewind()
-        self._kafka_owed.clear()  # the lake's positions may be ahead of them now
+        self._kafka.forget()  # the lake's positions may be ahead of them now
         # In a thread: the writer's connection may be busy with a flush's commit.
         loop = asyncio.get_running_loop()
         stored = await loop.run_in_executor(None, self.lake.positions, self.settings.events_topic)

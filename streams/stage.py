@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs
@@ -58,6 +58,47 @@ async def deliver(
             log.warning("sending %d messages to %s failed, retrying: %s", len(messages), topic, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class KafkaCommits:
+    """Landed positions of one topic still to commit to Kafka (partition -> next offset).
+
+    The lake holds the positions that count; Kafka's are what lag monitoring reads. A commit
+    refused during a rebalance is owed and tried again with the next one (an idle flush too:
+    with nothing new to land nothing else would move them, and the group would show lag for
+    records landed long ago).
+    """
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._owed: dict[int, int] = {}
+
+    @property
+    def owed(self) -> bool:
+        return bool(self._owed)
+
+    def forget(self) -> None:
+        """Drop what is owed (the lake's positions may be ahead of it now)."""
+        self._owed.clear()
+
+    async def commit(self, consumer: AIOKafkaConsumer, positions: dict[int, int]) -> None:
+        """Commit ``positions`` and whatever is owed for partitions still assigned."""
+        self._owed.update(positions)
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.topic}
+        self._owed = {p: o for p, o in self._owed.items() if p in assigned}
+        owed = dict(self._owed)  # a flush may add to it while this commit waits
+        if not owed:
+            return
+        try:
+            await consumer.commit({TopicPartition(self.topic, p): o for p, o in owed.items()})
+        except Exception as exc:  # the lake holds the positions that count
+            log.warning(
+                "offsets of %s landed in the lake, not committed to Kafka yet: %s", self.topic, exc
+            )
+            return
+        for p, o in owed.items():
+            if self._owed.get(p) == o:
+                del self._owed[p]
 
 
 async def pause_after_failure(
