@@ -130,4 +130,13 @@ def test_one_and_three_workers_land_the_same_answers(bootstrap: str, tmp_path: P
     assert "budget_burn" in kinds, one["anomalies"]
     assert any(v == "regressed" for *_, v in one["verdicts"]), one["verdicts"]
     for table in ("metrics", "anomalies", "verdicts"):
-        assert one[table] == three[table], table
+        # On a difference, the rows of each side only (the xfail's cause is still unknown).
+        only_one = sorted(set(one[table]) - set(three[table]))[:20]
+        only_three = sorted(set(three[table]) - set(one[table]))[:20]
+        assert one[table] == three[table], (
+            table,
+            len(one[table]),
+            len(three[table]),
+            only_one,
+            only_three,
+        )
