@@ -32,6 +32,13 @@ async def serve(
         await runner.setup()
         source: KafkaSource | None = None
         task: asyncio.Task[None] | None = None
+        # Before listening: /health answers as soon as the server is up, and a SIGTERM from
+        # then on (while the Kafka source is still joining its group) must stop it cleanly,
+        # not kill it by default.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
             await listen(runner, host, port)
             if kafka_topic is not None:
@@ -43,10 +50,6 @@ async def serve(
             print(
                 f"OTLP/HTTP on http://{host}:{port} (/v1/traces, /v1/logs){where}", file=sys.stderr
             )
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
             waiter = asyncio.create_task(stop.wait())
             watched = {waiter} | ({task} if task else set())
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
