@@ -259,14 +259,18 @@ def _line_time(line: str, fallback: float) -> float:
 
 
 class RssSampler(threading.Thread):
-    """Peak resident set size of a process and its children, sampled every 100 ms."""
+    """Peak resident set size of a process and its children, and the CPU time they and the
+    broker (``broker_pid``) have used, sampled every 100 ms."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    def __init__(self, pid: int, interval: float = 0.1, broker_pid: int | None = None) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.interval = interval
+        self.broker_pid = broker_pid
         self.peak = 0
         self.samples = 0
+        # (time.time(), CPU seconds of the worker processes, of the broker)
+        self.cpu: list[tuple[float, float, float]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -276,17 +280,40 @@ class RssSampler(threading.Thread):
             proc = psutil.Process(self.pid)
         except psutil.Error:
             return
+        broker = None
+        if self.broker_pid is not None:
+            with contextlib.suppress(psutil.Error):
+                broker = psutil.Process(self.broker_pid)
+        used: dict[int, float] = {}  # per process, so one that exits keeps its share
         while not self._stop_event.is_set():
             try:
                 total = proc.memory_info().rss
-                for child in proc.children(recursive=True):
+                for p in [proc, *proc.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
-                        total += child.memory_info().rss
+                        t = p.cpu_times()
+                        used[p.pid] = t.user + t.system
+                        if p is not proc:
+                            total += p.memory_info().rss
             except psutil.Error:
                 return
+            broker_cpu = 0.0
+            if broker is not None:
+                with contextlib.suppress(psutil.Error):
+                    t = broker.cpu_times()
+                    broker_cpu = t.user + t.system
+            self.cpu.append((time.time(), sum(used.values()), broker_cpu))
             self.peak = max(self.peak, total)
             self.samples += 1
             self._stop_event.wait(self.interval)
+
+    def cores(self, t0: float, t1: float) -> tuple[float | None, float | None]:
+        """Cores' worth of CPU the workers and the broker used between ``t0`` and ``t1``."""
+        inside = [c for c in self.cpu if t0 <= c[0] <= t1]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 0.2:
+            return None, None
+        (a, w0, b0), (z, w1, b1) = inside[0], inside[-1]
+        broker = (b1 - b0) / (z - a) if self.broker_pid is not None else None
+        return round((w1 - w0) / (z - a), 2), None if broker is None else round(broker, 2)
 
     def stop(self) -> int:
         self._stop_event.set()
@@ -308,6 +335,7 @@ class CpuAccount:
         self._psutil = psutil
         self._me = psutil.Process()
         self._extra: list[Any] = []
+        self.listener_pid: int | None = None
         self._last = self._sample()
 
     def include_listener(self, bootstrap: str) -> None:
@@ -317,6 +345,7 @@ class CpuAccount:
             for conn in self._psutil.net_connections(kind="tcp"):
                 if conn.status == "LISTEN" and conn.laddr and conn.laddr.port == port and conn.pid:
                     self._extra.append(self._psutil.Process(conn.pid))
+                    self.listener_pid = conn.pid
                     break
         self._last = self._sample()
 
@@ -559,6 +588,9 @@ class WorkerRun:
     first_committed: int = 0
     done_at: float | None = None
     peak_rss_bytes: int = 0
+    # Cores' worth of CPU from "consuming" to the last commit: the workers', the broker's.
+    worker_cores: float | None = None
+    broker_cores: float | None = None
     health: dict[str, Any] = field(default_factory=dict)
     telemetry: dict[str, float] = field(default_factory=dict)
 
@@ -682,13 +714,14 @@ def agentstream(
     timeout: float = 300,
     processes: int = 1,
     role: str = "all",
+    broker_pid: int | None = None,
 ) -> WorkerRun:
     """Run one worker (``processes`` of them) from the first offset until ``total`` events
     are committed."""
     log = workdir / f"worker-{settings.group_id}.log"
     run = WorkerRun()
     proc = spawn_worker(settings, log, workdir, processes, role)
-    sampler = RssSampler(proc.pid)
+    sampler = RssSampler(proc.pid, broker_pid=broker_pid)
     sampler.start()
     watcher = LogWatcher(log, CONSUMING)
     watcher.start()
@@ -712,6 +745,8 @@ def agentstream(
             p.stop()
         watcher.stop()
         run.peak_rss_bytes = sampler.stop()
+        if run.consuming_at is not None and run.done_at is not None:
+            run.worker_cores, run.broker_cores = sampler.cores(run.consuming_at, run.done_at)
         _kill_group(proc)
     return run
 
@@ -937,6 +972,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         else:
             bootstrap = opts.broker
             cpu.include_listener(bootstrap)
+        broker_pid = local.pid if local is not None else cpu.listener_pid
         lap("broker")
         tag = uuid.uuid4().hex[:8]
         settings = _settings(bootstrap, workdir / "lake", tag)
@@ -985,6 +1021,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             opts.profile,
             profile_idle=opts.profile_idle,
             role=opts.role,
+            broker_pid=broker_pid,
         )
         result["agentstream_role"] = opts.role
         assert w.done_at is not None
@@ -1024,6 +1061,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 "eps": result["agentstream_eps"],
                 "eps_steady": result["agentstream_eps_steady"],
                 "seconds": result["agentstream_seconds"],
+                "worker_cores": w.worker_cores,
+                "broker_cores": w.broker_cores,
             }
         }
         for n in opts.workers[1:]:
@@ -1033,7 +1072,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 data_dir=workdir / f"lake-x{n}",
                 web_port=free_port(),
             )
-            w = agentstream(mine, workdir, opts.events, None, processes=n)
+            w = agentstream(mine, workdir, opts.events, None, processes=n, broker_pid=broker_pid)
             assert w.done_at is not None
             start = w.consuming_at if w.consuming_at is not None else w.first_commit_at
             assert start is not None
@@ -1042,6 +1081,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 "eps": opts.events / (w.done_at - start),
                 "eps_steady": (opts.events - w.first_committed) / steady if steady > 0 else None,
                 "seconds": w.done_at - start,
+                "worker_cores": w.worker_cores,
+                "broker_cores": w.broker_cores,
             }
             lap(f"agentstream x{n}")
 
@@ -1140,10 +1181,16 @@ def render(result: dict[str, Any]) -> str:
         first = next(iter(by_workers.values()))["eps"]
         for n, w in by_workers.items():
             p99 = w.get("latency_p99_metrics_s")
+            cores = w.get("worker_cores")
             lines.append(
                 f"  {n} worker process{'es' if int(n) > 1 else ''}: {_eps(w['eps'])} "
                 f"(steady {_eps(w['eps_steady'])}), {w['eps'] / first:.2f}x the first"
                 + (f"; publish-to-metrics p99 {p99:.2f} s" if p99 is not None else "")
+                + (
+                    f"; CPU: workers {cores:.2f} cores, broker {w.get('broker_cores') or 0:.2f}"
+                    if cores is not None
+                    else ""
+                )
             )
     vs_naive = result.get("agentstream_vs_naive")
     lines.append(

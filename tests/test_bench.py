@@ -42,6 +42,10 @@ def test_small_bench_run_reports_every_figure(
     assert result["naive_events"] == 5_000
     assert result["agentstream_eps"] > result["naive_eps"]
     assert result["worker_health"]["events_landed"] == 20_000
+    # Where the cores went while the worker ran: its processes, and the broker (the session's,
+    # found by its listening port).
+    (run,) = result["workers"].values()
+    assert run["worker_cores"] > 0.1 and run["broker_cores"] > 0, run
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["python"]
     assert elapsed < 90, f"the smoke run took {elapsed:.0f} s"
