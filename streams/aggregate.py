@@ -72,6 +72,13 @@ BUDGET_STATUS_EVERY_S = 10.0
 # bigger than the last (a 10M-event backlog peaked at 3.9 GB). In backlog each message is an
 # ingest flush's partials (~4,000 metrics rows at 50 events/s of event time).
 HOP_MESSAGES_PER_FLUSH = 8
+# Live (event time within LIVE_WITHIN of the wall clock), what waits here is landed at most
+# FLUSH_GAP_S after the previous flush, so a window closes as soon as the last clock past it
+# arrives rather than up to ``flush_interval_s`` later (the ingest stage batches already: a
+# hop message is a whole flush's partials). Replaying a backlog, nobody waits on a window,
+# and fewer, larger transactions leave the lake's commits to the landing.
+FLUSH_GAP_S = 0.2
+LIVE_WITHIN = timedelta(minutes=5)
 
 
 class ShardState(msgspec.Struct, frozen=True):
@@ -439,14 +446,20 @@ class AggregateConsumer(Service):
                 for tp, records in fetched.items():
                     self._take(consumer, tp, records, stale=self._seeks != seeks)
             waiting = sum(len(v) for v in self._pending.values())
-            due = waiting and (
-                waiting >= 2000 or time.monotonic() - self._last_flush >= s.flush_interval_s
-            )
+            gap = FLUSH_GAP_S if self._live() else s.flush_interval_s
+            due = waiting and (waiting >= 2000 or time.monotonic() - self._last_flush >= gap)
             flushing = self._flush_task is not None and not self._flush_task.done()
             # A commit to Kafka refused (a rebalance) is tried again by an idle flush too.
             idle = self._kafka.owed and time.monotonic() - self._last_flush >= s.flush_interval_s
             if (due or idle) and not flushing:
                 self._flush_task = asyncio.create_task(self.flush())
+
+    def _live(self) -> bool:
+        """Whether event time is near the wall clock in some partition owned here."""
+        horizon = datetime.now(UTC) - LIVE_WITHIN
+        return any(
+            (c := shard.clock()) is not None and c >= horizon for shard in self.shards.values()
+        )
 
     def _take(
         self,
