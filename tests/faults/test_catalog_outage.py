@@ -121,7 +121,10 @@ def test_catalog_outage_degrades_retries_then_lands_exactly_once(
     assert all(
         r and "flush failed on the lake (postgresql catalog" in r.lower() for r in reasons
     ), reasons
-    assert retries >= 2, (errors_before, errors_during)
+    # At least one failed attempt counted while it was down; how many depends on how long
+    # each takes to fail (DuckLake retries the connection itself: 2-8 s an attempt seen in
+    # CI), and the retry that lands is shown below: every message exactly once.
+    assert retries >= 1, (errors_before, errors_during)
     assert "flush failed, offsets not committed, will retry" in log
     assert "conflicted with another writer" not in log
     # Afterwards: healthy, and every message exactly once.
