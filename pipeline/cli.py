@@ -1067,23 +1067,12 @@ def lake() -> None:
 @friendly
 def maintain(data_dir: Path | None, retention: str | None) -> None:
     """Merge small files, expire old snapshots, delete unused files: one pass now."""
-    from datetime import timedelta
-
-    from pipeline.config import parse_duration
-    from sinks.maintenance import maintain as run_pass
+    from sinks.maintenance import maintain_configured
 
     settings = Settings.load(data_dir=data_dir)
     if retention:
         settings = settings.with_(lake_retention=retention)
-    done = run_pass(
-        settings.data_dir,
-        settings.catalog,
-        retention=timedelta(seconds=parse_duration(settings.lake_retention, "lake_retention")),
-        events_retention_days=settings.events_retention_days,
-        query_grace=timedelta(
-            seconds=parse_duration(settings.lake_query_grace, "lake_query_grace")
-        ),
-    )
+    done = maintain_configured(settings)
     click.echo(f"maintained {settings.data_dir}: {done.summary()}")
 
 

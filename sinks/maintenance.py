@@ -29,6 +29,7 @@ from typing import Any
 
 import duckdb
 
+from pipeline.config import Settings, parse_duration
 from sinks.lake import (
     ALIAS,
     CHECKPOINTS,
@@ -166,6 +167,21 @@ def maintain(
         con.close()
     done.seconds = time.perf_counter() - started
     return done
+
+
+def maintain_configured(settings: Settings) -> Pass:
+    """One pass as ``settings`` say (the worker's schedule and ``agentstream lake maintain``)."""
+
+    def span(name: str) -> timedelta:
+        return timedelta(seconds=parse_duration(getattr(settings, name), name))
+
+    return maintain(
+        settings.data_dir,
+        settings.catalog,
+        retention=span("lake_retention"),
+        events_retention_days=settings.events_retention_days,
+        query_grace=span("lake_query_grace"),
+    )
 
 
 def _expired_snapshots(

@@ -42,13 +42,13 @@ import pyarrow.compute as pc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from mode import Service
 
-from pipeline.config import Settings, parse_duration
+from pipeline.config import Settings
 from pipeline.kafka import dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import DEAD_LETTERS, EVENTS, prepare
 from sinks.contracts import HOP_OUTBOX
 from sinks.lake import Fenced, Flush
-from sinks.maintenance import maintain
+from sinks.maintenance import maintain_configured
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams import hop
 from streams.budgets import spend_rows
@@ -455,23 +455,12 @@ class IngestConsumer(Service):
         if s.maintain_interval_s <= 0:
             return
         loop = asyncio.get_running_loop()
-        retention = timedelta(seconds=parse_duration(s.lake_retention, "lake_retention"))
-        grace = timedelta(seconds=parse_duration(s.lake_query_grace, "lake_query_grace"))
         while not self.should_stop:
             await self.sleep(s.maintain_interval_s)
             if self.should_stop:
                 return
             try:
-                done = await loop.run_in_executor(
-                    _MAINTENANCE,
-                    lambda: maintain(
-                        s.data_dir,
-                        s.catalog,
-                        retention=retention,
-                        events_retention_days=s.events_retention_days,
-                        query_grace=grace,
-                    ),
-                )
+                done = await loop.run_in_executor(_MAINTENANCE, maintain_configured, s)
             except Exception as exc:  # retried at the next pass; landing is unaffected
                 log.warning(
                     "lake maintenance failed, retrying in %gs: %s", s.maintain_interval_s, exc
