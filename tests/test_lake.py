@@ -47,7 +47,7 @@ from sinks.maintenance import maintain, status
 from sinks.migrate import import_lake
 from sinks.query import read_only_query
 from sinks.tables import DEAD_LETTERS_SCHEMA, events_to_table
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
@@ -527,6 +527,29 @@ def test_a_snapshot_replaced_a_moment_ago_is_not_expired_however_old(tmp_path: P
     # Without the grace (nothing reads): everything but the latest goes.
     again = maintain(tmp_path, retention=timedelta(0), query_grace=timedelta(0))
     assert again.snapshots_expired == len(kept) - 1
+
+
+def test_lake_maintain_command_merges_with_the_settings_it_is_given(tmp_path: Path) -> None:
+    """``agentstream lake maintain``: its --retention and AGENTSTREAM_LAKE_QUERY_GRACE reach
+    the pass (a grace of 0s frees the merged-away files at once: one left on disk)."""
+    lake = prepare(tmp_path)
+    for i in range(5):
+        lake.commit(Flush(rows={EVENTS.name: tools(0, i * 20, i * 20 + 19)}))
+    lake.close()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "HOME": str(tmp_path),  # DuckDB installs its extensions under it
+        "AGENTSTREAM_LAKE_QUERY_GRACE": "0s",
+    }
+    done = run_cli("lake", "maintain", "--data-dir", str(tmp_path), "--retention", "0s", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"maintained {tmp_path}: data files 5 -> 1" in done.stdout, done.stdout
+    on_disk = list((tmp_path / "lake" / "main" / "events").rglob("*.parquet"))
+    assert len(on_disk) == 1, on_disk
+    assert rows(tmp_path, "SELECT count(*), count(DISTINCT event_id) FROM events") == [(100, 100)]
+    bad = run_cli("lake", "maintain", "--data-dir", str(tmp_path), "--retention", "soon", env=env)
+    assert bad.returncode != 0 and "lake_retention" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_catalog_is_named_for_people_without_its_password() -> None:
