@@ -146,11 +146,12 @@ def worker(
 ) -> None:
     """Consume agent events, land them in the lake, route bad ones to the dead-letter topic,
     and compute windows, alerts, verdicts and budgets; any number of workers share the work."""
-    from streams.app import run, run_processes
+    from streams.app import check_web_ports, run, run_processes
 
     settings = Settings.load(
         broker=broker, data_dir=data_dir, web_port=web_port, group_id=group_id, role=role
     )
+    check_web_ports(settings, processes)
     ensure_pipeline_topics(settings)
     if processes > 1:
         sys.exit(run_processes(settings, processes, loglevel=loglevel))

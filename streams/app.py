@@ -9,7 +9,7 @@ import faust
 import msgspec
 from faust.web import Request, Response, View
 
-from pipeline.config import Settings
+from pipeline.config import ConfigError, Settings
 from pipeline.kafka import ssl_context
 from streams.aggregate import AggregateConsumer
 from streams.ingest import IngestConsumer
@@ -102,6 +102,27 @@ def faust_credentials(settings: Settings) -> faust.auth.Credentials | None:
     if context is not None:
         return faust.SSLCredentials(context)
     return None
+
+
+def check_web_ports(settings: Settings, processes: int = 1) -> None:
+    """Refuse to start, in one line, when a worker's web port (``/health``, ``/metrics``) is
+    taken: faust would die on bind with a traceback, and a child of ``--processes`` would
+    leave the others running short of a worker."""
+    import socket
+
+    for i in range(processes):
+        port = settings.web_port + i
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As aiohttp binds: a just-stopped worker's TIME_WAIT sockets do not count.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((settings.web_host, port))
+            except OSError as exc:
+                also = f" (--processes {processes} uses ports from it up)" if processes > 1 else ""
+                raise ConfigError(
+                    f"the web port {settings.web_host}:{port} is in use ({exc.strerror}): pass "
+                    f"a free --web-port or set AGENTSTREAM_WEB_PORT{also}"
+                ) from None
 
 
 def run(settings: Settings, *, loglevel: str = "info") -> int:

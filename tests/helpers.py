@@ -27,6 +27,26 @@ from sinks.catalog import connect
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that were free a moment ago (the web ports
+    of ``agentstream worker --processes count``)."""
+    import socket
+
+    for _ in range(100):
+        first = free_port()
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError(f"no {count} consecutive free ports found")
+
+
 def unique_settings(bootstrap: str, data_dir: Path, **changes: Any) -> Settings:
     """Settings with topics and group of their own, so tests sharing a broker never meet."""
     tag = uuid.uuid4().hex[:8]

@@ -26,7 +26,7 @@ from pipeline.publisher import SyncPublisher
 from pipeline.schema import LlmCall, Task, ToolCall
 from sinks.catalog import EVENTS, prepare
 from sinks.tables import events_to_table
-from tests.helpers import REPO, consume_all, unique_settings
+from tests.helpers import REPO, consume_all, free_ports, unique_settings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -254,6 +254,30 @@ def test_unreachable_broker_on_publish_prints_only_the_error_line(
     proc, _ = unreachable_publish
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_taken_web_port_is_one_line_before_the_broker_is_asked(
+    tmp_path: Path, processes: int
+) -> None:
+    """The port is checked first: no broker at all here, and the line names the port."""
+    import socket
+
+    first = free_ports(processes)
+    taken = first + processes - 1  # with --processes 2, the second port of the range
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", taken))
+        held.listen()
+        proc = run(
+            "worker", "--broker", f"127.0.0.1:{free_port()}", "--web-port", str(first),
+            "--processes", str(processes), "--data-dir", str(tmp_path), cwd=tmp_path,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    also = " (--processes 2 uses ports from it up)" if processes == 2 else ""
+    assert proc.stderr.strip().splitlines() == [
+        f"error: the web port 127.0.0.1:{taken} is in use (Address already in use): pass a "
+        f"free --web-port or set AGENTSTREAM_WEB_PORT{also}"
+    ]
 
 
 def test_sql_on_an_empty_existing_dir_is_a_user_error(tmp_path: Path) -> None:

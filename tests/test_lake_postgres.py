@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from pipeline.broker import free_port
 from sinks.catalog import EVENTS, connect, prepare
 from sinks.lake import CATALOG_POINTER, Flush, attach, is_conflict, lake_connection
 from tests.helpers import (
@@ -84,14 +85,16 @@ def test_two_workers_land_into_one_lake_concurrently(
 ) -> None:
     dsn = fresh(catalog, tmp_path)
     settings = unique_settings(bootstrap, tmp_path / "lake", catalog=dsn, partitions=4)
-    other = settings.with_(web_port=settings.web_port + 1)
+    other = settings.with_(web_port=free_port())
     values = generated_values(6000, seed=11)
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
     with running_worker(settings, logs[0]) as a, running_worker(other, logs[1]) as b:
         # Both in the group before the traffic, so both land part of it.
         deadline = time.monotonic() + 120
         while not all("assigned partitions" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline and a.poll() is None and b.poll() is None
+            tails = "\n".join(log.read_text()[-3000:] for log in logs)
+            assert a.poll() is None and b.poll() is None, f"a worker exited:\n{tails}"
+            assert time.monotonic() < deadline, f"not both assigned in 120 s:\n{tails}"
             time.sleep(0.3)
         time.sleep(3)
         for at in range(0, len(values), 500):

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.broker import free_port
 from pipeline.kafka import commit_offsets
 from tests.helpers import (
     consume_all,
+    free_ports,
     generated_values,
     produce_raw,
     running_worker,
@@ -173,7 +175,9 @@ def test_roles_and_processes_split_the_work(bootstrap: str, tmp_path: Path) -> N
 
     # Little lateness: the 3,000 events span under a second of event time, so their window
     # closes once the clocks (moving on with the wall clock) pass its end plus the lateness.
-    settings = unique_settings(bootstrap, tmp_path / "lake", partitions=4, allowed_lateness_s=2)
+    settings = unique_settings(
+        bootstrap, tmp_path / "lake", partitions=4, allowed_lateness_s=2, web_port=free_ports(2)
+    )
     values = generated_values(3000, seed=4)
     produce_raw(settings, values)
 
@@ -189,9 +193,7 @@ def test_roles_and_processes_split_the_work(bootstrap: str, tmp_path: Path) -> N
             )
 
     ingest = start("--role", "ingest", "--processes", "2", name="ingest")
-    aggregate = start(
-        "--role", "aggregate", "--web-port", str(settings.web_port + 2), name="aggregate"
-    )
+    aggregate = start("--role", "aggregate", "--web-port", str(free_port()), name="aggregate")
     try:
         wait_committed(settings, len(values), ingest)
         # Two ingest processes under the one parent, each a member of the group.
