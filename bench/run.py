@@ -29,7 +29,12 @@ What is measured, in order (every phase on its own fresh topics and consumer gro
    are polled every 50 ms. Peak RSS: the worker's resident set size (with any children),
    sampled with psutil every 100 ms from spawn to the end. ``worker_telemetry`` is read
    from the worker's ``/metrics`` at the end (flushes, seconds spent flushing, metrics rows);
-   ``--profile FILE`` attaches py-spy to the worker (see ``bench.profile``).
+   ``--profile FILE`` attaches py-spy to the worker (see ``bench.profile``). When the
+   backlog spans enough event time to close windows on its own (``--event-rate 50``: 2.8 h
+   for 500k events), the run goes on until the aggregate stage has published the metrics of
+   the backlog's last closed window (``aggregate_through``; each metrics partition's last
+   record is polled every 0.2 s), and ``agentstream_eps_with_aggregate`` is the events over
+   that time: catching up is done when the metrics are, not when the events are landed.
 5. **latency** (``--skip-latency`` skips it): a new worker with a 1-minute window and
    ``--latency-lateness`` seconds of allowed lateness; events are published at a steady
    ``--latency-rate`` per second for ``--latency-seconds`` seconds with event time = wall
@@ -572,11 +577,18 @@ class CommitWatcher:
         await self._admin.close()
 
     async def committed(self) -> int:
+        return sum((await self.by_partition()).values())
+
+    async def by_partition(self) -> dict[int, int]:
+        """Each partition's committed offset (0 for none yet)."""
         try:
             offsets = await self._admin.list_consumer_group_offsets(self.group, partitions=self.tps)
         except Exception:  # the group or the offsets topic does not exist yet
-            return 0
-        return sum(meta.offset for meta in offsets.values() if meta is not None and meta.offset > 0)
+            return {}
+        return {
+            tp.partition: max(meta.offset, 0) if meta is not None else 0
+            for tp, meta in offsets.items()
+        }
 
 
 @dataclass
@@ -587,6 +599,8 @@ class WorkerRun:
     first_commit_at: float | None = None
     first_committed: int = 0
     done_at: float | None = None
+    # When the aggregate stage had published the metrics of the backlog's last windows.
+    caught_up_at: float | None = None
     peak_rss_bytes: int = 0
     # Cores' worth of CPU from "consuming" to the last commit: the workers', the broker's.
     worker_cores: float | None = None
@@ -611,7 +625,12 @@ async def _wait_committed(
             if proc.poll() is not None:
                 raise BenchError(f"agentstream worker exited with {proc.returncode}:\n{_tail(log)}")
             if time.monotonic() > deadline:
-                raise BenchError(f"agentstream worker did not commit {total} events in {timeout} s")
+                where = await commits.by_partition()
+                raise BenchError(
+                    f"agentstream worker did not commit {total} events in {timeout} s "
+                    f"(committed per partition: {dict(sorted(where.items()))}); the log's "
+                    f"end:\n{_tail(log, 60)}"
+                )
             if run.consuming_at is None and watcher.seen_at is not None:
                 run.consuming_at = watcher.seen_at
                 if on_consuming is not None:
@@ -624,6 +643,95 @@ async def _wait_committed(
                 run.done_at = now
                 return
             await asyncio.sleep(0.05)
+
+
+async def _metrics_ends(settings: Settings) -> dict[TopicPartition, int]:
+    """The end offset of every partition of the metrics topic (what earlier runs left)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        # The bench makes the topic with the events' partition count (``_topics``).
+        tps = [TopicPartition(settings.metrics_topic, p) for p in range(settings.partitions)]
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
+
+
+async def _wait_metrics(
+    settings: Settings,
+    since: dict[TopicPartition, int],
+    window_end: datetime,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float,
+) -> float:
+    """Wait until a metrics record of a window ending at ``window_end`` or later is on the
+    topic after ``since``; return when it was seen (``time.time()``).
+
+    Only each partition's last record is read (the aggregate stage publishes closed windows
+    in order), so the watching costs the worker next to no CPU.
+    """
+    deadline = time.monotonic() + timeout
+    target = window_end.timestamp()
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = list(since)
+        consumer.assign(tps)
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"agentstream worker exited with {proc.returncode}:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"the aggregate stage did not publish the window ending {window_end} "
+                    f"within {timeout:g} s of the last commit; the log's end:\n{_tail(log, 40)}"
+                )
+            ends = await consumer.end_offsets(tps)
+            for tp in tps:
+                if ends[tp] <= since[tp]:
+                    continue
+                consumer.seek(tp, ends[tp] - 1)
+                got = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+                for record in got.get(tp, []):
+                    end = _window_end(record.value)
+                    if end is not None and end >= target:
+                        return time.time()
+            await asyncio.sleep(0.2)
+    finally:
+        await consumer.stop()
+
+
+def _window_end(value: bytes | None) -> float | None:
+    try:
+        body = json.loads(value or b"")
+        return datetime.fromisoformat(str(body["window_end"]).replace("Z", "+00:00")).timestamp()
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def backlog_through(
+    records: Sequence[tuple[bytes, bytes]], window_s: float, lateness_s: float
+) -> datetime | None:
+    """The end of the last window the aggregate stage closes on the backlog ``records`` alone
+    (no wall clock), less one window as partitions end a few events apart; None when the
+    backlog spans too little event time to close a window (the default steady run: 100 s).
+
+    The generator writes events in event-time order, so the first and last records are the
+    oldest and the newest."""
+    oldest = schema.decode(records[0][1])
+    newest = schema.decode(records[-1][1])
+    if isinstance(oldest, schema.Rejection) or isinstance(newest, schema.Rejection):
+        return None
+    end = math.floor((newest.ts.timestamp() - lateness_s) / window_s) * window_s - window_s
+    first_end = math.floor(oldest.ts.timestamp() / window_s) * window_s + window_s
+    return datetime.fromtimestamp(end, UTC) if end >= first_end else None
+
+
+def _with_aggregate(events: int, start: float, run: WorkerRun) -> float | None:
+    """Events per second until the aggregate stage had caught up too (``caught_up_at``)."""
+    if run.caught_up_at is None or run.caught_up_at <= start:
+        return None
+    return events / (run.caught_up_at - start)
 
 
 def _health(settings: Settings) -> dict[str, Any]:
@@ -715,11 +823,14 @@ def agentstream(
     processes: int = 1,
     role: str = "all",
     broker_pid: int | None = None,
+    through: datetime | None = None,
 ) -> WorkerRun:
     """Run one worker (``processes`` of them) from the first offset until ``total`` events
-    are committed."""
+    are committed, and then, with ``through``, until the aggregate stage has published the
+    metrics of the window ending there."""
     log = workdir / f"worker-{settings.group_id}.log"
     run = WorkerRun()
+    since = asyncio.run(_metrics_ends(settings)) if through is not None else {}
     proc = spawn_worker(settings, log, workdir, processes, role)
     sampler = RssSampler(proc.pid, broker_pid=broker_pid)
     sampler.start()
@@ -738,6 +849,10 @@ def agentstream(
         if run.consuming_at is None:  # committed before the watcher's next poll
             watcher.join(timeout=1)
             run.consuming_at = watcher.seen_at
+        if through is not None and since:
+            run.caught_up_at = asyncio.run(
+                _wait_metrics(settings, since, through, proc, log, timeout)
+            )
         run.health = _health(settings)
         run.telemetry = _telemetry(settings)
     finally:
@@ -765,14 +880,8 @@ class _Received:
 
 
 def _window_close_latency(value: bytes | None, received: float, lateness: float) -> float | None:
-    if not value:
-        return None
-    try:
-        body = json.loads(value)
-        end = datetime.fromisoformat(str(body["window_end"]).replace("Z", "+00:00"))
-    except (ValueError, KeyError, TypeError):
-        return None
-    return received - (end.timestamp() + lateness)
+    end = _window_end(value)
+    return None if end is None else received - (end + lateness)
 
 
 async def _collect(
@@ -985,6 +1094,11 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         _say(f"generating and encoding {opts.events:,} events")
         records = encoded_events(opts.events, opts.seed, opts.event_rate)
         result["event_bytes_avg"] = round(sum(len(v) for _, v in records) / len(records), 1)
+        through = (
+            backlog_through(records, settings.window_seconds, settings.allowed_lateness_s)
+            if opts.role == "all"
+            else None
+        )
         lap("generate")
         _say(f"publishing {opts.events:,} events to {settings.events_topic}")
         seconds = asyncio.run(publish(settings, records))
@@ -1022,6 +1136,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             profile_idle=opts.profile_idle,
             role=opts.role,
             broker_pid=broker_pid,
+            through=through,
         )
         result["agentstream_role"] = opts.role
         assert w.done_at is not None
@@ -1034,6 +1149,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             (opts.events - w.first_committed) / steady if steady > 0 else None
         )
         result["agentstream_first_commit_s"] = (w.first_commit_at or start) - start
+        result["agentstream_eps_with_aggregate"] = _with_aggregate(opts.events, start, w)
+        result["aggregate_through"] = through.isoformat() if through is not None else None
         result["peak_rss_bytes"] = w.peak_rss_bytes
         result["worker_health"] = w.health
         t = w.telemetry
@@ -1042,6 +1159,10 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             "flush_seconds": t.get("agentstream_batch_seconds_sum"),
             "metrics_rows": t.get("agentstream_metrics_emitted"),
             "late_events": t.get("agentstream_late_events"),
+            "hop_messages": t.get("agentstream_hop_messages"),
+            "hop_bytes": t.get("agentstream_hop_bytes"),
+            # The repartition hop's cost per event: partials per window and key, not events.
+            "hop_bytes_per_event": (t.get("agentstream_hop_bytes") or 0) / opts.events,
         }
         result["worker_settings"] = {
             k: getattr(settings, k)
@@ -1060,6 +1181,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             opts.workers[0]: {
                 "eps": result["agentstream_eps"],
                 "eps_steady": result["agentstream_eps_steady"],
+                "eps_with_aggregate": result["agentstream_eps_with_aggregate"],
                 "seconds": result["agentstream_seconds"],
                 "worker_cores": w.worker_cores,
                 "broker_cores": w.broker_cores,
@@ -1072,7 +1194,15 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 data_dir=workdir / f"lake-x{n}",
                 web_port=free_port(),
             )
-            w = agentstream(mine, workdir, opts.events, None, processes=n, broker_pid=broker_pid)
+            w = agentstream(
+                mine,
+                workdir,
+                opts.events,
+                None,
+                processes=n,
+                broker_pid=broker_pid,
+                through=through,
+            )
             assert w.done_at is not None
             start = w.consuming_at if w.consuming_at is not None else w.first_commit_at
             assert start is not None
@@ -1080,6 +1210,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             result["workers"][n] = {
                 "eps": opts.events / (w.done_at - start),
                 "eps_steady": (opts.events - w.first_committed) / steady if steady > 0 else None,
+                "eps_with_aggregate": _with_aggregate(opts.events, start, w),
                 "seconds": w.done_at - start,
                 "worker_cores": w.worker_cores,
                 "broker_cores": w.broker_cores,
@@ -1185,6 +1316,11 @@ def render(result: dict[str, Any]) -> str:
             lines.append(
                 f"  {n} worker process{'es' if int(n) > 1 else ''}: {_eps(w['eps'])} "
                 f"(steady {_eps(w['eps_steady'])}), {w['eps'] / first:.2f}x the first"
+                + (
+                    f"; with the aggregate caught up {_eps(w['eps_with_aggregate'])}"
+                    if w.get("eps_with_aggregate")
+                    else ""
+                )
                 + (f"; publish-to-metrics p99 {p99:.2f} s" if p99 is not None else "")
                 + (
                     f"; CPU: workers {cores:.2f} cores, broker {w.get('broker_cores') or 0:.2f}"
@@ -1211,6 +1347,12 @@ def render(result: dict[str, Any]) -> str:
         f"{_eps(result['agentstream_eps_steady'])} from the first commit",
         f"  peak RSS      {result['peak_rss_bytes'] / 2**20:>13,.0f} MiB   agentstream worker",
     ]
+    if result.get("agentstream_eps_with_aggregate"):
+        lines.insert(
+            -1,
+            f"  + aggregate   {_eps(result['agentstream_eps_with_aggregate']):>20}   until the "
+            f"metrics of the window ending {result['aggregate_through']} were published",
+        )
     health = result.get("worker_health") or {}
     if "events_landed" in health:
         lines.append(

@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import random
 import re
 import shutil
 import signal
@@ -99,23 +100,57 @@ def cache_dir() -> Path:
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, below the kernel's
+    ephemeral range when there is room: a port of that range can be handed to an outgoing
+    connection between this pick and the listener's bind (seen: a worker's web port taken
+    by a client socket of the test run)."""
+    first_ephemeral = _ephemeral_start()
+    if first_ephemeral > 12_000:
+        for _ in range(100):
+            # Not the global generator: a process that seeded it (a scenario's --seed) would
+            # pick the same ports as its siblings (seen: two demos, one port).
+            port = _PORTS.randint(10_000, first_ephemeral - 1)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+_PORTS: Final = random.SystemRandom()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> OSError | None:
+    """Why a listener could not bind ``host:port`` now, or None if it could. SO_REUSEADDR as
+    the broker and the worker's web server bind, so just-stopped TIME_WAIT sockets do not
+    count as taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
 
 
 def _ensure_bindable(port: int) -> None:
     # A broker already listening on the port would answer our readiness probe while ours
-    # dies on bind, so the port is tested before launch. SO_REUSEADDR as the broker uses it,
-    # so our own just-stopped broker's TIME_WAIT sockets do not count as taken.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise _PortInUseError(f"port 127.0.0.1:{port} is already in use ({exc})") from exc
+    # dies on bind, so the port is tested before launch.
+    taken = port_taken(port)
+    if taken is not None:
+        raise _PortInUseError(f"port 127.0.0.1:{port} is already in use ({taken})") from taken
 
 
 def _java() -> str:

@@ -12,6 +12,7 @@ import functools
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -998,7 +999,8 @@ def demo(
     settings = Settings.load(
         broker=broker,
         data_dir=data_dir,
-        web_port=free_port(),
+        # A port of its own unless one is set: demos side by side must not share 6066.
+        web_port=None if "AGENTSTREAM_WEB_PORT" in os.environ else free_port(),
         allowed_lateness_s=lateness,
         budgets=budgets,
     )
@@ -1006,14 +1008,25 @@ def demo(
     try:
         ensure_pipeline_topics(settings)
         already, _ = asyncio.run(committed_lag(settings))
-        proc = _spawn_worker(settings)
+        proc, log_from = _spawn_worker(settings)
         truth = Path(settings.data_dir) / "ground_truth.json"
         write_ground_truth(config, truth)
         click.echo(f"scenario {scenario}: ground truth in {truth}", err=True)
         lines = ((i, schema.encode(ev)) for i, ev in enumerate(generate(config)))
         with click.progressbar(length=n_events, label="publishing", file=sys.stderr) as bar:
             asyncio.run(_publish_lines(settings, lines, chunk=20_000, progress=bar.update))
-        _wait_landed(settings, already + n_events, timeout, proc)
+        for attempt in range(3):
+            try:
+                _wait_landed(settings, already + n_events, timeout, proc, log_from)
+                break
+            except _WebPortLost:
+                if attempt == 2:
+                    raise
+                # The port was free when picked and taken before the worker bound it (demos
+                # side by side): another pick. The new worker resumes from the lake.
+                settings = settings.with_(web_port=free_port())
+                click.echo(f"web port taken: worker restarted on {settings.web_port}", err=True)
+                proc, log_from = _spawn_worker(settings)
         _wait_windows(settings, time.monotonic() + timeout, proc)
     finally:
         if proc is not None:
@@ -1027,27 +1040,44 @@ def demo(
     click.echo(f"report: {render_report(settings.data_dir, settings.data_dir / 'report.html')}")
 
 
-def _spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
+class _WebPortLost(BrokerUnavailable):
+    """The demo's worker died because its web port was taken."""
+
+
+# The worker's own start check, or faust's bind failing after it (the port taken in between).
+_WEB_PORT_LOST = re.compile(r"the web port \S+ is in use|Errno 98|[Aa]ddress already in use")
+
+
+def _spawn_worker(settings: Settings) -> tuple[subprocess.Popen[bytes], int]:
+    """The demo's worker, and where its lines start in ``worker.log`` (appended to)."""
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(settings.data_dir) / "worker.log", "ab")  # noqa: SIM115
     cmd = [sys.executable, "-m", "pipeline.cli", "worker"]
     env = {**os.environ, **settings.to_env()}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
+    return proc, log.tell()
 
 
 def _wait_landed(
-    settings: Settings, total: int, timeout: float, proc: subprocess.Popen[bytes]
+    settings: Settings, total: int, timeout: float, proc: subprocess.Popen[bytes], log_from: int
 ) -> None:
     deadline = time.monotonic() + timeout
     with click.progressbar(length=total, label="landing   ", file=sys.stderr) as bar:
         done = 0
         while done < total:
             if proc.poll() is not None:
+                log = Path(settings.data_dir) / "worker.log"
+                with log.open("rb") as fh:
+                    fh.seek(log_from)  # this worker's lines only
+                    said = fh.read().decode(errors="replace")
+                if _WEB_PORT_LOST.search(said):
+                    raise _WebPortLost(
+                        f"the worker's web port {settings.web_port} was taken; see {log}"
+                    )
                 raise BrokerUnavailable(
-                    f"the worker exited with status {proc.returncode}; see "
-                    f"{Path(settings.data_dir) / 'worker.log'}"
+                    f"the worker exited with status {proc.returncode}; see {log}"
                 )
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"gave up after {timeout:.0f} s: {done} of {total} landed")

@@ -109,6 +109,12 @@ class Settings:
     anomalies_topic: str = "agent-anomalies"
     verdicts_topic: str = "agent-release-verdicts"
     partitions: int = 4
+    # Partitions of the repartition topic (made when the topic is created; an existing topic
+    # keeps its count): the aggregate state is split by agent and tenant over this many
+    # shards, so this many workers at most share the aggregate stage. Each shard closes its
+    # windows on its own, a fixed cost a flush: on 2 cores, 2 shards measured publish-to-
+    # metrics p50 0.33 s with one worker against 1.28 s with 4 (bench, 2026-12-05).
+    aggregate_partitions: int = 2
     group_id: str = "agentstream"
     # Which stages this worker runs: ingest (validate, land events, window partials), aggregate
     # (merge partials, close windows, detectors, judge, budgets), or all (both, one process).
@@ -273,7 +279,13 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 0")
-        for name in ("partitions", "flush_max_events", "fetch_max_records", "max_message_bytes"):
+        for name in (
+            "partitions",
+            "aggregate_partitions",
+            "flush_max_events",
+            "fetch_max_records",
+            "max_message_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"bad {name} {getattr(self, name)!r}: must be >= 1")
 

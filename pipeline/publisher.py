@@ -96,9 +96,7 @@ class Publisher:
 
     async def start(self) -> None:
         """Connect to the broker; raises ``BrokerUnavailable`` with what to do if it cannot."""
-        self._producer = await start_producer(
-            self.settings, linger_ms=self._linger_ms, max_batch_size=1 << 20
-        )
+        self._producer = await start_producer(self.settings, linger_ms=self._linger_ms)
 
     async def stop(self) -> None:
         """Deliver what is buffered, then disconnect."""

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ _EXTENSIONS: Final = {"sqlite": "sqlite_scanner", "postgres": "postgres_scanner"
 # the catalog (DuckLake's default data_inlining_row_limit) instead of writing a tiny file;
 # more are written as Parquet by sinks.datafiles.
 INLINE_ROWS: Final = 10
+# Attempts of one commit refused by another writer's (LakeWriter.commit); then the caller's.
+COMMIT_ATTEMPTS: Final = 5
 
 
 class LakeError(Exception):
@@ -83,8 +86,8 @@ class Flush:
     rows: dict[str, pa.Table] = field(default_factory=dict)
     # (topic, partition) -> (the offset the writer expects stored, the next offset to store)
     positions: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
-    # (lineage, sequence number) of the window-state snapshot saved for this flush
-    checkpoint: tuple[str, int] | None = None
+    # lineage -> sequence number of the state snapshots saved for this flush
+    checkpoints: dict[str, int] = field(default_factory=dict)
     group_id: str = ""
 
 
@@ -476,13 +479,18 @@ class LakeWriter:
             ).fetchall()
         return {str(lineage): int(seq) for lineage, seq in rows}
 
-    def commit(self, flush: Flush) -> None:
+    def commit(self, flush: Flush, on_conflict: Callable[[], object] | None = None) -> None:
         """Land ``flush`` in one transaction, or nothing of it.
 
         Tables of more than ``INLINE_ROWS`` rows are written as Parquet files by
         ``sinks.datafiles`` first (in parallel, outside the transaction and its lock), then
         registered in the transaction; smaller ones are inserted, and DuckLake keeps their
         rows in the catalog until maintenance flushes them to a file.
+
+        A commit refused because another writer committed first (``is_conflict``) is tried
+        again with the same files, up to ``COMMIT_ATTEMPTS`` times (``on_conflict`` is called
+        each time): the caller would otherwise compute and write the whole flush again (with
+        two processes on one lake, a conflict in one flush of four did that).
 
         Raises ``Fenced`` (nothing landed) if a position is no longer the one expected.
         """
@@ -493,13 +501,20 @@ class LakeWriter:
             if rows.num_rows > INLINE_ROWS and _dates_known(rows, tables[name].time_column)
         ]
         files = dict(zip(big, self._write(flush, big), strict=True))
-        with self._use:
-            try:
-                self._land(flush, tables, files)
-            except BaseException:
-                self._reopen()
-                self._discard_unlanded(files)
-                raise
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            with self._use:
+                try:
+                    self._land(flush, tables, files)
+                    return
+                except BaseException as exc:
+                    self._reopen()
+                    if not (is_conflict(exc) and attempt < COMMIT_ATTEMPTS):
+                        self._discard_unlanded(files)
+                        raise
+            log.info("lake commit conflicted with another writer's; retrying")
+            if on_conflict is not None:
+                on_conflict()
+            time.sleep(random.uniform(0.02, 0.15))  # not in step with the other writer
 
     def _land(
         self, flush: Flush, tables: dict[str, LakeTable], files: dict[str, list[Path]]
@@ -512,8 +527,7 @@ class LakeWriter:
                     self._register(tables[name], rows, files[name])
                 elif rows.num_rows:
                     self.insert(tables[name], rows)
-            if flush.checkpoint is not None:
-                lineage, seq = flush.checkpoint
+            for lineage, seq in sorted(flush.checkpoints.items()):
                 done = con.execute(
                     f"UPDATE {ALIAS}.{CHECKPOINTS} SET seq = ?, updated_at = now() "
                     "WHERE lineage = ?",

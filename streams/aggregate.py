@@ -14,8 +14,12 @@ Kafka too. The state moves with its partition: a new owner (after a rebalance or
 death) reads the lake's position and restores the snapshot the lake names, so every partial
 counts once and every window closes once, whichever worker owns it.
 
-The repartition topic has one partition: one owner of the aggregate state at a time, which
-is cheap because the partials of a flush are a row per window and key, not per event.
+The state is split by key over the repartition topic's partitions (``aggregate_partitions``,
+default 2), like a stream engine's tasks: a partition's shard owns the key and agent levels,
+detectors, releases and agent budgets of the agents hashed to it, and the tenant level and
+tenant budgets of the tenants hashed to it (``streams.hop.split``). Each shard is the same
+computation whichever worker runs it, so the answers depend on the number of partitions,
+never on the number of workers; up to that many workers share the stage.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -72,6 +76,11 @@ BUDGET_STATUS_EVERY_S = 10.0
 # bigger than the last (a 10M-event backlog peaked at 3.9 GB). In backlog each message is an
 # ingest flush's partials (~4,000 metrics rows at 50 events/s of event time).
 HOP_MESSAGES_PER_FLUSH = 8
+# A flush that closes nothing (clocks and partials only) lands its shards' positions at most
+# this often: every shard a commit per ingest flush made the catalog's lock the bottleneck
+# with several workers. Until then the messages stay applied in memory and are kept, so a
+# failed or lost flush applies them again from the last landed state.
+QUIET_LAND_EVERY_S = 5.0
 # Live (event time within LIVE_WITHIN of the wall clock), what waits here is landed at most
 # FLUSH_GAP_S after the previous flush, so a window closes as soon as the last clock past it
 # arrives rather than up to ``flush_interval_s`` later (the ingest stage batches already: a
@@ -93,17 +102,27 @@ class ShardState(msgspec.Struct, frozen=True):
     chunks: dict[str, list[int]]  # a message being applied chunk by chunk: chunks applied
     clocks: dict[int, int]  # source partition -> event clock reported (us)
     sources: int
+    partition: int = 0  # which shard of how many: what it owns (``streams.hop.split``)
+    partitions: int = 1
 
 
 class Shard:
     """The aggregate state of one repartition partition: windows, detectors, rules, releases,
     budgets, and what it has applied of every source partition."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, partition: int = 0, partitions: int = 1) -> None:
         self.settings = settings
+        self.partition = partition
+        self.partitions = partitions
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
         self.detector = DriftDetector()
-        self.budgets = BudgetTracker(load_budgets(settings.budgets))
+        self.budgets = BudgetTracker(
+            [
+                b
+                for b in load_budgets(settings.budgets)
+                if hop.partition_of(b.id, partitions) == partition
+            ]
+        )
         self.judge = ReleaseJudge(self._judge_config())
         self.rules = RuleEngine(load_rules(settings.rules))
         self.progress: dict[int, int] = {}
@@ -127,13 +146,15 @@ class Shard:
                 {k: list(v) for k, v in self.chunks.items()},
                 dict(self.clocks),
                 self.sources,
+                self.partition,
+                self.partitions,
             )
         )
 
     @classmethod
     def restore(cls, settings: Settings, data: bytes) -> Shard:
         state = msgspec.msgpack.decode(data, type=ShardState)
-        shard = cls(settings)
+        shard = cls(settings, state.partition, state.partitions)
         shard.windows = WindowAggregator.restore(state.windows)
         try:
             shard.detector = DriftDetector.restore(state.detector)
@@ -153,25 +174,22 @@ class Shard:
         shard.sources = state.sources
         return shard
 
-    def prime(self, *, rules: bool) -> None:
-        """Feed the last windows of every key in the lake to the detectors (and rules)."""
-        n = self.settings.warm_start_windows
-        if n <= 0:
+    def prime(self, *, rules: bool, history: Callable[[], pa.Table | None] | None = None) -> None:
+        """Feed the last windows of the keys it owns in the lake to the detectors (and rules);
+        ``history`` reads them (one read shared by every shard of a start)."""
+        read = history() if history is not None else warm_start_history(self.settings)
+        if read is None:
             return
-        try:
-            history = metrics_history(self.settings.data_dir, n)
-        except QueryError as exc:
-            log.warning("warm start skipped, the lake's metrics are unreadable: %s", exc)
-            return
-        if history.num_rows:
-            newest = history["window_end"][-1].as_py()
+        mine = hop.owned_metrics(read, self.partition, self.partitions)
+        if mine.num_rows:
+            newest = mine["window_end"][-1].as_py()
             # What these windows raised was published when they closed (same ids): drop it.
-            self.detector.observe(history, detected_at=newest)
+            self.detector.observe(mine, detected_at=newest)
             if rules:
-                self.rules.observe(history, detected_at=newest)
+                self.rules.observe(mine, detected_at=newest)
             log.info(
                 "warm start: %d metrics rows from the lake up to %s primed %d keys",
-                history.num_rows,
+                mine.num_rows,
                 newest.isoformat(),
                 self.detector.tracked_keys(),
             )
@@ -224,10 +242,12 @@ class Shard:
         """How far event time has got over every source partition: the minimum of what their
         ingest workers reported (None until each has reported).
 
-        Each report is at most its worker's own event clock, whose horizon decided the
-        lateness of the events it landed, so a window closed here is closed for every ingest
-        worker too: none hands on a partial for it later (``WindowAggregator.merge`` would
-        count one as late). Within one worker, partitions read to their end follow its clock
+        A partition's report is at most its stream time, or the clock its worker reported
+        for it once caught up, and its later events are judged late on that
+        (``streams.lateness``), so a window closed here is closed for every ingest worker
+        too: none hands on a partial for it later (``WindowAggregator.merge`` would count one
+        as late; it can happen after a takeover, as the lake keeps a partition's stream time
+        but not a clock reported beyond it). Within one worker, partitions read to their end follow its clock
         (``IngestConsumer._clocks``); across workers, a quiet one holds windows back until
         its clock, which moves on with the wall clock, passes them.
         """
@@ -246,7 +266,9 @@ class Shard:
         empty = ANOMALIES_SCHEMA.empty_table()
         if now is None:
             return METRICS_SCHEMA.empty_table(), empty, empty, _no_verdicts()
-        metrics = self.windows.close_due(now=now)
+        metrics = hop.owned_metrics(
+            self.windows.close_due(now=now), self.partition, self.partitions
+        )
         detected_at = datetime.now(UTC)
         anomalies = pa.concat_tables(
             [
@@ -268,6 +290,17 @@ class Shard:
             burns = self.budgets.check(now, detected_at)
             telemetry.anomalies.inc(burns.num_rows)
         return metrics, anomalies, burns, verdicts
+
+
+def warm_start_history(settings: Settings) -> pa.Table | None:
+    """The last ``warm_start_windows`` windows of every key in the lake (None: start cold)."""
+    if settings.warm_start_windows <= 0:
+        return None
+    try:
+        return metrics_history(settings.data_dir, settings.warm_start_windows)
+    except QueryError as exc:
+        log.warning("warm start skipped, the lake's metrics are unreadable: %s", exc)
+        return None
 
 
 def _no_verdicts() -> pa.Table:
@@ -304,7 +337,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        await self.owner.flush()
+        await self.owner.flush(land=True)
         await self.owner.release(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
@@ -326,6 +359,9 @@ class AggregateConsumer(Service):
         self._offsets: dict[int, int] = {}  # each partition's next offset, as landed
         self._kafka = KafkaCommits(settings.repartition_topic)  # landed, not in Kafka yet
         self._pending: dict[int, list[ConsumerRecord[bytes, bytes]]] = {}
+        # Applied to a shard since its last landing (QUIET_LAND_EVERY_S), kept for a retry.
+        self._unlanded: dict[int, list[ConsumerRecord[bytes, bytes]]] = {}
+        self._landed_at: dict[int, float] = {}
         self._seeks: dict[int, int] = {}
         self._next: dict[int, int] = {}  # the next offset to queue, per partition
         self._gap: dict[int, int] = {}
@@ -335,7 +371,8 @@ class AggregateConsumer(Service):
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._last_flush = time.monotonic()
-        self._budgets_landed = 0.0
+        self._budgets_landed: dict[int, float] = {}  # per partition, when last landed
+        self._partitions = 1  # of the repartition topic
         self._conflicts = 0
         self.healthy = False
         self.last_error: str | None = None
@@ -351,7 +388,9 @@ class AggregateConsumer(Service):
         log.info("aggregating %s as group %s", s.repartition_topic, s.aggregate_group)
 
     async def on_stop(self) -> None:
-        await stop_stage(self._flush_task, self.flush, self._consumer, self._producer)
+        await stop_stage(
+            self._flush_task, lambda: self.flush(land=True), self._consumer, self._producer
+        )
 
     async def release(self, revoked: Sequence[TopicPartition]) -> None:
         """Forget the shards of ``revoked`` partitions: their new owner restores them."""
@@ -361,9 +400,15 @@ class AggregateConsumer(Service):
                 self._saved.pop(tp.partition, None)
                 self._offsets.pop(tp.partition, None)
                 self._pending.pop(tp.partition, None)
+                self._unlanded.pop(tp.partition, None)
 
     def _shard(
-        self, r: int, position: int, landed: bool, checkpoints: dict[str, int]
+        self,
+        r: int,
+        position: int,
+        landed: bool,
+        checkpoints: dict[str, int],
+        history: Callable[[], pa.Table | None],
     ) -> tuple[Shard, bytes]:
         """Partition ``r``'s state at ``position``, restored or new, and its snapshot."""
         saved = self.snapshots.load({r: position}, checkpoints)
@@ -384,8 +429,8 @@ class AggregateConsumer(Service):
                     r,
                     position,
                 )
-            shard = Shard(self.settings)
-            shard.prime(rules=True)
+            shard = Shard(self.settings, r, self._partitions)
+            shard.prime(rules=True, history=history)
         return shard, shard.snapshot()
 
     async def recover(self, assigned: Sequence[TopicPartition]) -> None:
@@ -417,19 +462,31 @@ class AggregateConsumer(Service):
             {tp.partition: stored[tp.partition] for tp in assigned if tp.partition in stored},
         )
         checkpoints = await loop.run_in_executor(None, self.lake.checkpoints)
+        self._partitions = len(self._consumer.partitions_for_topic(s.repartition_topic) or [0])
+        read: list[pa.Table | None] = []
+
+        def history() -> pa.Table | None:
+            if not read:
+                read.append(warm_start_history(s))
+            return read[0]
+
         for tp in assigned:
             r = tp.partition
             position = stored.get(r, first.get(r, 0))
             # In a thread: restoring or priming reads the lake and decodes the state, which
             # would hold up the ingest stage's fetches on this event loop.
+            # Landed: a flush of this partition committed (a claim stores the beginning).
+            landed = r in stored and position > 0
             shard, state = await loop.run_in_executor(
-                None, self._shard, r, position, r in stored, checkpoints
+                None, self._shard, r, position, landed, checkpoints, history
             )
             async with self._lock:
                 self.shards[r] = shard
                 self._saved[r] = state
                 self._offsets[r] = position
                 self._pending[r] = []
+                self._unlanded[r] = []
+                self._landed_at[r] = time.monotonic()
                 self._next[r] = position
                 self._consumer.seek(tp, position)
                 self._seeks[r] = self._seeks.get(r, 0) + 1
@@ -451,8 +508,14 @@ class AggregateConsumer(Service):
             flushing = self._flush_task is not None and not self._flush_task.done()
             # A commit to Kafka refused (a rebalance) is tried again by an idle flush too.
             idle = self._kafka.owed and time.monotonic() - self._last_flush >= s.flush_interval_s
-            if (due or idle) and not flushing:
-                self._flush_task = asyncio.create_task(self.flush())
+            # Quiet rounds applied and not landed: landed after a while even with no new ones.
+            now = time.monotonic()
+            held = any(
+                self._unlanded.get(r) and now - self._landed_at.get(r, 0.0) >= QUIET_LAND_EVERY_S
+                for r in self.shards
+            )
+            if (due or idle or held) and not flushing:
+                self._flush_task = asyncio.create_task(self.flush(land=held))
 
     def _live(self) -> bool:
         """Whether event time is near the wall clock in some partition owned here."""
@@ -490,42 +553,68 @@ class AggregateConsumer(Service):
             self._pending[r].extend(fresh)
             self._next[r] = fresh[-1].offset + 1
 
-    async def flush(self) -> None:
-        """Apply, close, land and publish every partition with messages waiting, at most
-        ``HOP_MESSAGES_PER_FLUSH`` messages a transaction."""
+    async def flush(self, *, land: bool = False) -> None:
+        """Apply and close what every partition has waiting, and land it: one lake
+        transaction for all the shards (a commit per shard would multiply the catalog's
+        commits by the shards a worker owns), at most ``HOP_MESSAGES_PER_FLUSH`` messages a
+        partition a round. A round that closes nothing lands only every
+        ``QUIET_LAND_EVERY_S``.
+
+        ``land`` (a rebalance, a stop, quiet rounds held long enough): land what was applied
+        and not landed, in one transaction, and take nothing new: the messages fetched stay
+        here for the next flush, or in Kafka for whoever reads the partitions next.
+        (Draining them made every round of a backlog a commit, ``HOP_MESSAGES_PER_FLUSH``
+        messages each, whenever quiet rounds had been held 5 s: seen in a CI run, three
+        workers' commits 1-2 s each, one starved of the catalog's lock for 40 s.)"""
         async with self._flush_lock:
             self._last_flush = time.monotonic()
-            for r in sorted(self.shards):
-                while True:
-                    async with self._lock:
+            while True:
+                async with self._lock:
+                    batches = {}
+                    for r in sorted(self.shards) if not land else ():
                         waiting = self._pending.get(r, [])
-                        batch = waiting[:HOP_MESSAGES_PER_FLUSH]
-                        self._pending[r] = waiting[HOP_MESSAGES_PER_FLUSH:]
-                    if not batch:
-                        break
-                    if not await self._attempt(r, batch):
-                        async with self._lock:
-                            # Kept for the next attempt, ahead of what came since.
+                        if waiting:
+                            batches[r] = waiting[:HOP_MESSAGES_PER_FLUSH]
+                            self._pending[r] = waiting[HOP_MESSAGES_PER_FLUSH:]
+                held = [r for r in self.shards if self._unlanded.get(r)]
+                if not batches and not (land and held):
+                    break
+                if not await self._attempt(batches, land):
+                    async with self._lock:
+                        # Kept for the next attempt, ahead of what came since: the shards are
+                        # back at their last landed state, so what they applied since goes too.
+                        for r in set(batches) | set(held):
                             if r in self.shards:
-                                self._pending[r] = batch + self._pending[r]
-                        break
+                                again = self._unlanded.get(r, []) + batches.get(r, [])
+                                self._pending[r] = again + self._pending[r]
+                                self._unlanded[r] = []
+                    break
+                if not batches:
+                    break
             assert self._consumer is not None
             await self._kafka.commit(self._consumer, {})
 
-    async def _attempt(self, r: int, batch: list[ConsumerRecord[bytes, bytes]]) -> bool:
+    async def _attempt(
+        self, batches: dict[int, list[ConsumerRecord[bytes, bytes]]], land: bool
+    ) -> bool:
         started = time.perf_counter()
         try:
-            await self._flush(r, batch)
+            await self._flush(batches, land)
         except Fenced as exc:
-            # Another worker owns this partition now and landed it: read on from the lake.
+            # Another worker owns one of these partitions now and landed it; the others
+            # landed nothing either: all of them read on from the lake.
             log.error("aggregate flush not landed: %s", exc)
             self.last_error = str(exc)
             assert self._consumer is not None
-            await self._recover([TopicPartition(self.settings.repartition_topic, r)])
+            topic = self.settings.repartition_topic
+            mine = {r for r in self.shards if r in batches or self._unlanded.get(r)}
+            await self._recover([TopicPartition(topic, r) for r in sorted(mine)])
             return True
         except Exception as exc:
-            # Nothing was committed: back to the last commit, the retry applies it all again.
-            self.shards[r] = Shard.restore(self.settings, self._saved[r])
+            # Nothing was committed: back to the last landing, the retry applies it all again.
+            for r in self.shards:
+                if (r in batches or self._unlanded.get(r)) and r in self._saved:
+                    self.shards[r] = Shard.restore(self.settings, self._saved[r])
             self._conflicts += 1
             self.last_error = await pause_after_failure(
                 exc, self._conflicts, self.telemetry, "aggregate flush", self.lake.label
@@ -536,64 +625,105 @@ class AggregateConsumer(Service):
         self.telemetry.batch_seconds.observe(time.perf_counter() - started)
         return True
 
-    async def _flush(self, r: int, batch: list[ConsumerRecord[bytes, bytes]]) -> None:
+    async def _flush(
+        self, batches: dict[int, list[ConsumerRecord[bytes, bytes]]], land: bool
+    ) -> None:
         assert self._consumer is not None and self._producer is not None
         s = self.settings
-        shard = self.shards[r]
         loop = asyncio.get_running_loop()
         steps = Stopwatch()
 
-        def fold() -> tuple[int, tuple[pa.Table, pa.Table, pa.Table, pa.Table]]:
-            applied = sum(shard.apply(hop.decode(record.value)) for record in batch)
-            return applied, shard.close(self.telemetry)
+        def fold() -> tuple[int, list[tuple[pa.Table, pa.Table, pa.Table, pa.Table]]]:
+            applied, closed = 0, []
+            for r, batch in batches.items():
+                shard = self.shards[r]
+                applied += sum(shard.apply(hop.decode(record.value)) for record in batch)
+                closed.append(shard.close(self.telemetry))
+            return applied, closed
 
-        applied, (metrics, anomalies, burns, verdicts) = await loop.run_in_executor(None, fold)
+        applied, closed = await loop.run_in_executor(None, fold)
+        self.applied += applied
+        metrics = pa.concat_tables([METRICS_SCHEMA.empty_table(), *(c[0] for c in closed)])
+        alerts = pa.concat_tables(
+            [ANOMALIES_SCHEMA.empty_table(), *(t for c in closed for t in (c[1], c[2]))]
+        )
+        verdicts = pa.concat_tables([_no_verdicts(), *(c[3] for c in closed)])
+        now = time.monotonic()
+        statuses, budgeted = [], []
+        for r, (_, anomalies, burns, _) in zip(batches, closed, strict=True):
+            shard = self.shards[r]
+            due = now - self._budgets_landed.get(r, 0.0) >= BUDGET_STATUS_EVERY_S
+            if shard.budgets.budgets and (anomalies.num_rows or burns.num_rows or due):
+                statuses.append(shard.budgets.status())
+                budgeted.append(r)
+        quiet = not (metrics.num_rows or alerts.num_rows or verdicts.num_rows or statuses)
+        if (
+            quiet
+            and not land
+            and all(now - self._landed_at.get(r, 0.0) < QUIET_LAND_EVERY_S for r in batches)
+        ):
+            for r, batch in batches.items():
+                self._unlanded.setdefault(r, []).extend(batch)
+            return
+        # Land every shard holding applied messages, this round's and earlier quiet ones'.
+        records = {
+            r: self._unlanded.get(r, []) + batches.get(r, [])
+            for r in self.shards
+            if r in batches or self._unlanded.get(r)
+        }
+        shards = {r: self.shards[r] for r in records}
         steps.lap("aggregate")
-        alerts = pa.concat_tables([anomalies, burns])
         await self._publish(metrics, alerts, verdicts)
         steps.lap("publish")
-        nxt = batch[-1].offset + 1
-        state = await loop.run_in_executor(None, shard.snapshot)
-        lineage = f"hop{r}"
-        seq = await loop.run_in_executor(None, self.snapshots.save, state, {r: nxt}, lineage)
+        nxt = {r: recs[-1].offset + 1 for r, recs in records.items()}
+
+        def save() -> tuple[dict[int, bytes], dict[str, int]]:
+            states = {r: shard.snapshot() for r, shard in shards.items()}
+            seqs = {
+                f"hop{r}": self.snapshots.save(state, {r: nxt[r]}, f"hop{r}")
+                for r, state in states.items()
+            }
+            return states, seqs
+
+        states, seqs = await loop.run_in_executor(None, save)
         steps.lap("snapshot")
         rows = {
             METRICS.name: metrics,
             ANOMALIES.name: alerts,
             RELEASE_VERDICTS.name: verdicts,
         }
-        # The budgets' status is a running figure: landed every few seconds, and with alerts.
-        if shard.budgets.budgets and (
-            alerts.num_rows or time.monotonic() - self._budgets_landed >= BUDGET_STATUS_EVERY_S
-        ):
-            rows[BUDGETS.name] = shard.budgets.status()
-            self._budgets_landed = time.monotonic()
+        if statuses:
+            # The budgets' status is a running figure: landed every few seconds, and with alerts.
+            rows[BUDGETS.name] = pa.concat_tables(statuses)
         flush = Flush(
             rows=rows,
-            positions={(s.repartition_topic, r): (self._offsets[r], nxt)},
-            checkpoint=(lineage, seq),
+            positions={(s.repartition_topic, r): (self._offsets[r], nxt[r]) for r in records},
+            checkpoints=seqs,
             group_id=s.aggregate_group,
         )
-        await loop.run_in_executor(None, self.lake.commit, flush)
+        await loop.run_in_executor(None, self.lake.commit, flush, self.telemetry.lake_conflicts.inc)
         steps.lap("land")
-        await loop.run_in_executor(None, self.snapshots.committed, lineage, seq)
-        await self._kafka.commit(self._consumer, {r: nxt})
-        self._offsets[r] = nxt
-        self._saved[r] = state
-        self.applied += applied
+        for r in records:
+            await loop.run_in_executor(None, self.snapshots.committed, f"hop{r}", seqs[f"hop{r}"])
+            self._offsets[r] = nxt[r]
+            self._saved[r] = states[r]
+            self._unlanded[r] = []
+            self._landed_at[r] = now
+        self._budgets_landed.update({r: now for r in budgeted})
+        await self._kafka.commit(self._consumer, nxt)
         self.metrics_emitted += metrics.num_rows
         self.telemetry.metrics_emitted.inc(metrics.num_rows)
+        clocks = [c for shard in shards.values() if (c := shard.clock()) is not None]
         log.info(
             "aggregate flush: %d hop messages (%d applied), %d metrics rows, %d anomalies, "
-            "%d verdicts, partition %d@%d, event clock %s; %s",
-            len(batch),
+            "%d verdicts, partitions %s, event clock %s; %s",
+            sum(len(b) for b in records.values()),
             applied,
             metrics.num_rows,
             alerts.num_rows,
             verdicts.num_rows,
-            r,
-            nxt,
-            c.isoformat() if (c := shard.clock()) is not None else "not yet",
+            ",".join(f"{r}@{n}" for r, n in sorted(nxt.items())),
+            min(clocks).isoformat() if clocks else "not yet",
             steps,
         )
 

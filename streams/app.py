@@ -13,6 +13,7 @@ from pipeline.config import ConfigError, Settings
 from pipeline.kafka import ssl_context
 from streams.aggregate import AggregateConsumer
 from streams.ingest import IngestConsumer
+from streams.stage import HEARTBEAT_MS
 from streams.telemetry import WorkerTelemetry
 
 log = logging.getLogger("agentstream.app")
@@ -55,6 +56,9 @@ def create_app(settings: Settings, worker: Worker) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         producer_acks=-1,
+        # As the stages' consumers (streams.stage.HEARTBEAT_MS): the stages start once this
+        # app's own group has settled, so a second process joining waited on it too.
+        broker_heartbeat_interval=HEARTBEAT_MS / 1000,
     )
     # faust accepts an instance here too (it only instantiates classes).
     for stage in worker.stages:
@@ -108,21 +112,17 @@ def check_web_ports(settings: Settings, processes: int = 1) -> None:
     """Refuse to start, in one line, when a worker's web port (``/health``, ``/metrics``) is
     taken: faust would die on bind with a traceback, and a child of ``--processes`` would
     leave the others running short of a worker."""
-    import socket
+    from pipeline.broker import port_taken
 
     for i in range(processes):
         port = settings.web_port + i
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # As aiohttp binds: a just-stopped worker's TIME_WAIT sockets do not count.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((settings.web_host, port))
-            except OSError as exc:
-                also = f" (--processes {processes} uses ports from it up)" if processes > 1 else ""
-                raise ConfigError(
-                    f"the web port {settings.web_host}:{port} is in use ({exc.strerror}): pass "
-                    f"a free --web-port or set AGENTSTREAM_WEB_PORT{also}"
-                ) from None
+        taken = port_taken(port, settings.web_host)
+        if taken is not None:
+            also = f" (--processes {processes} uses ports from it up)" if processes > 1 else ""
+            raise ConfigError(
+                f"the web port {settings.web_host}:{port} is in use ({taken.strerror}): pass "
+                f"a free --web-port or set AGENTSTREAM_WEB_PORT{also}"
+            )
 
 
 def run(settings: Settings, *, loglevel: str = "info") -> int:

@@ -4,7 +4,8 @@ An ingest flush (``streams.ingest``) lands its events, then sends one ``HopMessa
 chunks as the record size needs) to every partition of the internal repartition topic: the
 flush's window partials (``streams.windows.WindowPartial``: counts, sums and latency
 histograms per window and key, nothing per event), its spend per minute for the budgets, its
-release records, and how far its event clock has got. The aggregate stage (``streams.aggregate``)
+release records, and how far its event clock has got. Rows go to the partitions owning their
+agent and their tenant (``split``: a stable hash of the id); the clocks go to every one. The aggregate stage (``streams.aggregate``)
 merges them, and closes a window once every partition of the events topic has reported a clock
 past it (the minimum over them, as a stream engine's watermark).
 
@@ -53,6 +54,7 @@ class HopMessage(msgspec.Struct, frozen=True):
     windows: WindowPartial | None = None
     spend: bytes = b""  # zstd Arrow IPC: per-minute spend (budgets' ``update`` rows)
     releases: bytes = b""  # zstd Arrow IPC: the flush's ``release`` events
+    target: int = 0  # the repartition partition it is for (the outbox sends it there again)
 
     def spend_table(self) -> pa.Table | None:
         return _arrow(self.spend)
@@ -92,10 +94,89 @@ def _arrow(data: bytes) -> pa.Table | None:
     return pl.read_ipc(io.BytesIO(data)).to_arrow()
 
 
-def partition_of(key: str, partitions: int) -> int:
-    """The repartition partition that owns ``key`` (an agent id): a stable hash, the same in
-    every process and Python version."""
-    return zlib.crc32(key.encode()) % partitions
+def partition_of(key: str | None, partitions: int) -> int:
+    """The repartition partition that owns ``key`` (an agent or tenant id): a stable hash, the
+    same in every process and Python version."""
+    return zlib.crc32((key or "").encode()) % partitions
+
+
+def owners(keys: pl.Series, partitions: int) -> pl.Series:
+    """The partition owning each of ``keys``: one hash per distinct key, not per row."""
+    table = {k: partition_of(k, partitions) for k in keys.unique().drop_nulls().to_list()}
+    return keys.fill_null("").replace_strict(
+        {**table, "": partition_of("", partitions)}, return_dtype=pl.Int32
+    )
+
+
+def split(frame: pl.DataFrame, partitions: int, *, by_tenant: bool = True) -> list[pl.DataFrame]:
+    """The rows of ``frame`` each partition needs: those of the agents it owns (key and agent
+    levels, their detectors, releases and budgets) and, ``by_tenant``, those of the tenants
+    it owns (the tenant level and tenant budgets). A row of an agent and a tenant owned by
+    two partitions goes to both; each keeps only the levels it owns (``owned_metrics``)."""
+    if partitions == 1:
+        return [frame]
+    mine = owners(frame.get_column("agent_id"), partitions)
+    tenant = owners(frame.get_column("tenant_id"), partitions) if by_tenant else mine
+    return [frame.filter((mine == r) | (tenant == r)) for r in range(partitions)]
+
+
+def owned_metrics(metrics: pa.Table, partition: int, partitions: int) -> pa.Table:
+    """The ``metrics`` rows partition ``partition`` emits: key and agent levels of its agents,
+    the tenant level of its tenants (every row of a window, key and level exactly once over
+    the partitions)."""
+    if partitions == 1 or metrics.num_rows == 0:
+        return metrics
+    frame = pl.from_arrow(metrics)
+    assert isinstance(frame, pl.DataFrame)
+    by = pl.when(pl.col("level") == "tenant").then(pl.col("tenant_id")).otherwise("agent_id")
+    keys = frame.select(by.alias("_k")).get_column("_k")
+    return metrics.filter(pa.array((owners(keys, partitions) == partition).to_arrow()))
+
+
+def messages(
+    ranges: dict[int, tuple[int, int]],
+    sources: int,
+    clocks: dict[int, int],
+    windows: WindowPartial | None,
+    spend: pa.Table | None,
+    releases: pa.Table | None,
+    partitions: int,
+) -> list[tuple[int, bytes]]:
+    """A flush's encoded messages, ``(repartition partition, chunk)``: every partition gets
+    one (its rows, and the clocks every partition's windows close on)."""
+    parts = _split_partial(windows, partitions)
+    spends = _split_arrow(spend, partitions, by_tenant=True)
+    released = _split_arrow(releases, partitions, by_tenant=False)
+    return [
+        (r, chunk)
+        for r in range(partitions)
+        for chunk in chunked(
+            ranges, sources, clocks, parts[r], ipc(spends[r]), ipc(released[r]), target=r
+        )
+    ]
+
+
+def _split_partial(part: WindowPartial | None, partitions: int) -> list[WindowPartial | None]:
+    if part is None or partitions == 1:
+        return [part] * partitions
+    frames = [split(f, partitions) for f in part.frames()]
+    # None for a partition with no rows: four empty Arrow streams still cost ~16 KB.
+    return [
+        WindowPartial(*(_frame_ipc(f[r]) for f in frames))
+        if any(f[r].height for f in frames)
+        else None
+        for r in range(partitions)
+    ]
+
+
+def _split_arrow(
+    table: pa.Table | None, partitions: int, *, by_tenant: bool
+) -> list[pa.Table | pl.DataFrame | None]:
+    if table is None or table.num_rows == 0 or partitions == 1:
+        return [table] * partitions
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return list(split(frame, partitions, by_tenant=by_tenant))
 
 
 def message_id(message: HopMessage) -> str:
@@ -111,6 +192,8 @@ def chunked(
     windows: WindowPartial | None,
     spend: bytes,
     releases: bytes,
+    *,
+    target: int = 0,
 ) -> list[bytes]:
     """The encoded chunks of one message, each under ``MAX_CHUNK_BYTES``.
 
@@ -136,6 +219,7 @@ def chunked(
                     windows=part,
                     spend=spend if i == 0 else b"",
                     releases=releases if i == 0 else b"",
+                    target=target,
                 )
             )
         )
@@ -185,5 +269,5 @@ def outbox(data_dir: Path) -> list[tuple[str, dict[int, tuple[int, int]], list[t
     out = []
     for writer, ranges, payloads in got:
         spans = {int(p): (int(lo), int(hi)) for p, (lo, hi) in json.loads(ranges).items()}
-        out.append((str(writer), spans, [(0, bytes(b)) for b in payloads]))
+        out.append((str(writer), spans, [(decode(b).target, bytes(b)) for b in payloads]))
     return out

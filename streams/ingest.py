@@ -7,15 +7,15 @@ group); each lands the partitions it reads and pre-aggregates them, and the aggr
 (``streams.aggregate``) owns every key's windows, detectors, releases and budgets.
 
 Fetching and validating go on while the previous flush runs (in a thread: polars, pyarrow and
-DuckDB release the GIL), one flush at a time. Order of a flush: (1) repeated event ids
-dropped, lateness decided on this worker's event clock, windows folded and drained into
-partials (``streams.windows.WindowPartial``), spend per minute and release records taken,
-(2) dead letters acknowledged by the broker, (3) one lake transaction: the events, dead
+DuckDB release the GIL), one flush at a time. Order of a flush: (1) repeated event ids dropped,
+lateness decided on each partition's stream time (``streams.lateness``), windows folded and
+drained into partials (``streams.windows.WindowPartial``), spend per minute and release records
+taken, (2) dead letters acknowledged by the broker, (3) one lake transaction: the events, dead
 letters, the hop messages of the flush (``hop_outbox``) and the next offset of every partition
 covered (``sinks.lake.LakeWriter.commit``), (4) the hop messages sent to the repartition topic
-and acknowledged, (5) offsets committed to Kafka too (best effort: the lake's positions are
-the ones that count). A crash before (3) lands nothing: the partitions are read again from
-the positions stored in the lake (seek on assignment). A crash between (3) and (4) leaves the
+and acknowledged, (5) offsets committed to Kafka too (best effort: the lake's positions are the
+ones that count). A crash before (3) lands nothing: the partitions are read again from the
+positions stored in the lake (seek on assignment). A crash between (3) and (4) leaves the
 messages in the outbox: the next owner of the partitions sends them before its own
 (``streams.hop``). So every record lands exactly once and counts once downstream.
 
@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,7 +52,7 @@ from sinks.contracts import HOP_OUTBOX
 from sinks.lake import Fenced, Flush
 from sinks.maintenance import maintain_configured
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
-from streams import hop
+from streams import hop, lateness
 from streams.budgets import spend_rows
 from streams.dedupe import Deduplicator
 from streams.hotpath import BatchProcessor, Processed, Record, dead_letter_table
@@ -63,7 +65,7 @@ from streams.stage import (
     stop_stage,
 )
 from streams.telemetry import WorkerTelemetry
-from streams.warmstart import landed_ids
+from streams.warmstart import landed_ids, stream_times
 from streams.windows import WindowAggregator, WindowPartial
 
 log = logging.getLogger("agentstream.worker")
@@ -81,6 +83,7 @@ class _Saved:
     dedupe: bytes
     clock: tuple[datetime | None, float]
     partition_ts: dict[int, datetime]
+    reported: dict[int, int]
 
 
 class EventClock:
@@ -167,6 +170,9 @@ class IngestConsumer(Service):
         # Windows only decide lateness and fold a flush's events: drained at every flush.
         self.windows = WindowAggregator(settings.window_seconds, settings.allowed_lateness_s)
         self._partition_ts: dict[int, datetime] = {}
+        # The clock told the aggregate stage for a partition read to its end (microseconds):
+        # its later events are judged on it too (``streams.lateness``).
+        self._reported: dict[int, int] = {}
         self.dedupe = Deduplicator(settings.dedupe_horizon_s)
         # The state as of the last commit (a failed flush rewinds to it), in memory only: the
         # lake holds everything a new owner of a partition needs.
@@ -179,6 +185,7 @@ class IngestConsumer(Service):
         # Landed positions (partition -> next offset) Kafka has not accepted yet.
         self._kafka = KafkaCommits(settings.events_topic)
         self._sources = 0  # partitions of the events topic
+        self._shards = 1  # partitions of the repartition topic (the aggregate state's shards)
         self._published = False
         self._conflicts = 0  # failed attempts in a row
         self._last_flush = time.monotonic()
@@ -187,6 +194,7 @@ class IngestConsumer(Service):
         s = self.settings
         self._producer = await start_producer(s, linger_ms=5)
         self._sources = len(await self._producer.partitions_for(s.events_topic))
+        self._shards = len(await self._producer.partitions_for(s.repartition_topic))
         self._consumer = group_consumer(
             s,
             s.group_id,
@@ -230,6 +238,7 @@ class IngestConsumer(Service):
             for part in gone:
                 self._next_offset.pop(part, None)
                 self._partition_ts.pop(part, None)
+                self._reported.pop(part, None)
             if dropped:
                 log.warning(
                     "partitions %s revoked: dropped %d fetched records not committed (their "
@@ -274,14 +283,7 @@ class IngestConsumer(Service):
             position = stored.get(tp.partition, first.get(tp.partition, 0))
             self._offsets[tp.partition] = position
         async with self._lock:
-            # Records fetched before the seek are dropped with it (no await in between), and
-            # so is a fetch in flight (``_seeks``): the partitions are read from the position.
-            gone = {tp.partition for tp in assigned}
-            self._pending = [p for p in (_without(b, gone) for b in self._pending) if p.records]
-            for tp in assigned:
-                self._consumer.seek(tp, self._offsets[tp.partition])
-                self._next_offset[tp.partition] = self._offsets[tp.partition]
-                self._seeks[tp.partition] = self._seeks.get(tp.partition, 0) + 1
+            self._seek(self._offsets)
         await loop.run_in_executor(None, self.lake.claim, topic, first, self.settings.group_id)
         if stored:
             # Kafka's offsets are for lag monitoring: a flush whose commit to Kafka met a
@@ -296,6 +298,21 @@ class IngestConsumer(Service):
                 ",".join(f"{p}@{o}" for p, o in sorted(self._offsets.items())),
             )
         await self._take_over(assigned, set(stored))
+
+    def _seek(self, positions: dict[int, int]) -> None:
+        """Read each partition of ``positions`` again from its offset there.
+
+        Called holding ``_lock``, with no await in between: records of those partitions
+        fetched before are dropped with the seek, and so is a fetch in flight (``_seeks``
+        tells it stale in ``_consume``).
+        """
+        assert self._consumer is not None
+        gone = set(positions)
+        self._pending = [p for p in (_without(b, gone) for b in self._pending) if p.records]
+        for part, offset in positions.items():
+            self._consumer.seek(TopicPartition(self.settings.events_topic, part), offset)
+            self._next_offset[part] = offset
+            self._seeks[part] = self._seeks.get(part, 0) + 1
 
     async def _take_over(self, assigned: Sequence[TopicPartition], landed: set[int]) -> None:
         """Remember the ids landed from partitions new to this worker (their repeats go to
@@ -315,6 +332,9 @@ class IngestConsumer(Service):
             if ids.num_rows:
                 self.dedupe.repeats(ids["event_id"], ids["ts"])
             log.info("%d event ids of partitions %s remembered from the lake", ids.num_rows, read)
+            # Their lateness goes on from where their previous owner left it.
+            newest = await loop.run_in_executor(None, stream_times, s.data_dir, read)
+            self._partition_ts.update({p: ts.astimezone(UTC) for p, ts in newest.items()})
         self._known |= set(new)
         self._saved = self._state()
         if landed & {tp.partition for tp in assigned}:
@@ -328,7 +348,14 @@ class IngestConsumer(Service):
         for writer, ranges, payloads in rows:
             if any(positions.get(p) == nxt for p, (_, nxt) in ranges.items()):
                 log.info("sending again the hop messages of %s for %s", writer, ranges)
-                await deliver(self._producer, self.settings.repartition_topic, payloads)
+                await self._hand_on(payloads)
+
+    async def _hand_on(self, payloads: list[tuple[int, bytes]]) -> None:
+        """Send hop messages until the broker has them all (``streams.stage.deliver``)."""
+        assert self._producer is not None
+        await deliver(self._producer, self.settings.repartition_topic, payloads)
+        self.telemetry.hop_messages.inc(len(payloads))
+        self.telemetry.hop_bytes.inc(sum(len(p) for _, p in payloads))
 
     def _state(self) -> _Saved:
         return _Saved(
@@ -336,6 +363,7 @@ class IngestConsumer(Service):
             self.dedupe.snapshot(),
             self.clock.state(),
             dict(self._partition_ts),
+            dict(self._reported),
         )
 
     def _rewind(self) -> None:
@@ -348,6 +376,7 @@ class IngestConsumer(Service):
         self._partition_ts = {
             p: ts for p, ts in self._saved.partition_ts.items() if p in self._known
         }
+        self._reported = {p: c for p, c in self._saved.reported.items() if p in self._known}
 
     def _drop_repeats(
         self, events: pa.Table, pending: Sequence[Processed]
@@ -402,9 +431,12 @@ class IngestConsumer(Service):
                     # consumer reads those partitions again from the position.
                     stale = {p for p in processed.ranges if self._seeks.get(p) != seeks.get(p)}
                     processed = _without(processed, set(processed.ranges) - assigned | stale)
-                    for part in stale & assigned:
+                    for part in stale & assigned & set(self._next_offset):
                         # The fetcher may have moved past the dropped records: back to where
-                        # this worker reads on.
+                        # this worker reads on. (A partition with no next offset was revoked
+                        # and assigned again meanwhile: its recovery, under way, seeks it.
+                        # Seen: a KeyError that crashed the stage, after a fenced flush's
+                        # resync and a rebalance while a fetch was in flight.)
                         consumer.seek(TopicPartition(s.events_topic, part), self._next_offset[part])
                         self._seeks[part] = self._seeks.get(part, 0) + 1
                     if not self._pending:
@@ -574,7 +606,7 @@ class IngestConsumer(Service):
         steps.lap("aggregate")
         if not pending:
             # Nothing to land: the event clock goes downstream (windows close on it).
-            await deliver(self._producer, s.repartition_topic, payloads)
+            await self._hand_on(payloads)
             await self._commit_to_kafka({})
             # The horizon moved with the clock sent: a retry must not decide lateness on an
             # older one than the aggregate stage has seen.
@@ -605,11 +637,11 @@ class IngestConsumer(Service):
             positions={(s.events_topic, part): span for part, span in covered.items()},
             group_id=s.group_id,
         )
-        await loop.run_in_executor(None, self.lake.commit, flush)
+        await loop.run_in_executor(None, self.lake.commit, flush, self.telemetry.lake_conflicts.inc)
         steps.lap("land")
         # Landed: from here on the messages must reach the repartition topic (a new owner of
         # these partitions would send them again from the outbox if this worker died now).
-        await deliver(self._producer, s.repartition_topic, payloads)
+        await self._hand_on(payloads)
         self.hop_messages += len(payloads)
         steps.lap("hop")
         await self._commit_to_kafka({p: nxt for p, (_, nxt) in covered.items()})
@@ -678,18 +710,34 @@ class IngestConsumer(Service):
         that has one (``hop.HopMessage.clocks``).
         """
         events, repeats = self._drop_repeats(events, pending)
+        judged = self._horizons(events)  # on stream times before this flush's events
         reached = self._event_time(events, behind)
         now = self.clock.advance(reached)
         if events.num_rows:
             # While a partition is unread, event time stays where it was (the epoch is below
             # any horizon, so the windows do not advance).
-            late = self.windows.update(events, now=now, event_time=reached or _EPOCH)
+            late = self.windows.update(
+                events, now=now, event_time=reached or _EPOCH, horizons=judged
+            )
             events = events.set_column(events.schema.get_field_index("late"), "late", late)
             self.telemetry.late_events.inc(pc.sum(late).as_py() or 0)
         partial = self.windows.drain()
         # Advances the horizon with the clock (a quiet stream); nothing is open to close.
         self.windows.close_due(now=now)
         return events, repeats, partial, self._clocks(now, behind, owned)
+
+    def _horizons(self, events: pa.Table) -> npt.NDArray[np.int64]:
+        """Each event's lateness horizon: its partition's stream time (``streams.lateness``)."""
+        floors = {p: _us(ts) for p, ts in self._partition_ts.items()}
+        for p, clock in self._reported.items():
+            floors[p] = max(clock, floors.get(p, clock))
+        return lateness.horizons(
+            _numpy(events["kafka_partition"], np.int32),
+            _numpy(events["kafka_offset"], np.int64),
+            _numpy(events["ts"].cast(pa.int64()), np.int64),
+            floors,
+            int(self.settings.allowed_lateness_s * 1_000_000),
+        )
 
     def _clocks(self, now: datetime, behind: set[int], owned: set[int]) -> dict[int, int]:
         """What this worker tells the aggregate stage about each partition's event time.
@@ -707,6 +755,7 @@ class IngestConsumer(Service):
                     out[part] = _us(min(ts, now))
             elif now > _EPOCH:
                 out[part] = _us(now)
+                self._reported[part] = max(out[part], self._reported.get(part, out[part]))
         return out
 
     def _messages(
@@ -718,15 +767,15 @@ class IngestConsumer(Service):
     ) -> list[tuple[int, bytes]]:
         """The encoded hop messages of a flush: ``(repartition partition, chunk)``."""
         releases = events.filter(pc.equal(events["type"], "release")) if events.num_rows else None
-        chunks = hop.chunked(
-            ranges=covered,
-            sources=self._sources,
-            clocks=clocks,
-            windows=partial if covered else None,
-            spend=hop.ipc(spend_rows(events)) if events.num_rows else b"",
-            releases=hop.ipc(releases),
+        return hop.messages(
+            covered,
+            self._sources,
+            clocks,
+            partial if covered else None,
+            spend_rows(events) if events.num_rows else None,
+            releases,
+            self._shards,
         )
-        return [(0, chunk) for chunk in chunks]
 
     async def _publish(self, rejected: list[tuple[Record, Rejection]]) -> None:
         """Send dead letters to their topic (one record batch per partition); wait for the
@@ -744,21 +793,24 @@ class IngestConsumer(Service):
     async def _resync(self) -> None:
         """Drop every batch held and seek each assigned partition to the lake's position."""
         assert self._consumer is not None
-        async with self._lock:
-            self._pending, self._retry, self._retry_published = [], [], False
-        self._rewind()
         self._kafka.forget()  # the lake's positions may be ahead of them now
         # In a thread: the writer's connection may be busy with a flush's commit.
         loop = asyncio.get_running_loop()
         stored = await loop.run_in_executor(None, self.lake.positions, self.settings.events_topic)
-        mine = list(self._consumer.assignment())
-        for tp in mine:
-            if tp.partition in stored:
-                self._consumer.seek(tp, stored[tp.partition])
-                self._offsets[tp.partition] = stored[tp.partition]
+        assigned = list(self._consumer.assignment())
+        mine = {tp.partition for tp in assigned}
+        async with self._lock:
+            # Everything held goes, including what a fetch appended while the positions were
+            # read: it was read on from where this worker stood, and a flush would land it as
+            # if it began at the lake's position. Partitions the lake has no newer position
+            # for are read again from their last landed one.
+            self._pending, self._retry, self._retry_published = [], [], False
+            self._offsets.update({p: o for p, o in stored.items() if p in mine})
+            self._seek({p: self._offsets[p] for p in mine if p in self._offsets})
+        self._rewind()
         # Another writer landed some of them: remember its ids, send what it may not have.
-        self._known -= {tp.partition for tp in mine}
-        await self._take_over(mine, set(stored))
+        self._known -= mine
+        await self._take_over(assigned, set(stored))
 
 
 def _us(when: datetime) -> int:
@@ -789,3 +841,10 @@ def _dead_letter_copy(
     """Value, key and headers of a dead letter's copy on the DLQ topic, cut to fit a request."""
     source = f"{record.topic}/{record.partition}/{record.offset}"
     return dead_letter_copy(record.value, record.key, rejection.reason, source)
+
+
+def _numpy(column: pa.ChunkedArray | pa.Array, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """A null-free numeric column as one numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=dtype)

@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
@@ -147,6 +147,10 @@ async def stop_stage(
             await producer.stop()
 
 
+# Heartbeats of the group consumers (aiokafka and faust default to 3 s; sessions last 10 s).
+HEARTBEAT_MS: Final = 1000
+
+
 def group_consumer(
     settings: Settings,
     group: str,
@@ -164,6 +168,10 @@ def group_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_interval_ms=600_000,
+        # A member learns of a rebalance at its next heartbeat: at the default 3 s, a second
+        # process joining the group left the first one alone with every partition for 2-3 s
+        # longer (seen in `agentstream bench --workers 2`).
+        heartbeat_interval_ms=HEARTBEAT_MS,
         **options,
     )
     consumer.subscribe([topic], listener=listener)

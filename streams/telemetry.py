@@ -58,6 +58,17 @@ class WorkerTelemetry:
             "Flushes retried because another writer committed to the lake first",
             registry=r,
         )
+        # The repartition hop's cost: window partials per flush and shard, never per event.
+        self.hop_messages = Counter(
+            "agentstream_hop_messages",
+            "Messages handed on to the repartition topic (sent again from the outbox included)",
+            registry=r,
+        )
+        self.hop_bytes = Counter(
+            "agentstream_hop_bytes",
+            "Bytes of the messages handed on to the repartition topic",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "agentstream_consumer_lag", "Messages behind the end of the events topic", registry=r
         )

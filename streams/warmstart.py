@@ -32,7 +32,14 @@ from sinks.catalog import QueryError, connect
 from streams.explain import HISTORY_WINDOWS, History
 from streams.windows import DIMENSIONS, METRICS_SCHEMA
 
-__all__ = ["frame_lookup", "history_lookup", "metrics_history", "spend_history"]
+__all__ = [
+    "frame_lookup",
+    "history_lookup",
+    "landed_ids",
+    "metrics_history",
+    "spend_history",
+    "stream_times",
+]
 
 _DIMS: Final = ", ".join(DIMENSIONS)
 
@@ -199,3 +206,24 @@ def landed_ids(data_dir: Path, partitions: list[int], horizon_s: float) -> pa.Ta
     except (QueryError, duckdb.Error):
         return empty
     return table.cast(empty.schema)
+
+
+def stream_times(data_dir: Path, partitions: list[int]) -> dict[int, datetime]:
+    """The newest event time landed from each of ``partitions`` (those with events).
+
+    A partition's stream time decides the lateness of its next events
+    (``streams.lateness``); a worker taking the partition over starts from it, so an event is
+    late or not whichever worker reads it, and whether or not its previous owner died.
+    """
+    if not partitions:
+        return {}
+    parts = ", ".join(str(int(p)) for p in partitions)
+    sql = (
+        f"SELECT kafka_partition, max(ts) FROM events WHERE kafka_partition IN ({parts}) "
+        "GROUP BY kafka_partition"
+    )
+    try:
+        rows = connect(data_dir).sql(sql).fetchall()
+    except (QueryError, duckdb.Error):
+        return {}
+    return {int(p): ts for p, ts in rows if ts is not None}

@@ -37,6 +37,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 
@@ -374,7 +376,11 @@ class WindowAggregator:
     # ----------------------------------------------------------------------------------
 
     def update(
-        self, batch: pa.Table, now: datetime | None = None, event_time: datetime | None = None
+        self,
+        batch: pa.Table,
+        now: datetime | None = None,
+        event_time: datetime | None = None,
+        horizons: npt.NDArray[np.int64] | None = None,
     ) -> pa.Array:
         """Fold a batch of ``events`` rows into the open windows; return the ``late`` mask.
 
@@ -384,8 +390,11 @@ class WindowAggregator:
         ``now`` affects the lateness of later batches, not this one. ``event_time`` replaces
         the batch's newest event time as the point event time has reached: a consumer of
         several partitions passes the minimum over them, so a partition read ahead of the
-        others does not make theirs late. Not idempotent: applying the same batch twice counts
-        it twice.
+        others does not make theirs late. ``horizons`` (epoch microseconds, one per row)
+        replaces this aggregator's horizon as what decides each row's lateness, and a late
+        row counts in the oldest window open at its own horizon: the ingest stage judges each
+        event on its partition's stream time (``streams.lateness``). Not idempotent: applying
+        the same batch twice counts it twice.
         """
         now_us = _to_us(now if now is not None else datetime.now(UTC))
         if batch.num_rows == 0:
@@ -396,12 +405,19 @@ class WindowAggregator:
         assert isinstance(frame, pl.DataFrame)
         ts = frame.get_column("ts").dt.epoch("us")
         window = (ts // w) * w
-        horizon = self._horizon
-        if horizon is None:
-            late = pl.repeat(False, frame.height, dtype=pl.Boolean, eager=True).alias("late")
+        # One horizon per row: the caller's, or this aggregator's for every row.
+        if horizons is not None:
+            own: pl.Series | None = pl.Series("_horizon", horizons, dtype=pl.Int64)
+        elif self._horizon is not None:
+            own = pl.repeat(self._horizon, frame.height, dtype=pl.Int64, eager=True)
         else:
-            late = (window + w <= horizon).alias("late")
-        frame = frame.with_columns(window.alias(_W))
+            own = None
+        if own is None:
+            late = pl.repeat(False, frame.height, dtype=pl.Boolean, eager=True).alias("late")
+            frame = frame.with_columns(window.alias(_W))
+        else:
+            late = (window + w <= own).alias("late")
+            frame = frame.with_columns(window.alias(_W), own.alias("_horizon"))
         control = frame.get_column("type").is_in(CONTROL_TYPES)
         if control.any():
             # Control records (releases) are not agent activity: in no window, never late.
@@ -412,15 +428,12 @@ class WindowAggregator:
             late_kept = late
         n_late = int(late.sum())
         if n_late:
-            assert horizon is not None
             late_rows = frame.filter(late_kept)
             frame = frame.filter(~late_kept)
-            oldest_open = (horizon // w) * w
-            late_part = (
-                late_rows.group_by(DIMENSIONS)
-                .agg(pl.len().cast(pl.Int64).alias("late_events"))
-                .with_columns(pl.lit(oldest_open, dtype=pl.Int64).alias(_W))
-            )
+            # Counted in the oldest window open at the row's horizon.
+            late_part = late_rows.group_by(
+                ((pl.col("_horizon") // w) * w).alias(_W), *DIMENSIONS
+            ).agg(pl.len().cast(pl.Int64).alias("late_events"))
             self._agg = _merge(self._agg, late_part.select(_W, *DIMENSIONS, "late_events"), _KEY)
         if frame.height:
             self._add(frame)

@@ -111,7 +111,27 @@ def wait_committed(
         if done >= total:
             return
         time.sleep(0.3)
-    raise AssertionError(f"only {done} of {total} messages committed after {timeout} s")
+    raise AssertionError(
+        f"only {done} of {total} messages committed to Kafka after {timeout} s; the lake's "
+        f"positions: {_lake_positions(settings)}"
+    )
+
+
+def _lake_positions(settings: Settings) -> object:
+    """What the lake says was landed (per partition), to tell a landing that stopped from a
+    Kafka commit that did not follow it."""
+    try:
+        return (
+            connect(settings.data_dir)
+            .execute(
+                "SELECT partition, max(next_offset) FROM lake.kafka_offsets WHERE topic = $1 "
+                "GROUP BY 1 ORDER BY 1",
+                [settings.events_topic],
+            )
+            .fetchall()
+        )
+    except Exception as exc:  # a diagnosis only: the lake may not exist yet
+        return f"unreadable ({exc})"
 
 
 def produce_raw(

@@ -42,6 +42,10 @@ def test_small_bench_run_reports_every_figure(
     assert result["naive_events"] == 5_000
     assert result["agentstream_eps"] > result["naive_eps"]
     assert result["worker_health"]["events_landed"] == 20_000
+    # The hop carries partials per window and key to every shard, far fewer bytes than the
+    # events (about 480 bytes each as published).
+    hop = result["worker_telemetry"]
+    assert hop["hop_messages"] >= 4 and 0 < hop["hop_bytes_per_event"] < 100, hop
     # Where the cores went while the worker ran: its processes, and the broker (the session's,
     # found by its listening port).
     (run,) = result["workers"].values()

@@ -29,6 +29,7 @@ def test_environment_then_overrides() -> None:
     [
         ({"AGENTSTREAM_PARTITIONS": "abc"}, "AGENTSTREAM_PARTITIONS='abc'"),
         ({"AGENTSTREAM_WINDOW": "2m"}, "bad window '2m'"),
+        ({"AGENTSTREAM_AGGREGATE_PARTITIONS": "0"}, "bad aggregate_partitions 0: must be >= 1"),
         ({"AGENTSTREAM_SECURITY_PROTOCOL": "TLS"}, "bad security_protocol 'TLS'"),
         ({"AGENTSTREAM_SASL_MECHANISM": "GSSAPI"}, "bad sasl_mechanism 'GSSAPI'"),
         ({"AGENTSTREAM_SECURITY_PROTOCOL": "SASL_SSL"}, "needs AGENTSTREAM_SASL_USERNAME"),

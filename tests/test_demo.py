@@ -8,6 +8,7 @@ as much as the slowest one.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +27,18 @@ pytestmark = pytest.mark.timeout(600)
 EVENTS = 3_000
 
 
-def _demo(scenario: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+def _demo(
+    scenario: str, data_dir: Path, web_port: int | None = None
+) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "pipeline.cli", "demo", "--events", str(EVENTS)]
     argv += ["--seed", "1", "--scenario", scenario, "--data-dir", str(data_dir)]
     # --timeout bounds a hang: the rollout scenarios used to wait it out whole, then warn.
     argv += ["--lateness", "1", "--timeout", "400"]
+    env = cli_env()
+    if web_port is not None:
+        env["AGENTSTREAM_WEB_PORT"] = str(web_port)
     return subprocess.run(
-        argv, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=500, check=False
+        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=500, check=False
     )
 
 
@@ -47,8 +53,16 @@ def test_demo_finishes_for_every_scenario_and_shows_it(tmp_path: Path) -> None:
     ).stdout.split()
     names = [n for n in SCENARIOS if n in listed]
     assert names == list(SCENARIOS)
-    with ThreadPoolExecutor(len(names)) as pool:
-        runs = dict(zip(names, pool.map(lambda n: _demo(n, tmp_path / n), names), strict=True))
+    # The first demo's worker is given a web port already in use: it dies on it, and the
+    # demo starts it again on another port (a port taken between pick and bind).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = {names[0]: held.getsockname()[1]}
+        with ThreadPoolExecutor(len(names)) as pool:
+            done = pool.map(lambda n: _demo(n, tmp_path / n, taken.get(n)), names)
+            runs = dict(zip(names, done, strict=True))
+    assert "web port taken: worker restarted on" in runs[names[0]].stderr
     for name, run in runs.items():
         assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
         assert "not in a closed window yet" not in run.stderr, f"{name}: {run.stderr[-800:]}"

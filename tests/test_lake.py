@@ -95,7 +95,7 @@ def test_a_flush_lands_rows_positions_and_checkpoint_together(tmp_path: Path) ->
         Flush(
             rows={EVENTS.name: pa.concat_tables([tools(0, 0, 9), tools(1, 0, 4)])},
             positions={("t", 0): (0, 10), ("t", 1): (0, 5)},
-            checkpoint=("lin", 1),
+            checkpoints={"lin": 1},
             group_id="g",
         )
     )
@@ -188,6 +188,45 @@ def test_concurrent_writers_of_one_partition_never_both_land(tmp_path: Path) -> 
     assert isinstance(err.value, duckdb.TransactionException), repr(err.value)
     assert is_conflict(err.value), repr(err.value)
     assert not is_conflict(duckdb.IOException("database is locked"))
+
+
+def test_a_commit_refused_by_another_writer_lands_on_retry_with_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer commits while this writer's transaction is open (both move positions,
+    other partitions): the COMMIT is refused, the same transaction is tried again with the
+    Parquet files already written, and it lands once."""
+    from sinks.lake import attach, lake_connection
+
+    lake = prepare(tmp_path)
+    lake.claim("t", {0: 0, 1: 0}, "g")
+    other = lake_connection()
+    attach(other, tmp_path, read_only=False)
+    move = lake._move_positions
+    refused: list[int] = []
+
+    def move_while_another_commits(flush: Flush) -> None:
+        move(flush)
+        if not refused:  # the first attempt only: the other writer lands in between
+            other.execute("BEGIN")
+            other.execute(
+                "UPDATE lake.kafka_offsets SET next_offset = 5 "
+                "WHERE partition = 1 AND next_offset = 0"
+            )
+            other.execute("COMMIT")
+
+    monkeypatch.setattr(lake, "_move_positions", move_while_another_commits)
+    lake.commit(
+        Flush(rows={EVENTS.name: tools(0, 0, 99)}, positions={("t", 0): (0, 100)}),
+        on_conflict=lambda: refused.append(1),
+    )
+    assert refused == [1]
+    assert rows(tmp_path, "SELECT count(*), count(DISTINCT event_id) FROM events") == [(100, 100)]
+    assert lake.positions("t") == {0: 100, 1: 5}
+    # The files written once are the ones registered: the retry wrote none of its own.
+    on_disk = sorted(str(f) for f in (tmp_path / "lake" / "main" / "events").rglob("*.parquet"))
+    listed = lake.con.execute("SELECT data_file FROM ducklake_list_files('lake', 'events')")
+    assert sorted(str(r[0]) for r in listed.fetchall()) == on_disk and on_disk
 
 
 def test_replaced_rows_keep_one_per_key(tmp_path: Path) -> None:

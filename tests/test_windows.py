@@ -9,6 +9,7 @@ recomputed by DuckDB SQL over the same events minus the late-masked ones.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -769,3 +770,28 @@ def test_release_events_count_in_no_kpi_and_are_never_late() -> None:
     assert got.equals(want)
     assert "events_release" not in got.column_names
     assert sum(got.filter(pc.equal(got["level"], "key"))["events"].to_pylist()) == 3
+
+
+def test_metric_records_carry_every_column_of_their_row(batches: list[pa.Table]) -> None:
+    """The topic's JSON (written by polars) parses to the row's own values, DuckDB's reading
+    of the same table: times as instants, lists of tool and guardrail counts, nulls."""
+    metrics = _run(batches, 60).metrics
+    records = windows.metric_records(metrics)
+    assert len(records) == metrics.num_rows > 1_000
+    rows = duckdb.sql("SELECT * FROM metrics").fetchall()
+    names = metrics.schema.names
+    times = {f.name for f in METRICS_SCHEMA if pa.types.is_timestamp(f.type)}
+    assert any(r[names.index("tool_errors_by_tool")] for r in rows)  # nested, exercised
+    for (key, value), row in zip(records, rows, strict=True):
+        got = json.loads(value)
+        assert list(got) == names
+        assert key == got["metric_id"].encode()
+        for name, want in zip(names, row, strict=True):
+            have = got[name]
+            if name in times and have is not None:
+                assert have.endswith("Z"), have
+                have = datetime.fromisoformat(have)
+            if isinstance(want, float) and math.isnan(want):
+                want = None
+            assert have == want, (name, have, want)
+    assert windows.metric_records(METRICS_SCHEMA.empty_table()) == []

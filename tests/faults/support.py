@@ -645,12 +645,48 @@ def metrics_identity(data_dir: Path, cutoff_us: int) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(n[0])
 
 
+def misjudged_lateness(data_dir: Path, window_s: int, lateness_s: float) -> tuple[int, int, int]:
+    """(events landed ``late``, on-time events marked late, late events not marked), judged
+    independently of the worker: an event is late when its window ended at least
+    ``lateness_s`` before the newest event time its partition held up to it, in offset order
+    (``streams.lateness``; control records are never late). A worker taking a partition over
+    must go on from where its previous owner left it, so both counts are 0 after a kill too."""
+    row = lake_sql(
+        data_dir,
+        f"""
+        WITH judged AS (
+            SELECT late, type <> 'release'
+                AND (epoch_us(ts) // {window_s * 1_000_000} + 1) * {window_s * 1_000_000}
+                    <= epoch_us(max(ts) OVER (PARTITION BY kafka_partition ORDER BY kafka_offset
+                        ROWS UNBOUNDED PRECEDING)) - {int(lateness_s * 1_000_000)} AS due
+            FROM events)
+        SELECT count(*) FILTER (late), count(*) FILTER (late AND NOT due),
+            count(*) FILTER (due AND NOT late)
+        FROM judged
+        """,
+    )[0]
+    return int(row[0]), int(row[1]), int(row[2])
+
+
 def landed_tables(data_dir: Path) -> tuple[pa.Table, pa.Table]:
     """``events`` (with ``late``) and ``metrics`` as Arrow, for ``assert_metrics_match_events``."""
     con = connect(data_dir)
     ev = con.sql("SELECT * EXCLUDE (date) FROM events").to_arrow_table()
     got = con.sql("SELECT * EXCLUDE (date) FROM metrics").to_arrow_table()
     return ev, got
+
+
+def aggregate_owner(
+    workers: list[WorkerProcess], topic: str, partition: int
+) -> WorkerProcess | None:
+    """The worker whose latest assignment of the repartition topic holds ``partition``."""
+    for w in workers:
+        said = [line for line in w.log_text().splitlines() if "aggregating partitions" in line]
+        if said and f" of {topic}" in said[-1]:
+            held = said[-1].split("aggregating partitions ")[1].split(" of ")[0]
+            if str(partition) in held.split(","):
+                return w
+    return None
 
 
 def sentinels_ahead(events: Sequence[Any], partitions: int, seconds: float) -> dict[int, Any]:
@@ -669,14 +705,21 @@ def sentinels_ahead(events: Sequence[Any], partitions: int, seconds: float) -> d
 
 
 def wait_window_emitted(
-    data_dir: Path, window_start: Any, timeout: float, alive: Sequence[WorkerProcess]
+    settings: Settings, window_start: Any, timeout: float, alive: Sequence[WorkerProcess]
 ) -> None:
-    """Wait until metrics rows of the window starting at ``window_start`` are landed."""
+    """Wait until every aggregate shard has closed the window starting at ``window_start``.
+
+    Its metrics rows landed says one shard has; the shards close a window on the same clocks
+    (every hop message carries them to every partition), so once each repartition partition
+    has landed up to where the topic ended at that moment, every shard has had the clocks
+    that closed it. Stopping the workers at the first rows would leave other shards' rows
+    of the window unlanded (seen with four shards: a shard restored after a kill lagged).
+    """
 
     def emitted() -> bool:
         try:
             rows = (
-                connect(data_dir)
+                connect(settings.data_dir)
                 .execute("SELECT count(*) FROM metrics WHERE window_start = $1", [window_start])
                 .fetchall()
             )
@@ -685,3 +728,22 @@ def wait_window_emitted(
         return rows != [(0,)]
 
     wait_until(f"metrics of window {window_start}", emitted, timeout, alive=alive)
+    ends = end_offsets(settings, settings.repartition_topic)
+
+    def every_shard_past() -> bool:
+        try:
+            rows = (
+                connect(settings.data_dir)
+                .execute(
+                    "SELECT partition, max(next_offset) FROM lake.kafka_offsets "
+                    "WHERE topic = $1 GROUP BY 1",
+                    [settings.repartition_topic],
+                )
+                .fetchall()
+            )
+        except duckdb.Error:
+            return False
+        landed = {int(p): int(n) for p, n in rows}
+        return all(landed.get(p, 0) >= end for p, end in ends.items() if end > 0)
+
+    wait_until(f"every shard past window {window_start}", every_shard_past, timeout, alive=alive)

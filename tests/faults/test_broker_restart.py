@@ -97,9 +97,7 @@ def test_broker_restart_while_publishing_and_consuming(tmp_path: Path) -> None:
                 60,
                 alive=[worker],
             )
-            wait_window_emitted(
-                settings.data_dir, newest.replace(second=0, microsecond=0), 60, [worker]
-            )
+            wait_window_emitted(settings, newest.replace(second=0, microsecond=0), 60, [worker])
             assert worker.terminate() == 0
             log = worker.log_text()
 
