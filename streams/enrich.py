@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from genai_prices import Usage, calc_price
+from genai_prices import Usage, calc_price, data_snapshot
 
 from pipeline import schema
 
@@ -40,6 +40,9 @@ class CostEstimator:
     def __init__(self) -> None:
         self._rates: dict[tuple[str | None, str], Rates | None] = {}
         self.unknown_models: dict[str, int] = {}
+        # The bundled price table is parsed on its first use (0.14 s, once a process): here,
+        # when the worker is made, rather than inside its first flush.
+        data_snapshot.get_snapshot()
 
     def rates(self, provider: str | None, model: str) -> Rates | None:
         """Per-token rates for a model, or None if the price table does not know it."""

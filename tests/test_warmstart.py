@@ -131,3 +131,21 @@ def test_a_worker_without_usable_detector_state_primes_from_the_lake(tmp_path: P
         settings, msgspec.msgpack.encode(msgspec.structs.replace(state, detector=old))
     )
     assert restored.detector.tracked_keys() == len(watched)
+
+
+def test_a_lake_without_metrics_rows_or_table_primes_nothing(tmp_path: Path) -> None:
+    from sinks.contracts import METRICS
+    from sinks.lake import ALIAS
+    from streams.windows import METRICS_SCHEMA
+
+    config = TrafficConfig(events=1_000)
+    land_history(config, tmp_path / "full", minutes=5)
+    full = metrics_history(tmp_path / "full", 60)
+    assert full.num_rows > 0
+    lake = prepare(tmp_path / "empty")  # every table, no rows (a first start)
+    empty = metrics_history(tmp_path / "empty", 60)
+    assert empty.num_rows == 0 and empty.schema == full.schema == METRICS_SCHEMA
+    # A lake of a version before the metrics table: read as empty too, not an error.
+    lake.con.execute(f"DROP TABLE {ALIAS}.{METRICS.name}")
+    lake.close()
+    assert metrics_history(tmp_path / "empty", 60).num_rows == 0
