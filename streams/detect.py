@@ -89,6 +89,7 @@ import pyarrow.compute as pc
 from river import anomaly, compose, drift, preprocessing
 
 from sinks.contracts import ANOMALIES_SCHEMA, CONTRIBUTOR
+from streams.records import json_records
 from streams.windows import DIMENSIONS, EVALUATORS, METRICS_SCHEMA, ROLLUPS
 
 __all__ = [
@@ -1291,12 +1292,9 @@ def _describe_key(key: _Key) -> str:
     return " ".join(parts) if parts else key.level
 
 
-_json: Final = msgspec.json.Encoder()
-
-
 def anomaly_records(table: pa.Table) -> list[tuple[bytes, bytes]]:
     """``(anomaly_id, JSON)`` pairs for the ``agent-anomalies`` topic, one per anomaly row.
 
     The JSON object has exactly the ``ANOMALIES_SCHEMA`` columns; times are RFC 3339 in UTC.
     """
-    return [(row["anomaly_id"].encode(), _json.encode(row)) for row in table.to_pylist()]
+    return json_records(table, "anomaly_id")

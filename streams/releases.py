@@ -81,6 +81,7 @@ import pyarrow.compute as pc
 from sinks.contracts import VERDICTS_SCHEMA
 from streams import sketch
 from streams.detect import ANOMALIES_SCHEMA, _from_us, _hash, _to_us
+from streams.records import json_records
 from streams.windows import EVALUATORS
 
 _VERSION_DIMS: Final = ("agent_version", "prompt_version", "model")
@@ -794,12 +795,9 @@ def _regression(
     }
 
 
-_json: Final = msgspec.json.Encoder()
-
-
 def verdict_records(table: pa.Table) -> list[tuple[bytes, bytes]]:
     """``(verdict_id, JSON)`` pairs for the ``agent-release-verdicts`` topic, one per row.
 
     The JSON object has exactly the ``VERDICTS_SCHEMA`` columns; times are RFC 3339 in UTC.
     """
-    return [(row["verdict_id"].encode(), _json.encode(row)) for row in table.to_pylist()]
+    return json_records(table, "verdict_id")

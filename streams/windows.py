@@ -56,6 +56,7 @@ from sinks.contracts import (
     TASK_OUTCOMES,
 )
 from streams import sketch
+from streams.records import json_records
 
 __all__ = [
     "DIMENSIONS",
@@ -819,12 +820,9 @@ def _metric_id(
     return hashlib.blake2b(_encode(parts), digest_size=16).hexdigest()
 
 
-_json = msgspec.json.Encoder()
-
-
 def metric_records(metrics: pa.Table) -> list[tuple[bytes, bytes]]:
     """``(metric_id, JSON)`` pairs for the ``agent-metrics`` topic, one per metrics row.
 
     The JSON object has exactly the ``METRICS_SCHEMA`` columns; times are RFC 3339 in UTC.
     """
-    return [(row["metric_id"].encode(), _json.encode(row)) for row in metrics.to_pylist()]
+    return json_records(metrics, "metric_id")
