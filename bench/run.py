@@ -103,6 +103,7 @@ CEILING_MAX_RECORDS: Final = 50_000
 PARTITIONS: Final = 4
 CONSUMING: Final = re.compile(r"consuming \S+ as group")
 # faust/mode log lines start with "[2026-11-26 11:45:01,234]" (local time).
+_LOG_PID: Final = re.compile(r"^\[[^]]+\] \[(\d+)\]")
 _LOG_TS: Final = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 # What a result always holds; latency keys are null with --skip-latency.
 RESULT_KEYS: Final = (
@@ -607,6 +608,8 @@ class WorkerRun:
     broker_cores: float | None = None
     health: dict[str, Any] = field(default_factory=dict)
     telemetry: dict[str, float] = field(default_factory=dict)
+    # Worker processes that logged they were consuming (a run's ``--processes`` check).
+    processes: int = 0
 
 
 async def _wait_committed(
@@ -734,8 +737,25 @@ def _with_aggregate(events: int, start: float, run: WorkerRun) -> float | None:
     return events / (run.caught_up_at - start)
 
 
-def _health(settings: Settings) -> dict[str, Any]:
-    url = f"http://{settings.web_host}:{settings.web_port}/health"
+def _health(settings: Settings, processes: int = 1) -> dict[str, Any]:
+    """The worker's ``/health``; of several processes (web ports from ``web_port`` up), their
+    landed counts summed and the first unhealthy status or error."""
+    bodies = [_health_of(settings, settings.web_port + i) for i in range(processes)]
+    if len(bodies) == 1:
+        return bodies[0]
+    out: dict[str, Any] = {
+        "status": next((b.get("status") for b in bodies if b.get("status") != "ok"), "ok"),
+        "processes": bodies,
+    }
+    for key in ("events_landed", "dead_letters"):
+        out[key] = sum(int(b.get(key) or 0) for b in bodies)
+    errors = [b.get("error") or b.get("last_error") for b in bodies]
+    out["last_error"] = next((e for e in errors if e), None)
+    return out
+
+
+def _health_of(settings: Settings, port: int) -> dict[str, Any]:
+    url = f"http://{settings.web_host}:{port}/health"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             body: dict[str, Any] = json.loads(resp.read())
@@ -750,19 +770,21 @@ def _health(settings: Settings) -> dict[str, Any]:
 _PROM_LINE: Final = re.compile(r"^(agentstream_[a-z_]+?)(?:_total)? ([0-9.eE+-]+)$")
 
 
-def _telemetry(settings: Settings) -> dict[str, float]:
-    """The worker's unlabelled Prometheus samples (``/metrics``), ``_total`` suffix dropped."""
-    url = f"http://{settings.web_host}:{settings.web_port}/metrics"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
-    except Exception:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        m = _PROM_LINE.match(line)
-        if m is not None:
-            out[m.group(1)] = float(m.group(2))
+def _telemetry(settings: Settings, processes: int = 1) -> dict[str, float]:
+    """The worker's unlabelled Prometheus samples (``/metrics``), ``_total`` suffix dropped;
+    of several processes, each sample summed over them (the figures read are counters)."""
+    out: dict[str, float] = {}
+    for i in range(processes):
+        url = f"http://{settings.web_host}:{settings.web_port + i}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except Exception:
+            continue
+        for line in text.splitlines():
+            m = _PROM_LINE.match(line)
+            if m is not None:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     return out
 
 
@@ -791,6 +813,8 @@ class Profiler:
                 "--format",
                 "raw",
                 "--threads",
+                # A run of several processes: the parent only waits, its children work.
+                "--subprocesses",
                 "--nonblocking",
                 "--output",
                 str(out),
@@ -853,8 +877,8 @@ def agentstream(
             run.caught_up_at = asyncio.run(
                 _wait_metrics(settings, since, through, proc, log, timeout)
             )
-        run.health = _health(settings)
-        run.telemetry = _telemetry(settings)
+        run.health = _health(settings, processes)
+        run.telemetry = _telemetry(settings, processes)
     finally:
         for p in profiler:
             p.stop()
@@ -863,7 +887,17 @@ def agentstream(
         if run.consuming_at is not None and run.done_at is not None:
             run.worker_cores, run.broker_cores = sampler.cores(run.consuming_at, run.done_at)
         _kill_group(proc)
+        run.processes = consuming_processes(log)
     return run
+
+
+def consuming_processes(log: Path) -> int:
+    """How many processes (log lines' ``[pid]``) logged that they were consuming."""
+    pids = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if CONSUMING.search(line) and (m := _LOG_PID.search(line)) is not None:
+            pids.add(m.group(1))
+    return len(pids)
 
 
 # --------------------------------------------------------------------------------------
@@ -1124,9 +1158,10 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         result["naive_cap"] = {"events": cap, "seconds": opts.naive_seconds}
         lap("naive")
 
+        first = opts.workers[0]
         _say(
-            f"agentstream: one worker (--role {opts.role}) until {opts.events:,} events are "
-            "committed"
+            f"agentstream: {first} worker process{'es' if first > 1 else ''} (--role "
+            f"{opts.role}) until {opts.events:,} events are committed"
         )
         w = agentstream(
             settings,
@@ -1134,6 +1169,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             opts.events,
             opts.profile,
             profile_idle=opts.profile_idle,
+            # `--workers 2` alone ran one process and reported it as two.
+            processes=first,
             role=opts.role,
             broker_pid=broker_pid,
             through=through,
@@ -1184,6 +1221,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 "eps_with_aggregate": result["agentstream_eps_with_aggregate"],
                 "seconds": result["agentstream_seconds"],
                 "worker_cores": w.worker_cores,
+                "processes": w.processes,
                 "broker_cores": w.broker_cores,
             }
         }
@@ -1213,6 +1251,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 "eps_with_aggregate": _with_aggregate(opts.events, start, w),
                 "seconds": w.done_at - start,
                 "worker_cores": w.worker_cores,
+                "processes": w.processes,
                 "broker_cores": w.broker_cores,
             }
             lap(f"agentstream x{n}")

@@ -12,8 +12,9 @@ from bench.run import RESULT_KEYS, main
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("workers", [1, 2])
 def test_small_bench_run_reports_every_figure(
-    bootstrap: str, capsys: pytest.CaptureFixture[str]
+    bootstrap: str, capsys: pytest.CaptureFixture[str], workers: int
 ) -> None:
     started = time.monotonic()
     code = main(
@@ -25,6 +26,8 @@ def test_small_bench_run_reports_every_figure(
             "--naive-cap",
             "5000",
             "--skip-latency",
+            "--workers",
+            str(workers),
             "--json",
         ]
     )
@@ -50,6 +53,8 @@ def test_small_bench_run_reports_every_figure(
     # found by its listening port).
     (run,) = result["workers"].values()
     assert run["worker_cores"] > 0.1 and run["broker_cores"] > 0, run
+    # As many processes consumed as the run is labelled with (`--workers 2` once ran one).
+    assert result["workers"] == {str(workers): run} and run["processes"] == workers, run
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["python"]
     assert elapsed < 90, f"the smoke run took {elapsed:.0f} s"
