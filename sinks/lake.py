@@ -57,6 +57,10 @@ INLINE_ROWS: Final = 10
 COMMIT_ATTEMPTS: Final = 5
 
 
+# Claims of a partition's first position made before giving up (see ``LakeWriter.claim``).
+CLAIM_ATTEMPTS: Final = 3
+
+
 class LakeError(Exception):
     """The lake cannot be opened or used as asked; the message is one line saying why."""
 
@@ -448,11 +452,26 @@ class LakeWriter:
         return {int(p): int(o) for p, o in rows}
 
     def claim(self, topic: str, partitions: dict[int, int], group_id: str) -> None:
-        """Store a first position for partitions that have none (so flushes only update)."""
-        known = set(self.positions(topic))
-        new = {p: o for p, o in partitions.items() if p not in known}
-        if not new:
-            return
+        """Store a first position for partitions that have none (so flushes only update).
+
+        Checked by reading the positions back: a claim committed at the same moment as
+        another worker's was seen to leave no row (two ingest processes of one parent,
+        assigned together; CI, 2026-12-05), and a partition without a row fences every
+        flush of it for good. Such a claim is made again; raises ``LakeError`` if the rows
+        are still missing after ``CLAIM_ATTEMPTS``.
+        """
+        for _ in range(CLAIM_ATTEMPTS):
+            known = set(self.positions(topic))
+            new = {p: o for p, o in partitions.items() if p not in known}
+            if not new:
+                return
+            self._insert_claims(topic, new, group_id)
+        raise LakeError(
+            f"partitions {sorted(new)} of {topic} have no position in the lake after "
+            f"{CLAIM_ATTEMPTS} claims: check the catalog ({self.label})"
+        )
+
+    def _insert_claims(self, topic: str, new: dict[int, int], group_id: str) -> None:
         claims = _values("c(topic, part, first, grp)", "VARCHAR INTEGER BIGINT VARCHAR", len(new))
         params = [
             x for part, offset in sorted(new.items()) for x in (topic, part, offset, group_id)

@@ -796,9 +796,16 @@ class IngestConsumer(Service):
         self._kafka.forget()  # the lake's positions may be ahead of them now
         # In a thread: the writer's connection may be busy with a flush's commit.
         loop = asyncio.get_running_loop()
-        stored = await loop.run_in_executor(None, self.lake.positions, self.settings.events_topic)
+        topic = self.settings.events_topic
+        stored = await loop.run_in_executor(None, self.lake.positions, topic)
         assigned = list(self._consumer.assignment())
         mine = {tp.partition for tp in assigned}
+        lost = {p: self._offsets[p] for p in sorted(mine - set(stored)) if p in self._offsets}
+        if lost:
+            # Fenced because the partition has no row at all (a claim that did not stay):
+            # every flush of it would be refused until it is claimed again.
+            log.warning("partitions %s have no position in the lake: claimed again", sorted(lost))
+            await loop.run_in_executor(None, self.lake.claim, topic, lost, self.settings.group_id)
         async with self._lock:
             # Everything held goes, including what a fetch appended while the positions were
             # read: it was read on from where this worker stood, and a flush would land it as

@@ -185,6 +185,34 @@ def test_a_fenced_flush_reads_on_from_the_lakes_position(bootstrap: str, tmp_pat
     assert offsets == [(2500, 2500, 0, 2999, 0)]
 
 
+def test_a_partition_without_a_position_is_claimed_again(bootstrap: str, tmp_path: Path) -> None:
+    """A partition's position row is gone from the lake (a claim that did not stay: seen when
+    two processes' claims committed at the same moment): the worker's flushes of it are
+    refused, so it claims the partition again where it stands and lands on, nothing twice."""
+    from sinks.contracts import DEAD_LETTERS, EVENTS
+    from sinks.lake import ALIAS, POSITIONS, LakeWriter, transaction
+
+    settings = unique_settings(bootstrap, tmp_path / "lake", partitions=1)
+    topic = settings.events_topic
+    produce_raw(settings, generated_values(1000, seed=7))
+    log = tmp_path / "worker.log"
+    with running_worker(settings, log) as proc:
+        wait_committed(settings, 1000, proc)
+        other = LakeWriter(settings.data_dir, [EVENTS, DEAD_LETTERS])
+        with transaction(other.con, other.spec):
+            other.con.execute(f"DELETE FROM {ALIAS}.{POSITIONS} WHERE topic = ?", [topic])
+        other.con.close()
+        produce_raw(settings, generated_values(3000, seed=8)[1000:])
+        wait_committed(settings, 3000, proc, timeout=60)
+    assert "partitions [0] have no position in the lake: claimed again" in log.read_text()
+    offsets = _rows(
+        settings.data_dir,
+        "SELECT count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset) "
+        "FROM events",
+    )
+    assert offsets == [(3000, 3000, 0, 2999)]
+
+
 def test_roles_and_processes_split_the_work(bootstrap: str, tmp_path: Path) -> None:
     """``--role ingest --processes 2`` (two ingest processes under one parent) and a separate
     ``--role aggregate`` worker: events land once, every window is closed once by the
