@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.broker import free_port
+from pipeline.config import Settings
 from pipeline.kafka import commit_offsets
+from sinks.lake import LakeWriter
 from tests.helpers import (
     consume_all,
     free_ports,
@@ -154,34 +158,49 @@ def test_repeated_event_ids_go_to_dead_letters_once(bootstrap: str, tmp_path: Pa
     )
 
 
+def _another_writer_meddles(
+    settings: Settings, log: Path, meddle: Callable[[LakeWriter], object], seed: int
+) -> list[tuple[Any, ...]]:
+    """1,000 events landed by a running worker; then ``meddle`` changes the lake through a
+    writer of its own and 2,000 more events are published. Returns (count, distinct offsets,
+    lowest, highest, offsets 1000-1499) of the landed events."""
+    from sinks.contracts import DEAD_LETTERS, EVENTS
+    from sinks.lake import LakeWriter
+
+    produce_raw(settings, generated_values(1000, seed=seed))
+    with running_worker(settings, log) as proc:
+        wait_committed(settings, 1000, proc)
+        other = LakeWriter(settings.data_dir, [EVENTS, DEAD_LETTERS])
+        meddle(other)
+        other.con.close()
+        produce_raw(settings, generated_values(3000, seed=seed + 1)[1000:])
+        wait_committed(settings, 3000, proc, timeout=60)
+    return _rows(
+        settings.data_dir,
+        "SELECT count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset), "
+        "count(*) FILTER (WHERE kafka_offset BETWEEN 1000 AND 1499) FROM events",
+    )
+
+
 def test_a_fenced_flush_reads_on_from_the_lakes_position(bootstrap: str, tmp_path: Path) -> None:
     """Another writer lands a partition this worker reads (as a previous owner finishing its
     flush after a rebalance does): the worker's next flush is refused, and it reads on from
     the lake's position: nothing the other writer landed comes twice, nothing after it is
     lost, and landing goes on."""
-    from sinks.contracts import DEAD_LETTERS, EVENTS
-    from sinks.lake import Flush, LakeWriter
+    from sinks.lake import Flush
 
     # Small fetches: the consumer goes on fetching while the fenced flush reads the lake's
     # positions, which is when records read from the old position used to slip through.
     settings = unique_settings(bootstrap, tmp_path / "lake", partitions=1, fetch_max_records=50)
     topic = settings.events_topic
-    produce_raw(settings, generated_values(1000, seed=5))
-    log = tmp_path / "worker.log"
-    with running_worker(settings, log) as proc:
-        wait_committed(settings, 1000, proc)
-        # The other writer: offsets 1000-1499 are landed (their rows elsewhere, say).
-        other = LakeWriter(settings.data_dir, [EVENTS, DEAD_LETTERS])
+
+    def land_1000_to_1500(other: LakeWriter) -> None:
+        # Offsets 1000-1499 are landed (their rows elsewhere, say).
         other.commit(Flush(positions={(topic, 0): (1000, 1500)}, group_id="other"))
-        other.con.close()
-        produce_raw(settings, generated_values(3000, seed=6)[1000:])
-        wait_committed(settings, 3000, proc, timeout=60)
+
+    log = tmp_path / "worker.log"
+    offsets = _another_writer_meddles(settings, log, land_1000_to_1500, seed=5)
     assert "flush not landed: partition" in log.read_text()
-    offsets = _rows(
-        settings.data_dir,
-        "SELECT count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset), "
-        "count(*) FILTER (WHERE kafka_offset BETWEEN 1000 AND 1499) FROM events",
-    )
     assert offsets == [(2500, 2500, 0, 2999, 0)]
 
 
@@ -189,28 +208,19 @@ def test_a_partition_without_a_position_is_claimed_again(bootstrap: str, tmp_pat
     """A partition's position row is gone from the lake (a claim that did not stay: seen when
     two processes' claims committed at the same moment): the worker's flushes of it are
     refused, so it claims the partition again where it stands and lands on, nothing twice."""
-    from sinks.contracts import DEAD_LETTERS, EVENTS
-    from sinks.lake import ALIAS, POSITIONS, LakeWriter, transaction
+    from sinks.lake import ALIAS, POSITIONS, transaction
 
     settings = unique_settings(bootstrap, tmp_path / "lake", partitions=1)
     topic = settings.events_topic
-    produce_raw(settings, generated_values(1000, seed=7))
-    log = tmp_path / "worker.log"
-    with running_worker(settings, log) as proc:
-        wait_committed(settings, 1000, proc)
-        other = LakeWriter(settings.data_dir, [EVENTS, DEAD_LETTERS])
+
+    def drop_the_position(other: LakeWriter) -> None:
         with transaction(other.con, other.spec):
             other.con.execute(f"DELETE FROM {ALIAS}.{POSITIONS} WHERE topic = ?", [topic])
-        other.con.close()
-        produce_raw(settings, generated_values(3000, seed=8)[1000:])
-        wait_committed(settings, 3000, proc, timeout=60)
+
+    log = tmp_path / "worker.log"
+    offsets = _another_writer_meddles(settings, log, drop_the_position, seed=7)
     assert "partitions [0] have no position in the lake: claimed again" in log.read_text()
-    offsets = _rows(
-        settings.data_dir,
-        "SELECT count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset) "
-        "FROM events",
-    )
-    assert offsets == [(3000, 3000, 0, 2999)]
+    assert offsets == [(3000, 3000, 0, 2999, 500)]
 
 
 def test_roles_and_processes_split_the_work(bootstrap: str, tmp_path: Path) -> None:
