@@ -55,8 +55,6 @@ _EXTENSIONS: Final = {"sqlite": "sqlite_scanner", "postgres": "postgres_scanner"
 INLINE_ROWS: Final = 10
 # Attempts of one commit refused by another writer's (LakeWriter.commit); then the caller's.
 COMMIT_ATTEMPTS: Final = 5
-
-
 # Claims of a partition's first position made before giving up (see ``LakeWriter.claim``).
 CLAIM_ATTEMPTS: Final = 3
 

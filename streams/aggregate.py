@@ -247,9 +247,9 @@ class Shard:
         (``streams.lateness``), so a window closed here is closed for every ingest worker
         too: none hands on a partial for it later (``WindowAggregator.merge`` would count one
         as late; it can happen after a takeover, as the lake keeps a partition's stream time
-        but not a clock reported beyond it). Within one worker, partitions read to their end follow its clock
-        (``IngestConsumer._clocks``); across workers, a quiet one holds windows back until
-        its clock, which moves on with the wall clock, passes them.
+        but not a clock reported beyond it). Within one worker, partitions read to their end
+        follow its clock (``IngestConsumer._clocks``); across workers, a quiet one holds
+        windows back until its clock, which moves on with the wall clock, passes them.
         """
         if not self.sources or any(p not in self.clocks for p in range(self.sources)):
             return None

@@ -5,9 +5,10 @@ chunks as the record size needs) to every partition of the internal repartition 
 flush's window partials (``streams.windows.WindowPartial``: counts, sums and latency
 histograms per window and key, nothing per event), its spend per minute for the budgets, its
 release records, and how far its event clock has got. Rows go to the partitions owning their
-agent and their tenant (``split``: a stable hash of the id); the clocks go to every one. The aggregate stage (``streams.aggregate``)
-merges them, and closes a window once every partition of the events topic has reported a clock
-past it (the minimum over them, as a stream engine's watermark).
+agent and their tenant (``split``: a stable hash of the id); the clocks go to every one. The
+aggregate stage (``streams.aggregate``) merges them, and closes a window once every partition
+of the events topic has reported a clock past it (the minimum over them, as a stream engine's
+watermark).
 
 Exactly once across the hop, without Kafka transactions (the embedded Tansu broker has none):
 

@@ -1,10 +1,11 @@
 """Three workers started together on one fresh lake, as ``docker compose up --scale worker=3``.
 
-Live traffic while they run; in one run the worker that owns the aggregate shard of the busiest
-agent is SIGKILLed mid-stream and never restarted. Either way every event lands exactly once, and ``metrics``
-holds exactly one row per window, key and level whose measures equal DuckDB's recomputation
-from the landed events (a worker's share is not a row of its own any more: issue 14), and the
-events marked late are exactly those late on their partition's stream time, kill or not.
+Live traffic while they run; in one run the worker that owns the aggregate shard of the
+busiest agent is SIGKILLed mid-stream and never restarted. Either way every event lands exactly
+once, and ``metrics`` holds exactly one row per window, key and level whose measures equal
+DuckDB's recomputation from the landed events (a worker's share is not a row of its own any
+more: issue 14), and the events marked late are exactly those late on their partition's stream
+time, kill or not.
 """
 
 from __future__ import annotations
