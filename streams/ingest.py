@@ -49,7 +49,7 @@ from pipeline.kafka import dead_letter_copy, send_batches, start_producer
 from pipeline.schema import Rejection
 from sinks.catalog import DEAD_LETTERS, EVENTS, prepare
 from sinks.contracts import HOP_OUTBOX
-from sinks.lake import Fenced, Flush
+from sinks.lake import Fenced, Flush, is_lake_error
 from sinks.maintenance import maintain_configured
 from sinks.tables import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA
 from streams import hop, lateness
@@ -805,7 +805,16 @@ class IngestConsumer(Service):
             # Fenced because the partition has no row at all (a claim that did not stay):
             # every flush of it would be refused until it is claimed again.
             log.warning("partitions %s have no position in the lake: claimed again", sorted(lost))
-            await loop.run_in_executor(None, self.lake.claim, topic, lost, self.settings.group_id)
+            try:
+                await loop.run_in_executor(
+                    None, self.lake.claim, topic, lost, self.settings.group_id
+                )
+            except Exception as exc:
+                if not is_lake_error(exc):
+                    raise
+                # The catalog busy (another process's commit): the next flush is fenced
+                # again and claims them again; an exception here would end the flush task.
+                log.warning("partitions %s not claimed yet: %s", sorted(lost), exc)
         async with self._lock:
             # Everything held goes, including what a fetch appended while the positions were
             # read: it was read on from where this worker stood, and a flush would land it as
